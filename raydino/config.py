@@ -1,0 +1,369 @@
+"""Typed configuration for every raydino job.
+
+One `Config` object per run, validated before any work starts. It is built from
+defaults (DINO's published ViT-S/16 recipe), then a YAML preset shipped in
+`raydino/configs/` or a user's file, then `--set key=value` overrides.  Every bad
+field is reported with its dotted name, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_scale(name: str, value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = value
+    if not (0.0 < lo <= 1.0 and 0.0 < hi <= 1.0):
+        raise ValueError(f"{name}={list(value)}: both ends must lie in (0, 1]")
+    if lo > hi:
+        raise ValueError(f"{name}={list(value)}: min {lo} is greater than max {hi}")
+    return value
+
+
+# The paper's Table 2 (Cheng et al., MIDL 2025).  Anything not listed keeps DINO's default.
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "strong": {  # DINO's natural-image defaults
+        "global_crop_scale": (0.4, 1.0),
+        "local_crop_scale": (0.05, 0.4),
+        "jitter_brightness": 0.4,
+        "jitter_contrast": 0.4,
+    },
+    "weak": {
+        "global_crop_scale": (0.5, 1.0),
+        "local_crop_scale": (0.2, 0.5),
+        "jitter_brightness": 0.2,
+        "jitter_contrast": 0.2,
+    },
+    "weak_med": {
+        "global_crop_scale": (0.5, 1.0),
+        "local_crop_scale": (0.2, 0.5),
+        "jitter_brightness": 0.2,
+        "jitter_contrast": 0.2,
+        "med_blur_sigma": 0.1,
+        "med_blur_p": 0.5,
+        "noise_std": 0.1,
+        "noise_p": 0.5,
+        "bias_field": 0.1,
+        "bias_field_p": 0.5,
+    },
+}
+
+
+class AugmentConfig(_Strict):
+    """Multi-crop augmentation.  Defaults are DINO's; `preset` fills in the paper's numbers.
+
+    Explicit fields win over the preset, so `preset: weak` plus `n_local_crops: 4` is
+    the paper's weak scales with four local crops.
+    """
+
+    preset: Literal["strong", "weak", "weak_med"] = "strong"
+    global_crop_size: int = Field(224, ge=8)
+    local_crop_size: int = Field(96, ge=8)
+    n_global_crops: Literal[2] = 2
+    n_local_crops: int = Field(8, ge=0)
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    jitter_brightness: float = Field(0.4, ge=0)
+    jitter_contrast: float = Field(0.4, ge=0)
+    jitter_saturation: float = Field(0.2, ge=0)
+    jitter_hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_p_global1: float = Field(1.0, ge=0, le=1)
+    blur_p_global2: float = Field(0.1, ge=0, le=1)
+    blur_p_local: float = Field(0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p_global2: float = Field(0.2, ge=0, le=1)
+    solarize_threshold: int = Field(128, ge=0, le=255)
+    # The paper's medical artefacts (weak_med): fixed-sigma blur, additive Gaussian noise on
+    # [0, 1] intensities, and a smooth multiplicative bias field of the given strength.
+    med_blur_sigma: float = Field(0.0, ge=0)
+    med_blur_p: float = Field(0.0, ge=0, le=1)
+    noise_std: float = Field(0.0, ge=0)
+    noise_p: float = Field(0.0, ge=0, le=1)
+    bias_field: float = Field(0.0, ge=0, le=1)
+    bias_field_p: float = Field(0.0, ge=0, le=1)
+    # Where the augmentation runs: "cpu" (Ray Data workers) or "cuda" (on the training device).
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "preset" in data:
+            name = data["preset"]
+            if name not in AUGMENT_PRESETS:
+                return data  # the Literal check reports it with the allowed names
+            return {**AUGMENT_PRESETS[name], **data}
+        return data
+
+    @field_validator("global_crop_scale", "local_crop_scale")
+    @classmethod
+    def _scale_in_range(cls, v: tuple[float, float], info: Any) -> tuple[float, float]:
+        return _check_scale(info.field_name, v)
+
+    @field_validator("blur_sigma", "crop_ratio")
+    @classmethod
+    def _ordered_positive(cls, v: tuple[float, float], info: Any) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"{info.field_name}={list(v)}: need 0 < min <= max")
+        return v
+
+
+class ModelConfig(_Strict):
+    arch: str = "vit_small_patch16_224"
+    pretrained_init: str | None = Field(None, alias="init")  # local timm/safetensors or DINO checkpoint
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    out_dim: int = Field(65536, ge=2)
+    head_hidden_dim: int = Field(2048, ge=1)
+    head_bottleneck_dim: int = Field(256, ge=1)
+    head_layers: int = Field(3, ge=1)
+    head_use_bn: bool = False
+    norm_last_layer: bool = True
+    sync_batchnorm: bool = True  # used when the backbone has BatchNorm and DDP runs
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        import timm  # local import: config validation of other sections stays cheap
+
+        if v not in timm.list_models():
+            close = difflib.get_close_matches(v, timm.list_models(), n=5, cutoff=0.6)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown timm backbone {v!r}{hint} (see timm.list_models())")
+        return v
+
+
+class LossConfig(_Strict):
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: int = Field(0, ge=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-4, gt=0)  # base lr for a global batch of 256 (scaled linearly)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    momentum_teacher: float = Field(0.996, ge=0, le=1)
+    clip_grad: float = Field(3.0, ge=0)  # 0 disables clipping
+    freeze_last_layer_epochs: int = Field(1, ge=0)
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)  # per worker
+    steps_per_epoch: int | None = Field(None, ge=1)  # None: dataset rows // global batch
+    max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs, tune budgets)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1)  # steps; also at every epoch end
+    keep_checkpoints: int = Field(3, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker
+
+
+class DataConfig(_Strict):
+    uri: str | None = None  # shards (local dir, file:// or s3://); None: synthetic default
+    synthetic_n: int = Field(600, ge=1)
+    synthetic_size: int = Field(128, ge=16)
+    synthetic_seed: int = 0
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    decode_batch_size: int = Field(32, ge=1)
+    augment_concurrency: int | None = Field(None, ge=1)
+
+
+class RunConfig(_Strict):
+    name: str | None = None
+    storage: str = "runs"
+    workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(3, ge=-1)
+
+
+class ProbeConfig(_Strict):
+    data: str | None = None  # labelled shards or RETFound tree; None: the synthetic set's labels
+    kind: Literal["fast", "paper", "knn"] = "fast"
+    image_size: int | None = Field(None, ge=8)  # None: augment.global_crop_size
+    batch_size: int = Field(64, ge=1)
+    seeds: list[int] = [0]
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    epochs: int = Field(90, ge=1)  # paper probe
+    lr: float = Field(0.1, gt=0)
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    run: RunConfig = RunConfig()
+    probe: ProbeConfig = ProbeConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in resources.files("raydino.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        text = path.read_text()
+    else:
+        names = preset_names()
+        if name_or_path not in names:
+            close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config {name_or_path!r}{hint}; presets: {', '.join(names)}, or a YAML file path")
+        text = resources.files("raydino.configs").joinpath(f"{name_or_path}.yaml").read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {name_or_path!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {name_or_path!r} must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)  # a config may extend another preset or file
+    if base:
+        return _deep_merge(_read_yaml(base), data)
+    return data
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += [f"{name}.{k}" for k in _known_keys(ann)]
+        else:
+            keys.append(field.alias or name)
+    return keys
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply one `section.key=value` override; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set train.epochs=5")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    known = _known_keys(Config)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"--set {key}: unknown config key{hint}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    out = _deep_merge(data, {})
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p} is not a section")
+    node[parts[-1]] = value
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][:-1]
+            model: type[BaseModel] = Config
+            for s in section:
+                ann = model.model_fields[str(s)].annotation if str(s) in model.model_fields else None
+                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+            names = list(model.model_fields)
+            close = difflib.get_close_matches(str(e["loc"][-1]), names, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; allowed: {', '.join(names)}"
+            lines.append(f"  {loc}: unknown key{hint}")
+        elif isinstance(value, (dict, list)) and e["type"] != "literal_error":
+            lines.append(f"  {loc}: {msg}")
+        else:
+            lines.append(f"  {loc}={value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset name or YAML path, then `key=value` overrides; raises ConfigError on any bad field."""
+    data = _read_yaml(name_or_path)
+    for o in overrides:
+        data = apply_override(data, o)
+    cfg = build_config(data, source=name_or_path)
+    check_consistency(cfg)
+    return cfg
+
+
+def check_consistency(cfg: Config) -> None:
+    """Cross-field rules that no single field can express."""
+    problems = []
+    if cfg.optim.min_lr > cfg.optim.lr:
+        problems.append(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
+    if cfg.augment.local_crop_size > cfg.augment.global_crop_size:
+        problems.append(
+            f"augment.local_crop_size={cfg.augment.local_crop_size} exceeds "
+            f"augment.global_crop_size={cfg.augment.global_crop_size}"
+        )
+    if not math.isfinite(cfg.optim.lr):
+        problems.append("optim.lr must be finite")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
