@@ -1,0 +1,165 @@
+"""Complete, atomic checkpoints of a `TrainState`, and loading backbone weights from several formats.
+
+A checkpoint is a directory holding `state.pt` (student, teacher, optimizer, scaler, loss centre,
+step, epoch, RNG states, resolved config) and `config.yaml` (the same config, for people).  Files
+are written to a temporary name in the same directory and renamed, so a reader never sees half a
+checkpoint.  Ray Train copies such a directory to the run's storage (local or s3://).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .config import Config, ConfigError, build_config
+from .engine import TrainState
+
+STATE_FILE = "state.pt"
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def state_to_dict(state: TrainState) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "student": state.student_module.state_dict(),
+        "teacher": state.teacher.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "loss": state.loss_fn.state_dict(),  # the centre
+        "step": state.step,
+        "epoch": state.epoch,
+        "rng": rng_state(),
+        "extra": state.extra,
+        "config": state.cfg.to_dict(),
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(state: TrainState, directory: str | os.PathLike) -> Path:
+    """Write the complete state into `directory` (created if needed); returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = state_to_dict(state)
+    _atomic_write(directory / "config.yaml", lambda p: Path(p).write_text(state.cfg.to_yaml()))
+    _atomic_write(directory / STATE_FILE, lambda p: torch.save(payload, p))
+    return directory
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint directory or its state.pt file onto the CPU."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a directory with {STATE_FILE})")
+    # weights_only=False: the payload holds numpy RNG state and plain python objects we wrote ourselves.
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def restore_state(state: TrainState, ckpt: dict[str, Any], restore_rng: bool = True) -> None:
+    """Load a checkpoint into a freshly built `TrainState` of the same config."""
+    state.student_module.load_state_dict(ckpt["student"])
+    state.teacher.load_state_dict(ckpt["teacher"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.loss_fn.load_state_dict(ckpt["loss"])
+    state.step = int(ckpt["step"])
+    state.epoch = int(ckpt["epoch"])
+    state.extra = dict(ckpt.get("extra") or {})
+    if restore_rng:
+        set_rng_state(ckpt["rng"])
+
+
+def checkpoint_config(ckpt: dict[str, Any]) -> Config:
+    return build_config(ckpt["config"], source="checkpoint")
+
+
+def teacher_backbone_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The teacher's backbone weights with timm's own key names (the head is dropped)."""
+    prefix = "backbone."
+    return {k[len(prefix) :]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)}
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "backbone."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def read_backbone_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Backbone weights from a safetensors file, a raydino checkpoint or an official DINO checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"model.init={str(path)!r}: file does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _strip_prefixes(load_file(str(path)))
+    obj = load_checkpoint(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "teacher" in obj:  # raydino or official DINO (teacher preferred)
+        sd = obj["teacher"]
+    elif isinstance(obj, dict) and "student" in obj:
+        sd = obj["student"]
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    # DINO's checkpoints prefix keys with module.backbone. / module.head.; keep the backbone only.
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load weights into a timm backbone; mismatched architectures get an error naming the keys."""
+    sd = read_backbone_weights(path)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or shape:
+        raise ConfigError(
+            f"model.init={str(path)!r} does not fit this backbone: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatch {shape[:3]}"
+        )
+    backbone.load_state_dict(sd)
+
+
+def read_config_yaml(directory: str | os.PathLike) -> Config:
+    return build_config(yaml.safe_load(Path(directory, "config.yaml").read_text()), source=str(directory))

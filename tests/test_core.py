@@ -1,0 +1,226 @@
+"""The DINO core in one process: loss, centre, EMA, schedules, one step, checkpoint round trip."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raydino.checkpoint import load_checkpoint, restore_state, save_checkpoint
+from raydino.config import load_config
+from raydino.engine import build_train_state, ema_update, train_step
+from raydino.loss import DINOLoss, collapse_stats
+from raydino.model import DINOHead, build_student_teacher
+from raydino.schedule import build_schedules, cosine_schedule, param_groups, scaled_lr
+
+
+def tiny_cfg(*extra: str):
+    return load_config(
+        "smoke",
+        [
+            "model.out_dim=64",
+            "model.head_hidden_dim=32",
+            "model.head_bottleneck_dim=16",
+            "model.drop_path_rate=0.0",
+            "augment.n_local_crops=2",
+            *extra,
+        ],
+    )
+
+
+def random_crops(cfg, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = cfg.augment
+    sizes = [a.global_crop_size] * 2 + [a.local_crop_size] * a.n_local_crops
+    return [torch.randint(0, 256, (batch, 3, s, s), generator=g, dtype=torch.uint8) for s in sizes]
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_dino_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    K, B, n_crops = 5, 3, 3
+    temps = np.array([0.04])
+    loss_fn = DINOLoss(K, n_crops, temps, student_temp=0.1, center_momentum=0.9)
+    loss_fn.center.copy_(torch.randn(1, K) * 0.1)
+    center0 = loss_fn.center.clone()
+    s = torch.randn(n_crops * B, K)
+    t = torch.randn(2 * B, K)
+
+    got = loss_fn(s, t, epoch=0)
+
+    # by hand, pair by pair, sample by sample
+    q = [[math.exp(((t[i * B + b] - center0[0]) / 0.04)[k].item()) for k in range(K)] for i in range(2) for b in range(B)]
+    q = [[v / sum(row) for v in row] for row in q]
+    total, n = 0.0, 0
+    for iq in range(2):
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            pair = 0.0
+            for b in range(B):
+                logits = (s[v * B + b] / 0.1).tolist()
+                m = max(logits)
+                lse = m + math.log(sum(math.exp(x - m) for x in logits))
+                pair += -sum(q[iq * B + b][k] * (logits[k] - lse) for k in range(K))
+            total += pair / B
+            n += 1
+    assert n == 4  # 2 teacher views × 3 student views, minus the 2 same-view pairs
+    assert got.item() == pytest.approx(total / n, rel=1e-5)
+
+    # centre: c ← 0.9 c + 0.1 · mean(teacher outputs)
+    expected_center = center0 * 0.9 + t.mean(0, keepdim=True) * 0.1
+    assert torch.allclose(loss_fn.center, expected_center, atol=1e-6)
+
+
+def test_teacher_temperature_warmup_then_constant():
+    cfg = tiny_cfg("loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07", "loss.warmup_teacher_temp_epochs=3")
+    s = build_schedules(cfg, steps_per_epoch=5, world_size=1)
+    assert s.teacher_temp[0] == pytest.approx(0.04)
+    assert s.teacher_temp[2] == pytest.approx(0.07)
+    assert all(t == pytest.approx(0.07) for t in s.teacher_temp[3:])
+
+
+def test_collapse_stats_flags_uniform_and_one_hot():
+    K = 128
+    uniform = torch.full((8, K), 1 / K)
+    assert collapse_stats(uniform).collapse == "uniform"
+    one_hot = F.one_hot(torch.zeros(8, dtype=torch.long), K).float()
+    assert collapse_stats(one_hot).collapse == "one-hot"
+    healthy = F.one_hot(torch.arange(8), K).float() * 0.9 + 0.1 / K
+    assert collapse_stats(healthy).collapse is None
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_cosine_schedule_with_warmup():
+    s = cosine_schedule(1.0, 0.1, total_steps=20, warmup_steps=5)
+    assert len(s) == 20
+    assert s[0] == 0.0 and s[5] == pytest.approx(1.0)
+    assert np.all(np.diff(s[:6]) > 0) and np.all(np.diff(s[5:]) <= 0)
+    assert s[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_lr_scales_with_global_batch_and_dino_defaults():
+    cfg = load_config("vits16-paper")
+    assert scaled_lr(5e-4, 1024) == pytest.approx(2e-3)
+    sch = build_schedules(cfg, steps_per_epoch=10, world_size=4)
+    peak = 5e-4 * cfg.train.batch_size * 4 / 256
+    assert sch.lr.max() == pytest.approx(peak, rel=1e-6)
+    assert sch.weight_decay[0] == pytest.approx(0.04) and sch.weight_decay[-1] == pytest.approx(0.4, rel=0.01)
+    assert sch.momentum[0] == pytest.approx(0.996) and sch.momentum[-1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    head = DINOHead(16, 8, 32, 4, 3)
+    decay, no_decay = param_groups(head)
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_head_shape_and_frozen_gain():
+    head = DINOHead(32, 100, hidden_dim=64, bottleneck_dim=16, nlayers=3, norm_last_layer=True)
+    out = head(torch.randn(4, 32))
+    assert out.shape == (4, 100)
+    gain = head.last_layer.parametrizations.weight.original0
+    assert not gain.requires_grad and torch.all(gain == 1)
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "resnet18"])
+def test_student_takes_both_resolutions_teacher_only_globals(arch):
+    cfg = tiny_cfg(f"model.arch={arch}")
+    student, teacher = build_student_teacher(cfg)
+    crops = [c.float() for c in random_crops(cfg, 2)]
+    assert student(crops).shape == (2 * len(crops), cfg.model.out_dim)
+    assert teacher(crops[:2]).shape == (4, cfg.model.out_dim)
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_teacher_gets_no_gradients_and_ema_matches_formula():
+    cfg = tiny_cfg()
+    state = build_train_state(cfg, steps_per_epoch=10)
+    teacher_before = [p.detach().clone() for p in state.teacher.parameters()]
+    m = state.schedules.momentum[0]
+    train_step(state, random_crops(cfg, 4))
+    assert all(p.grad is None for p in state.teacher.parameters())
+    for tb, ta, s in zip(teacher_before, state.teacher.parameters(), state.student.parameters()):
+        assert torch.allclose(ta, m * tb + (1 - m) * s.detach(), atol=1e-6)
+
+
+def test_ema_update_formula_directly():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    ta = [p.detach().clone() for p in a.parameters()]
+    ema_update(a, b, 0.9)
+    for t0, t1, s in zip(ta, a.parameters(), b.parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * s.detach())
+
+
+def test_last_layer_frozen_in_first_epoch_only():
+    cfg = tiny_cfg("optim.freeze_last_layer_epochs=1", "model.norm_last_layer=false")
+    state = build_train_state(cfg, steps_per_epoch=10)
+    v = state.student.head.last_layer.parametrizations.weight.original1
+    before = v.detach().clone()
+    train_step(state, random_crops(cfg, 4))
+    assert torch.equal(v, before)
+    state.epoch = 1
+    train_step(state, random_crops(cfg, 4, seed=1))
+    assert not torch.equal(v, before)
+
+
+def test_gradient_clipping_per_parameter_tensor():
+    from raydino.engine import clip_gradients
+
+    lin = torch.nn.Linear(4, 4)
+    lin.weight.grad = torch.full((4, 4), 10.0)
+    lin.bias.grad = torch.full((4,), 0.1)
+    clip_gradients(lin, 3.0)
+    assert lin.weight.grad.norm() == pytest.approx(3.0, rel=1e-4)
+    assert lin.bias.grad.norm() == pytest.approx(0.2, rel=1e-4)  # below the limit: untouched
+
+
+def test_non_finite_loss_stops_with_step_number():
+    from raydino.engine import NonFiniteLossError
+
+    cfg = tiny_cfg()
+    state = build_train_state(cfg, steps_per_epoch=10)
+    crops = [c.float() for c in random_crops(cfg, 2)]
+    crops[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="step 0"):
+        train_step(state, crops)
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_round_trip_then_one_step_is_bit_identical(tmp_path):
+    cfg = tiny_cfg()
+    batches = [random_crops(cfg, 4, seed=i) for i in range(3)]
+    a = build_train_state(cfg, steps_per_epoch=10)
+    for b in batches[:2]:
+        train_step(a, b)
+    save_checkpoint(a, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "state.pt").exists() and (tmp_path / "ckpt" / "config.yaml").exists()
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    train_step(a, batches[2])
+
+    b = build_train_state(cfg, steps_per_epoch=10)
+    restore_state(b, load_checkpoint(tmp_path / "ckpt"))
+    assert b.step == 2
+    train_step(b, batches[2])
+    for pa, pb in zip(a.student.parameters(), b.student.parameters()):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
+        assert torch.equal(pa, pb)
+    assert torch.equal(a.loss_fn.center, b.loss_fn.center)
+    assert a.step == b.step == 3
