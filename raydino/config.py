@@ -196,7 +196,8 @@ class DataConfig(_Strict):
     s3_endpoint: str | None = None
     s3_region: str | None = None
     decode_batch_size: int = Field(32, ge=1)
-    augment_concurrency: int | None = Field(None, ge=1)
+    augment_concurrency: int | None = Field(None, ge=1)  # augmentation actors; None: 1
+    augment_cpus: float = Field(1.0, gt=0)  # logical CPUs each augmentation actor reserves
 
 
 class RunConfig(_Strict):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import Config
@@ -147,7 +148,11 @@ def train_step(state: TrainState, crops: list[torch.Tensor]) -> dict[str, float]
         loss = state.loss_fn(student_out, teacher_out, state.epoch)
 
     value = float(loss.detach())
-    if not math.isfinite(value):
+    finite = torch.tensor(1.0 if math.isfinite(value) else 0.0, device=loss.device)
+    if dist.is_available() and dist.is_initialized():
+        # All ranks must agree before backward: one rank skipping DDP's all-reduce would hang the rest.
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 0.0:
         raise NonFiniteLossError(state.step, value)
 
     state.optimizer.zero_grad(set_to_none=True)

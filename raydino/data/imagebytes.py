@@ -1,0 +1,281 @@
+"""Encoded image bytes: recognise, strip identifying metadata, validate.
+
+Fundus photographs often carry patient data outside the pixels: EXIF (camera, date, sometimes
+patient name or ID in ImageDescription / UserComment), XMP, IPTC, JPEG comments, PNG text
+chunks.  Shards must not carry them, yet re-encoding a JPEG to drop them would change every
+pixel.  So JPEG and PNG files are rewritten at the *container* level: their segments / chunks
+are copied verbatim except the metadata ones.  The compressed pixel data never changes.
+
+Nothing in the standard toolbox does this: Pillow and torchvision can only strip metadata by
+decoding and re-encoding, hence the two small parsers below (JPEG markers, PNG chunks; both
+formats are simple length-prefixed sequences).
+
+Other formats (TIFF, BMP, WebP, GIF) keep metadata in places that cannot be removed without
+re-encoding, and most training decoders do not read TIFF anyway, so they are re-encoded once,
+*losslessly*, to PNG: the pixels are identical, only the container changes.
+
+`prepare_image` also decodes every image fully once: that is the only reliable test for
+truncated or corrupt files, which are rejected with a reason instead of reaching training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+# JPEG application segments kept: APP0 (JFIF/JFXX header), APP2 only when it is an ICC colour
+# profile, APP14 (Adobe colour transform flag, needed to decode CMYK/YCCK correctly).
+_JPEG_APP0, _JPEG_APP1, _JPEG_APP2, _JPEG_APP14, _JPEG_COM = 0xE0, 0xE1, 0xE2, 0xEE, 0xFE
+# PNG chunks kept: the critical ones plus ancillary chunks that change how pixels look.
+_PNG_KEEP = {
+    b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT",
+    b"pHYs", b"bKGD", b"cICP", b"mDCv", b"cLLI", b"acTL", b"fcTL", b"fdAT",
+}  # fmt: skip
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageRejected(ValueError):
+    """This file cannot go into a shard; ``reason`` says why, for the rejects file."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    data: bytes  # what goes into the shard
+    format: str  # "jpeg", "png", ... (of ``data``)
+    height: int
+    width: int
+    sha256: str  # of ``data``
+    source_format: str  # format of the file as found
+    removed: tuple[str, ...]  # what was stripped ("EXIF", "COM", "tEXt", ...), for the summary
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Image format from the magic number, or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == _PNG_SIGNATURE:
+        return "png"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+# ------------------------------------------------------------------ JPEG
+
+
+def strip_jpeg_metadata(data: bytes, orientation: int = 1) -> tuple[bytes, tuple[str, ...]]:
+    """Copy a JPEG's segments except EXIF/XMP/IPTC/comments/other APPn and trailing bytes.
+
+    ``orientation`` other than 1 is written back as a minimal EXIF block holding only the
+    Orientation tag, so the photograph still displays the right way up.
+    Raises ImageRejected when the marker structure is broken or the file is truncated.
+    """
+    if data[:2] != b"\xff\xd8":
+        raise ImageRejected("not a JPEG (no start-of-image marker)")
+    out = [b"\xff\xd8"]
+    removed: list[str] = []
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[_EXIF_ORIENTATION] = orientation
+        payload = exif.tobytes()  # starts with b"Exif\0\0"
+        out.append(b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload)
+    pos, n = 2, len(data)
+    in_scan = False
+    while True:
+        if in_scan:
+            # Entropy-coded data: a 0xFF byte is followed by 0x00 (stuffing) or RSTn inside the
+            # scan; anything else is the next marker.
+            start = pos
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    raise ImageRejected("truncated JPEG (no end-of-image marker)")
+                nxt = data[pos + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                    pos += 1 if nxt == 0xFF else 2
+                    continue
+                break
+            out.append(data[start:pos])
+            in_scan = False
+        if pos + 1 >= n:
+            raise ImageRejected("truncated JPEG (no end-of-image marker)")
+        if data[pos] != 0xFF:
+            raise ImageRejected(f"corrupt JPEG (expected a marker at byte {pos})")
+        while pos + 1 < n and data[pos + 1] == 0xFF:  # fill bytes
+            pos += 1
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI: done; anything after it (MPF images, vendor trailers) is dropped
+            out.append(b"\xff\xd9")
+            if pos + 2 < n and data[pos + 2 :].strip(b"\x00"):
+                removed.append("trailing data")
+            break
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # stand-alone markers
+            out.append(data[pos : pos + 2])
+            pos += 2
+            continue
+        if pos + 4 > n:
+            raise ImageRejected("truncated JPEG (segment header cut off)")
+        seg_len = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        end = pos + 2 + seg_len
+        if seg_len < 2 or end > n:
+            raise ImageRejected("truncated JPEG (segment runs past the end of the file)")
+        body = data[pos + 4 : end]
+        if _jpeg_keeps(marker, body):
+            out.append(data[pos:end])
+        else:
+            removed.append(_jpeg_segment_name(marker, body))
+        pos = end
+        if marker == 0xDA:  # SOS: compressed scan data follows
+            in_scan = True
+    return b"".join(out), tuple(removed)
+
+
+def _jpeg_keeps(marker: int, body: bytes) -> bool:
+    if marker == _JPEG_COM:
+        return False
+    if 0xE0 <= marker <= 0xEF:
+        if marker == _JPEG_APP0:
+            return body[:5] in (b"JFIF\x00", b"JFXX\x00")
+        if marker == _JPEG_APP2:
+            return body[:12] == b"ICC_PROFILE\x00"
+        return marker == _JPEG_APP14 and body[:5] == b"Adobe"
+    return True  # frame, tables, scan headers, restart interval ...
+
+
+def _jpeg_segment_name(marker: int, body: bytes) -> str:
+    if marker == _JPEG_COM:
+        return "COM"
+    if marker == _JPEG_APP1:
+        return "EXIF" if body[:6] == b"Exif\x00\x00" else "XMP" if body[:4] == b"http" else "APP1"
+    if marker == 0xED:
+        return "IPTC"
+    return f"APP{marker - 0xE0}"
+
+
+# ------------------------------------------------------------------ PNG
+
+
+def strip_png_metadata(data: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """Copy a PNG's chunks except text, EXIF, time and unknown ancillary chunks."""
+    if data[:8] != _PNG_SIGNATURE:
+        raise ImageRejected("not a PNG (bad signature)")
+    out = [_PNG_SIGNATURE]
+    removed: list[str] = []
+    pos, n = 8, len(data)
+    while True:
+        if pos + 8 > n:
+            raise ImageRejected("truncated PNG (no IEND chunk)")
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        ctype = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > n:
+            raise ImageRejected(f"truncated PNG ({ctype.decode('latin-1')} chunk runs past the end of the file)")
+        if ctype in _PNG_KEEP:
+            out.append(data[pos:end])
+        else:
+            removed.append(ctype.decode("latin-1"))
+        pos = end
+        if ctype == b"IEND":
+            if data[pos:].strip(b"\x00"):
+                removed.append("trailing data")
+            break
+    return b"".join(out), tuple(removed)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Open and fully decode; every failure becomes an ImageRejected with a plain reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        return img
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image (format not recognised)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected(f"image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg:
+            raise ImageRejected(f"truncated image data ({msg})") from None
+        raise ImageRejected(f"corrupt image data ({msg})") from None
+
+
+def prepare_image(data: bytes, *, keep_metadata: bool = False) -> PreparedImage:
+    """Validate one encoded image and return the bytes a shard stores.
+
+    * JPEG / PNG: the original compressed data, minus metadata segments (unless ``keep_metadata``).
+    * other formats: lossless PNG re-encode (unless ``keep_metadata``, then the original bytes).
+    Raises ImageRejected for empty, non-image, truncated or corrupt input.
+    """
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt is None:
+        _decode(data)  # Pillow may still know it (e.g. JPEG 2000); if not this raises "not an image"
+        fmt = "other"
+    removed: tuple[str, ...] = ()
+    if keep_metadata:
+        img = _decode(data)
+        out, out_fmt = data, (img.format or fmt).lower()
+    elif fmt == "jpeg":
+        orientation = _jpeg_orientation(data)
+        out, removed = strip_jpeg_metadata(data, orientation)
+        img = _decode(out)
+        out_fmt = "jpeg"
+    elif fmt == "png":
+        out, removed = strip_png_metadata(data)
+        img = _decode(out)
+        out_fmt = "png"
+    else:
+        img = _decode(data)
+        out, out_fmt = _to_png(img), "png"
+        removed = ("re-encoded losslessly to PNG",)
+    width, height = img.size
+    return PreparedImage(
+        data=out,
+        format=out_fmt,
+        height=int(height),
+        width=int(width),
+        sha256=hashlib.sha256(out).hexdigest(),
+        source_format=fmt,
+        removed=removed,
+    )
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """EXIF orientation (1..8) of a JPEG, 1 when absent or unreadable."""
+    try:
+        value = Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:  # noqa: BLE001 - a broken EXIF block only means "no orientation"
+        return 1
+
+
+def _to_png(img: Image.Image) -> bytes:
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # first frame only: a fundus photograph is a still image
+    if img.mode not in ("1", "L", "LA", "I;16", "P", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in img.mode else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=3)  # lossless; level 3: fast, small enough
+    return buf.getvalue()

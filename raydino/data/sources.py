@@ -1,0 +1,223 @@
+"""What to shard: list a source of photographs with labels and splits.
+
+A source is one of
+
+* a folder (searched recursively), local or ``s3://``: every file is a candidate, unlabelled,
+  split ``train`` unless a labels CSV says otherwise;
+* a RETFound-layout tree ``ROOT/{train,val,test}/<class>/<image>``: split and class come from
+  the path (detected when the folder's top level holds split folders);
+* a CSV file ``path,label[,split]`` (header optional; paths relative to the CSV's folder).
+
+Files that are clearly not photographs (hidden files, ``.csv``/``.json``/``.txt``... beside the
+images, files outside the split folders of a RETFound tree) are not silently ignored: they
+are returned as `Skipped` entries and end up in the rejects file with their reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from raydino.data import storage
+from raydino.data.storage import Location, StorageOptions
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}  # fmt: skip
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+# Extensions that are certainly not photographs: skipped (and listed) without being opened.
+NON_IMAGE_EXTENSIONS = {".csv", ".tsv", ".json", ".jsonl", ".txt", ".md", ".yaml", ".yml", ".xml", ".xls",
+                        ".xlsx", ".pdf", ".zip", ".tar", ".gz", ".py", ".ini", ".db", ".parquet"}  # fmt: skip
+
+
+class SourceError(ValueError):
+    """The source cannot be listed at all (missing, empty, malformed CSV)."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    id: str  # POSIX path relative to the source root: stable across runs, the row id
+    path: str  # path on the source filesystem
+    label: str | None
+    split: str
+    size: int
+    mtime_ns: int | None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    id: str
+    reason: str
+    kind: str = "skipped"  # "skipped": never opened; "rejected": opened (or looked up) and failed
+
+
+@dataclass
+class SourceListing:
+    kind: str  # "folder", "retfound" or "csv"
+    root: Location
+    items: list[SourceItem] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and label (label None shown as "")."""
+        out: dict[str, dict[str, int]] = {}
+        for it in self.items:
+            per = out.setdefault(it.split, {})
+            per[it.label or ""] = per.get(it.label or "", 0) + 1
+        return out
+
+
+def normalise_split(value: str, where: str) -> str:
+    v = value.strip().lower()
+    if v in SPLIT_ALIASES:
+        return SPLIT_ALIASES[v]
+    raise SourceError(f"{where}: split {value!r} is not one of train, val, test (or training/valid/validation/testing)")
+
+
+def list_source(
+    src: str,
+    *,
+    labels_csv: str | None = None,
+    label_column: str = "label",
+    options: StorageOptions | None = None,
+) -> SourceListing:
+    """List ``src`` (folder, RETFound tree or CSV) into items and skipped files."""
+    loc = storage.resolve(src, options)
+    info = storage.file_info(loc, loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"source {loc.uri} does not exist")
+    if info.type == pafs.FileType.File:
+        if labels_csv:
+            raise SourceError(f"source {loc.uri} is a file (a CSV list); --labels only applies to a folder source")
+        return _list_csv(loc, label_column)
+    files = storage.list_files(loc)
+    if not files:
+        raise SourceError(f"source {loc.uri} is an empty folder")
+    listing = _list_folder(loc, files)
+    if labels_csv:
+        _apply_labels(listing, labels_csv, label_column, options)
+    return listing
+
+
+def _rel(loc: Location, path: str) -> str:
+    return posixpath.relpath(path, loc.path) if loc.scheme == "file" else path[len(loc.path) :].lstrip("/")
+
+
+def _skip_reason(rel: str) -> str | None:
+    name = posixpath.basename(rel)
+    if any(part.startswith(".") for part in rel.split("/")):
+        return "hidden file"
+    ext = posixpath.splitext(name)[1].lower()
+    if ext in NON_IMAGE_EXTENSIONS:
+        return f"not an image ({ext} file)"
+    return None
+
+
+def _list_folder(loc: Location, files: list[pafs.FileInfo]) -> SourceListing:
+    rels = [(_rel(loc, f.path), f) for f in files]
+    top_dirs = {r.split("/", 1)[0] for r, _ in rels if "/" in r}
+    split_dirs = {d for d in top_dirs if d.lower() in SPLIT_ALIASES}
+    retfound = bool(split_dirs)
+    listing = SourceListing(kind="retfound" if retfound else "folder", root=loc)
+    for rel, f in rels:
+        reason = _skip_reason(rel)
+        if reason:
+            listing.skipped.append(Skipped(rel, reason))
+            continue
+        label: str | None = None
+        split = "train"
+        if retfound:
+            parts = rel.split("/")
+            if parts[0] not in split_dirs or len(parts) < 2:
+                listing.skipped.append(Skipped(rel, "outside the train/val/test folders of a RETFound-layout tree"))
+                continue
+            split = SPLIT_ALIASES[parts[0].lower()]
+            label = parts[1] if len(parts) >= 3 else None
+        listing.items.append(SourceItem(rel, f.path, label, split, int(f.size or 0), f.mtime_ns))
+    return listing
+
+
+def _read_csv_rows(loc: Location, path: str) -> list[list[str]]:
+    text = storage.read_bytes(loc, path).decode("utf-8-sig", errors="replace")
+    return [row for row in csv.reader(io.StringIO(text)) if row and any(c.strip() for c in row)]
+
+
+def _clean_rel(raw: str) -> str:
+    """A CSV path in POSIX form without ``./`` or doubled slashes (absolute paths stay absolute)."""
+    return posixpath.normpath(raw.strip().replace("\\", "/"))
+
+
+def _csv_columns(
+    rows: list[list[str]], label_column: str, where: str
+) -> tuple[list[tuple[int, list[str]]], int, int | None, int | None]:
+    """(numbered data rows, path index, label index, split index) for a header-optional CSV."""
+    if not rows:
+        raise SourceError(f"{where} has no rows")
+    header = [c.strip().lower() for c in rows[0]]
+    if "path" in header:
+        idx_label = header.index(label_column.lower()) if label_column.lower() in header else None
+        if idx_label is None and label_column != "label":
+            raise SourceError(f"{where}: no column {label_column!r} (columns: {', '.join(rows[0])})")
+        idx_split = header.index("split") if "split" in header else None
+        return list(enumerate(rows[1:], start=2)), header.index("path"), idx_label, idx_split
+    width = len(rows[0])
+    if width < 2:
+        raise SourceError(f"{where}: expected columns path,label[,split] (a header row naming 'path' is optional)")
+    return list(enumerate(rows, start=1)), 0, 1, 2 if width >= 3 else None
+
+
+def _list_csv(csv_loc: Location, label_column: str) -> SourceListing:
+    where = f"CSV {csv_loc.uri}"
+    rows, ip, il, isp = _csv_columns(_read_csv_rows(csv_loc, csv_loc.path), label_column, where)
+    root = storage.Location(csv_loc.fs, posixpath.dirname(csv_loc.path), csv_loc.scheme, csv_loc.options)
+    listing = SourceListing(kind="csv", root=root)
+    seen: set[str] = set()
+    entries: list[tuple[str, str, str | None, str]] = []
+    for lineno, row in rows:
+        raw = row[ip].strip() if ip < len(row) else ""
+        if not raw:
+            raise SourceError(f"{where}, row {lineno}: empty path")
+        rel = _clean_rel(raw)
+        path = rel if rel.startswith("/") else root.join(rel)
+        label = row[il].strip() if il is not None and il < len(row) and row[il].strip() else None
+        split = normalise_split(row[isp], f"{where}, row {lineno}") if isp is not None and isp < len(row) and row[isp].strip() else "train"
+        if rel in seen:
+            listing.skipped.append(Skipped(rel, f"duplicate entry (row {lineno})", kind="rejected"))
+            continue
+        seen.add(rel)
+        entries.append((rel, path, label, split))
+    infos = storage.with_retries(
+        lambda: csv_loc.fs.get_file_info([p for _, p, _, _ in entries]), what=f"looking up files of {where}", options=csv_loc.options
+    )
+    for (rel, path, label, split), info in zip(entries, infos):
+        if info.type != pafs.FileType.File:
+            listing.skipped.append(Skipped(rel, "missing: listed in the CSV but not found", kind="rejected"))
+            continue
+        listing.items.append(SourceItem(rel, path, label, split, int(info.size or 0), info.mtime_ns))
+    return listing
+
+
+def _apply_labels(listing: SourceListing, labels_csv: str, label_column: str, options: StorageOptions | None) -> None:
+    """Labels (and splits) for a folder source from a ``path,label[,split]`` CSV relative to it."""
+    loc = storage.resolve(labels_csv, options)
+    where = f"labels CSV {loc.uri}"
+    rows, ip, il, isp = _csv_columns(_read_csv_rows(loc, loc.path), label_column, where)
+    table: dict[str, tuple[str | None, str | None]] = {}
+    for lineno, row in rows:
+        rel = _clean_rel(row[ip]) if ip < len(row) else ""
+        label = row[il].strip() if il is not None and il < len(row) and row[il].strip() else None
+        split = normalise_split(row[isp], f"{where}, row {lineno}") if isp is not None and isp < len(row) and row[isp].strip() else None
+        table[rel] = (label, split)
+    known = {it.id for it in listing.items}
+    new_items = []
+    for it in listing.items:
+        if it.id in table:
+            label, split = table[it.id]
+            it = SourceItem(it.id, it.path, label, split or it.split, it.size, it.mtime_ns)
+        new_items.append(it)
+    listing.items = new_items
+    for rel in sorted(set(table) - known):
+        listing.skipped.append(Skipped(rel, "missing: listed in the labels CSV but not found", kind="rejected"))

@@ -1,0 +1,143 @@
+"""Where a pretraining run lives (local directory or s3://), and the embedded default dataset.
+
+No Ray here: the recipe asks this module for paths and filesystems and hands them to Ray Train.
+Only the URI, endpoint and region travel to workers; credentials stay in each node's AWS chain.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from .config import Config, ConfigError
+from .data import storage as st
+from .tracking import plot_loss
+
+
+@dataclass
+class RunStorage:
+    location: st.Location
+    endpoint: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def open(cls, uri: str, endpoint: str | None = None, region: str | None = None) -> RunStorage:
+        try:
+            loc = st.resolve(uri, st.StorageOptions(endpoint=endpoint, region=region))
+        except st.StorageError as e:
+            raise ConfigError(f"run.storage={st.display_uri(uri)!r}: {e}") from None
+        return cls(loc, endpoint, region)
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+    @property
+    def is_remote(self) -> bool:
+        return self.location.scheme != "file"
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self.location.fs
+
+    @property
+    def train_storage_path(self) -> str:
+        """What Ray Train's RunConfig.storage_path takes: an absolute local path or bucket/prefix."""
+        return self.location.path
+
+    def exists(self, name: str) -> bool:
+        return st.exists(self.location, self.location.join(name))
+
+    def latest_run(self) -> str | None:
+        """The run whose newest file is the most recent (for --resume without --name)."""
+        newest: dict[str, float] = {}
+        for info in st.list_files(self.location):
+            rel = info.path[len(self.location.path) :].strip("/")
+            if "/" in rel and info.mtime is not None:
+                run = rel.split("/", 1)[0]
+                newest[run] = max(newest.get(run, 0.0), info.mtime.timestamp())
+        return max(newest, key=newest.get) if newest else None
+
+    def check_writable(self, name: str) -> None:
+        try:
+            st.check_writable(self.location.child(name))
+        except st.StorageError as e:
+            raise ConfigError(f"run.storage: {e}") from None
+
+    def write_text(self, name: str, filename: str, text: str) -> None:
+        st.write_bytes(self.location, self.location.join(name, filename), text.encode())
+
+    def read_text(self, name: str, filename: str) -> str | None:
+        path = self.location.join(name, filename)
+        return st.read_bytes(self.location, path).decode() if st.exists(self.location, path) else None
+
+    def local_log_dir(self, name: str) -> Path:
+        """Rank 0 writes metrics here: the run directory itself when local, a staging dir otherwise."""
+        if self.is_remote:
+            return Path(tempfile.gettempdir()) / "raydino-logs" / name
+        return Path(self.location.join(name, "logs"))
+
+    def upload_logs(self, local_dir: str | Path) -> None:
+        local_dir = Path(local_dir)
+        name = local_dir.name
+        for f in local_dir.rglob("*"):
+            if f.is_file():
+                rel = f.relative_to(local_dir).as_posix()
+                st.write_bytes(self.location, self.location.join(name, "logs", rel), f.read_bytes())
+
+    def finish_logs(self, name: str, local_dir: str | Path) -> str | None:
+        """Plot the loss curve beside metrics.jsonl, wherever the run lives; returns its URI."""
+        text = self.read_text(name, "logs/metrics.jsonl")
+        if text is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "metrics.jsonl").write_text(text)
+            png = plot_loss(Path(tmp) / "metrics.jsonl", Path(tmp) / "loss.png", title=f"DINO pretraining: {name}")
+            if png is None:
+                return None
+            target = self.location.join(name, "logs", "loss.png")
+            st.write_bytes(self.location, target, png.read_bytes())
+        return self.location.uri_of(name, "logs", "loss.png")
+
+    def to_dict(self, name: str) -> dict[str, Any]:
+        return {"uri": self.location.uri, "endpoint": self.endpoint, "region": self.region}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunStorage:
+        return cls.open(d["uri"], d.get("endpoint"), d.get("region"))
+
+
+def ensure_dataset(cfg: Config, cache: Path) -> str:
+    """The embedded default: synthetic fundus images, sharded locally, cached by their parameters."""
+    from .data.shards import write_shards
+    from .data.synth import make_dataset
+
+    d = cfg.data
+    key = f"n{d.synthetic_n}-s{d.synthetic_size}-seed{d.synthetic_seed}"
+    images = cache / f"synth-{key}"
+    shards = cache / f"shards-{key}"
+    if not (shards / "manifest.json").exists():
+        print(f"[raydino] making {d.synthetic_n} synthetic fundus images at {d.synthetic_size} px in {images}", flush=True)
+        make_dataset(images, n=d.synthetic_n, size=d.synthetic_size, seed=d.synthetic_seed)
+        write_shards(str(images), str(shards), dataset="synthetic", target_shard_mb=8)
+    return str(shards.resolve())
+
+
+def open_manifest(uri: str, cfg: Config) -> Any:
+    """The manifest at `uri`, or a ConfigError that says what is missing and what to do."""
+    from .data.shards import read_manifest
+
+    opts = st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
+    try:
+        return read_manifest(uri, storage_options=opts)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"data.uri={st.display_uri(uri)!r} has no manifest.json; make shards first with "
+            f"`python -m raydino.shard IMAGES {st.display_uri(uri)}`"
+        ) from None
+    except st.StorageError as e:
+        raise ConfigError(f"data.uri={st.display_uri(uri)!r}: {e}") from None
