@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, build_config, load_config
-from .run_storage import RunStorage, ensure_dataset, open_manifest
+from .run_storage import RunStorage, ensure_dataset, open_dataset
 
 DEFAULT_CACHE = Path(".raydino")
 
@@ -74,12 +74,22 @@ def init_ray(cfg: Config) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     need = cfg.run.workers * cfg.run.cpus_per_worker + (cfg.data.augment_concurrency or 1) * cfg.data.augment_cpus
-    # Logical CPUs are scheduling tokens: a small machine runs the demo's workers and augmenters side by side.
-    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+    # Logical CPUs are scheduling tokens: a small machine runs the demo's workers and augmenters side by
+    # side, plus one token for Ray Data's file listing and read tasks (else they wait forever).
+    ray.init(address="local", num_cpus=max(int(need + 0.999) + 1, os.cpu_count() or 1), include_dashboard=False,
              runtime_env=runtime_env, log_to_driver=True)
 
 
 _SECRET_ENV = {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN"}
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars flood the driver log; raydino prints its own progress."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
 
 
 def autoscaler_present() -> bool:
@@ -154,17 +164,21 @@ def train_worker(conf: dict[str, Any]) -> None:
             tracker.log(state.step, state.epoch, metrics)
 
     def on_checkpoint(state, metrics, epoch_end):
-        metrics = {**metrics, "epoch_end": epoch_end, "world_size": world, "node_id": ctx.get_node_rank() if hasattr(ctx, "get_node_rank") else 0}
+        metrics = {**metrics, "epoch_end": epoch_end, "world_size": world}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 save_checkpoint(state, tmp)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-                conf_sync = conf.get("sync_logs")
-                if conf_sync:
-                    RunStorage.from_dict(conf_sync).upload_logs(conf["log_dir"])
+                if storage.is_remote:
+                    storage.upload_logs(conf["log_dir"])
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state.step:08d}")
 
+    storage = RunStorage.from_dict(conf["storage"])
+    worker_info = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
+                   "pid": os.getpid(), "device": str(device), "start_step": state.step}
+    # One small file per rank: which node trained what (diagnostics, and the multi-node test reads it).
+    storage.write_text(cfg.run.name, f"workers/rank{rank}-pid{os.getpid()}.json", json.dumps(worker_info))
     try:
         summary = fit(state, epoch_batches, LoopHooks(on_log, on_checkpoint), world_size=world)
     except NonFiniteLossError as e:
@@ -173,6 +187,8 @@ def train_worker(conf: dict[str, Any]) -> None:
         ray.train.report({"non_finite_step": e.step, "error": str(e)})
         tracker.close()
         return
+    worker_info.update(end_step=summary.steps, images=summary.images)
+    storage.write_text(cfg.run.name, f"workers/rank{rank}-pid{os.getpid()}.json", json.dumps(worker_info))
     if rank == 0:
         print(f"[raydino] finished {summary.steps} steps in {summary.seconds:.0f}s, loss {summary.first_loss:.4f} → "
               f"{summary.last_loss:.4f}, data-wait {summary.data_wait_seconds / max(summary.seconds, 1e-9):.0%}"
@@ -194,8 +210,8 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
         raise ConfigError(f"--resume: no run named {name!r} in {storage.uri}")
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     data_uri = cfg.data.uri or ensure_dataset(cfg, cache)
-    manifest = open_manifest(data_uri, cfg)
-    rows = pretrain_rows(manifest)
+    shards = open_dataset(data_uri, cfg)
+    rows = pretrain_rows(shards)
     global_batch = cfg.train.batch_size * cfg.run.workers
     steps_per_epoch = cfg.train.steps_per_epoch or rows // global_batch
     if steps_per_epoch < 1:
@@ -205,6 +221,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
 
     init_ray(cfg)
     check_resources(cfg)
+    quiet_ray_data()
     log_dir = storage.local_log_dir(name)
     storage.write_text(name, "config.yaml", cfg.to_yaml())
     print(f"[raydino] run {name}: {cfg.model.arch}, preset {cfg.augment.preset}, {rows} images, "
@@ -214,7 +231,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "log_dir": str(log_dir),
-                           "sync_logs": storage.to_dict(name) if storage.is_remote else None},
+                           "storage": storage.to_dict(name)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.workers, use_gpu=cfg.run.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": cfg.run.gpus_per_worker} if cfg.run.gpus_per_worker else {})},
@@ -227,7 +244,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         ),
-        datasets={"train": build_pretrain_dataset(cfg, manifest)},
+        datasets={"train": build_pretrain_dataset(cfg, shards)},
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -245,12 +262,25 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     return summary
 
 
-def probe_demo(checkpoint: Any, cfg: Config, data_uri: str) -> dict[str, Any] | None:
-    """Linear probe of the trained teacher against a random backbone on the synthetic grading task."""
-    from .demo_probe import compare_with_random
+def probe_demo(checkpoint: Any, cfg: Config, data_uri: str) -> dict[str, Any]:
+    """Linear probe (fast) of the trained teacher next to a randomly initialised backbone of the same arch."""
+    from .probe import load_labelled, load_teacher_backbone, probe_backbone
 
+    data = load_labelled(data_uri, dataset="synthetic")
+    size = cfg.probe.image_size or cfg.augment.global_crop_size
+    results = {}
     with checkpoint.as_directory() as d:
-        return compare_with_random(Path(d), cfg, data_uri)
+        trained = load_teacher_backbone(d)
+    random_init = load_teacher_backbone("random", arch=cfg.model.arch, image_size=cfg.augment.global_crop_size)
+    for label, loaded in (("pretrained", trained), ("random_init", random_init)):
+        r = probe_backbone(loaded.backbone, data, "fast", image_size=size, batch_size=cfg.probe.batch_size,
+                           n_bootstrap=200, progress=None)
+        results[label] = {"auroc": r["mean"]["auroc"], "aupr": r["mean"]["aupr"], "ci95_auroc": r.get("ci95", {}).get("auroc")}
+    fmt = lambda v: "undefined" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"[raydino] linear probe on the synthetic DR-grading test split ({len(data.splits['test'])} images): "
+          f"test AUROC {fmt(results['pretrained']['auroc'])} pretrained vs {fmt(results['random_init']['auroc'])} "
+          f"random init (AUPR {fmt(results['pretrained']['aupr'])} vs {fmt(results['random_init']['aupr'])})", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

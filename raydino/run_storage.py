@@ -113,31 +113,22 @@ class RunStorage:
 
 def ensure_dataset(cfg: Config, cache: Path) -> str:
     """The embedded default: synthetic fundus images, sharded locally, cached by their parameters."""
-    from .data.shards import write_shards
-    from .data.synth import make_dataset
+    from .data.synth import synthetic_shards
 
     d = cfg.data
-    key = f"n{d.synthetic_n}-s{d.synthetic_size}-seed{d.synthetic_seed}"
-    images = cache / f"synth-{key}"
-    shards = cache / f"shards-{key}"
-    if not (shards / "manifest.json").exists():
-        print(f"[raydino] making {d.synthetic_n} synthetic fundus images at {d.synthetic_size} px in {images}", flush=True)
-        make_dataset(images, n=d.synthetic_n, size=d.synthetic_size, seed=d.synthetic_seed)
-        write_shards(str(images), str(shards), dataset="synthetic", target_shard_mb=8)
-    return str(shards.resolve())
+    return synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(cache / "synthetic"))
 
 
-def open_manifest(uri: str, cfg: Config) -> Any:
-    """The manifest at `uri`, or a ConfigError that says what is missing and what to do."""
-    from .data.shards import read_manifest
+def open_dataset(uri: str, cfg: Config) -> Any:
+    """The shard set at `uri` (manifest read and validated), or a ConfigError saying what to do."""
+    from .data.shards import ShardError, open_shards
 
     opts = st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
     try:
-        return read_manifest(uri, storage_options=opts)
-    except FileNotFoundError:
+        return open_shards(uri, opts)
+    except ShardError as e:
         raise ConfigError(
-            f"data.uri={st.display_uri(uri)!r} has no manifest.json; make shards first with "
-            f"`python -m raydino.shard IMAGES {st.display_uri(uri)}`"
+            f"data.uri={st.display_uri(uri)!r}: {e}; make shards with `python -m raydino.shard IMAGES DEST`"
         ) from None
     except st.StorageError as e:
         raise ConfigError(f"data.uri={st.display_uri(uri)!r}: {e}") from None

@@ -38,21 +38,23 @@ class AugmentBatch:
         return self.aug.augment_batch([batch["image"][i] for i in keep])
 
 
-def pretrain_rows(manifest: Any, splits: tuple[str, ...] = PRETRAIN_SPLITS) -> int:
-    """Rows the pretraining stream will see per epoch, from the manifest's per-split totals."""
-    by_split = manifest.totals.get("by_split") or manifest.totals.get("splits") or {}
-    if by_split:
-        return int(sum(v if isinstance(v, int) else v.get("rows", 0) for k, v in by_split.items() if k in splits))
-    return int(manifest.totals.get("rows", 0))
+def pretrain_rows(shards: Any, splits: tuple[str, ...] = PRETRAIN_SPLITS) -> int:
+    """Rows the pretraining stream sees per epoch, from the manifest's per-split totals."""
+    return sum(shards.rows(s) for s in splits)
 
 
-def build_pretrain_dataset(cfg: Config, manifest: Any, label_selector: dict[str, str] | None = None):
+def pretrain_shard_paths(shards: Any, splits: tuple[str, ...] = PRETRAIN_SPLITS) -> list[str]:
+    present = [s for s in splits if shards.rows(s) > 0]
+    return sorted({p for s in present for p in shards.shard_paths(s)})
+
+
+def build_pretrain_dataset(cfg: Config, shards: Any, label_selector: dict[str, str] | None = None):
     """Lazy Ray Dataset of augmented crops (nothing is read until a worker iterates)."""
     import ray
 
     ds = ray.data.read_parquet(
-        manifest.shard_paths(),
-        filesystem=manifest.filesystem(),
+        pretrain_shard_paths(shards),
+        filesystem=shards.location.fs,
         columns=["image", "split"],
         file_extensions=None,
     )
