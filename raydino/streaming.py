@@ -12,13 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from .config import AugmentConfig, Config
-
-PRETRAIN_SPLITS = ("train", "unlabelled")  # never val/test: the probe measures on those
-
-
-def crop_keys(aug: AugmentConfig) -> list[str]:
-    return ["global_0", "global_1"] + [f"local_{i}" for i in range(aug.n_local_crops)]
+from .data.loader import PRETRAIN_SPLITS, crop_keys, pretrain_rows  # noqa: F401 (re-exported for recipes)
 
 
 class AugmentBatch:
@@ -36,11 +32,6 @@ class AugmentBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = [i for i, s in enumerate(batch["split"]) if s in self.splits]
         return self.aug.augment_batch([batch["image"][i] for i in keep])
-
-
-def pretrain_rows(shards: Any, splits: tuple[str, ...] = PRETRAIN_SPLITS) -> int:
-    """Rows the pretraining stream sees per epoch, from the manifest's per-split totals."""
-    return sum(shards.rows(s) for s in splits)
 
 
 def pretrain_shard_paths(shards: Any, splits: tuple[str, ...] = PRETRAIN_SPLITS) -> list[str]:
@@ -67,7 +58,7 @@ def build_pretrain_dataset(cfg: Config, shards: Any, label_selector: dict[str, s
         fn_constructor_kwargs={"augment": cfg.augment.model_dump()},
         batch_size=cfg.data.decode_batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cfg.data.augment_cpus,
         **remote_args,
     )

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
+import stat
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
@@ -25,9 +27,10 @@ import pyarrow.fs as pafs
 from raydino.data import storage
 from raydino.data.storage import Location, StorageOptions
 
+# "unlabelled": images only for pretraining (never probed); raydino.data.loader reads it with train.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test"}  # fmt: skip
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+                 "test": "test", "testing": "test", "unlabelled": "unlabelled", "unlabeled": "unlabelled"}  # fmt: skip
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "unlabelled": 3}
 # Extensions that are certainly not photographs: skipped (and listed) without being opened.
 NON_IMAGE_EXTENSIONS = {".csv", ".tsv", ".json", ".jsonl", ".txt", ".md", ".yaml", ".yml", ".xml", ".xls",
                         ".xlsx", ".pdf", ".zip", ".tar", ".gz", ".py", ".ini", ".db", ".parquet"}  # fmt: skip
@@ -74,7 +77,9 @@ def normalise_split(value: str, where: str) -> str:
     v = value.strip().lower()
     if v in SPLIT_ALIASES:
         return SPLIT_ALIASES[v]
-    raise SourceError(f"{where}: split {value!r} is not one of train, val, test (or training/valid/validation/testing)")
+    raise SourceError(
+        f"{where}: split {value!r} is not one of train, val, test, unlabelled (or training/valid/validation/testing)"
+    )
 
 
 def list_source(
@@ -90,13 +95,16 @@ def list_source(
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"source {loc.uri} does not exist")
     if info.type == pafs.FileType.File:
+        if not loc.path.lower().endswith((".csv", ".txt")):
+            raise SourceError(f"source {loc.uri} is a single file; expected a folder, a RETFound-layout tree or a .csv list")
         if labels_csv:
             raise SourceError(f"source {loc.uri} is a file (a CSV list); --labels only applies to a folder source")
         return _list_csv(loc, label_column)
-    files = storage.list_files(loc)
-    if not files:
+    files, problems = _list_local(loc.path) if loc.scheme == "file" else _list_remote(loc)
+    if not files and not problems:
         raise SourceError(f"source {loc.uri} is an empty folder")
     listing = _list_folder(loc, files)
+    listing.skipped += problems
     if labels_csv:
         _apply_labels(listing, labels_csv, label_column, options)
     return listing
@@ -116,8 +124,38 @@ def _skip_reason(rel: str) -> str | None:
     return None
 
 
-def _list_folder(loc: Location, files: list[pafs.FileInfo]) -> SourceListing:
-    rels = [(_rel(loc, f.path), f) for f in files]
+_File = tuple[str, int, "int | None"]  # (path on the filesystem, size, mtime_ns)
+
+
+def _list_remote(loc: Location) -> tuple[list[_File], list[Skipped]]:
+    return [(f.path, int(f.size or 0), f.mtime_ns) for f in storage.list_files(loc)], []
+
+
+def _list_local(root: str) -> tuple[list[_File], list[Skipped]]:
+    """Walk a local tree.  Unlike pyarrow's listing, this sees broken links and special files,
+    which must be reported rather than silently left out."""
+    files: list[_File] = []
+    problems: list[Skipped] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                why = "broken symbolic link" if os.path.islink(path) else e.strerror or type(e).__name__
+                problems.append(Skipped(rel, f"unreadable: {why}", kind="rejected"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(Skipped(rel, "unreadable: not a regular file", kind="rejected"))
+                continue
+            files.append((path, st.st_size, st.st_mtime_ns))
+    return files, problems
+
+
+def _list_folder(loc: Location, files: list[_File]) -> SourceListing:
+    rels = [(_rel(loc, f[0]), f) for f in files]
     top_dirs = {r.split("/", 1)[0] for r, _ in rels if "/" in r}
     split_dirs = {d for d in top_dirs if d.lower() in SPLIT_ALIASES}
     retfound = bool(split_dirs)
@@ -136,7 +174,7 @@ def _list_folder(loc: Location, files: list[pafs.FileInfo]) -> SourceListing:
                 continue
             split = SPLIT_ALIASES[parts[0].lower()]
             label = parts[1] if len(parts) >= 3 else None
-        listing.items.append(SourceItem(rel, f.path, label, split, int(f.size or 0), f.mtime_ns))
+        listing.items.append(SourceItem(rel, f[0], label, split, f[1], f[2]))
     return listing
 
 

@@ -26,7 +26,7 @@ import random
 import re
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -56,7 +56,8 @@ class StorageOptions:
     backoff_max_s: float = 8.0
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 60.0
-    extra: dict[str, str] = field(default_factory=dict)  # from the URI query (endpoint_override, scheme, region)
+    # From the URI query (endpoint_override, scheme, region); pairs, so the options stay hashable.
+    extra: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_config(cls, data_cfg: Any, **kw: Any) -> "StorageOptions":
@@ -64,20 +65,21 @@ class StorageOptions:
         return cls(endpoint=getattr(data_cfg, "s3_endpoint", None), region=getattr(data_cfg, "s3_region", None), **kw)
 
     def resolved_endpoint(self) -> str | None:
+        extra = dict(self.extra)
         if self.endpoint:
             return self.endpoint
-        if "endpoint_override" in self.extra:
-            scheme = self.extra.get("scheme", "https")
-            return f"{scheme}://{self.extra['endpoint_override']}"
+        if "endpoint_override" in extra:
+            return f"{extra.get('scheme', 'https')}://{extra['endpoint_override']}"
         return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
-    def resolved_region(self) -> str:
+    def resolved_region(self) -> str | None:
+        """The configured region, or None (pyarrow and boto3 then use us-east-1)."""
         return (
             self.region
-            or self.extra.get("region")
+            or dict(self.extra).get("region")
             or os.environ.get("AWS_REGION")
             or os.environ.get("AWS_DEFAULT_REGION")
-            or "us-east-1"
+            or None
         )
 
 
@@ -112,13 +114,15 @@ class Location:
 
 
 def _s3_filesystem(opts: StorageOptions) -> pafs.S3FileSystem:
+    endpoint = opts.resolved_endpoint()
+    # No automatic bucket-region lookup: offline or off-AWS it costs seconds of DNS retries on
+    # every resolve.  Buckets outside us-east-1 need a region setting (`with_retries` says so when AWS redirects).
     kwargs: dict[str, Any] = {
-        "region": opts.resolved_region(),
+        "region": opts.resolved_region() or "us-east-1",
         "connect_timeout": opts.connect_timeout_s,
         "request_timeout": opts.request_timeout_s,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
     }
-    endpoint = opts.resolved_endpoint()
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -152,7 +156,7 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
             raise StorageError(f"storage URI {display_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items() if k in ("endpoint_override", "scheme", "region")}
         if query:
-            opts = replace(opts, extra={**opts.extra, **query})
+            opts = replace(opts, extra=tuple(sorted({**dict(opts.extra), **query}.items())))
         path = f"{bucket}/{parts.path.strip('/')}".rstrip("/")
         return Location(_s3_filesystem(opts), path, "s3", opts)
     raise StorageError(f"storage URI {display_uri(uri)!r}: scheme {scheme!r} is not supported (allowed: a local path, file://, s3://)")
@@ -166,7 +170,7 @@ def s3_client(options: StorageOptions | None = None) -> Any:
     endpoint = opts.resolved_endpoint()
     if endpoint and "://" not in endpoint:
         endpoint = f"https://{endpoint}"
-    return boto3.client("s3", endpoint_url=endpoint, region_name=opts.resolved_region())
+    return boto3.client("s3", endpoint_url=endpoint, region_name=opts.resolved_region() or "us-east-1")
 
 
 # ------------------------------------------------------------------ secrets
@@ -241,6 +245,12 @@ def with_retries(fn: Callable[[], T], *, what: str, options: StorageOptions | No
             return fn()
         except Exception as e:  # noqa: BLE001 - classified right below
             if not is_transient(e):
+                msg = str(e)
+                if isinstance(e, OSError) and ("HTTP status 301" in msg or "PermanentRedirect" in msg):
+                    raise StorageError(
+                        f"{what}: the bucket is in another region ({redact(msg).splitlines()[0]}); "
+                        "set data.s3_region / --s3-region / AWS_REGION to the bucket's region"
+                    ) from None
                 raise
             if attempt >= opts.max_attempts:
                 raise TransientStorageError(
@@ -324,8 +334,9 @@ def check_writable(loc: Location) -> None:
             loc.fs.create_dir(loc.path, recursive=True)
         write_bytes(loc, probe, b"ok")
         delete_file(loc, probe)
-    except TransientStorageError:
-        raise
+    except TransientStorageError as e:
+        hint = " Check the endpoint (--s3-endpoint / data.s3_endpoint / AWS_ENDPOINT_URL) and the network." if loc.scheme == "s3" else ""
+        raise TransientStorageError(f"destination {loc.uri} is unreachable: {str(e).split(': ', 1)[-1]}{hint}") from None
     except Exception as e:  # noqa: BLE001 - turned into one clear message
         hint = ""
         if loc.scheme == "s3":

@@ -1,0 +1,63 @@
+"""In-process multi-crop batches from shards: the single-process twin of the Ray Data stream.
+
+Used where pretraining runs in one process (a one-worker Tune trial, unit tests, notebooks).
+It reads one shard at a time, shuffles within a bounded buffer and augments batch by batch, so
+memory stays flat whatever the dataset size.  Same crop keys and dtype as `raydino.streaming`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from raydino.augment import MultiCropAugment
+from raydino.config import AugmentConfig
+from raydino.data.shards import ShardSet
+
+PRETRAIN_SPLITS = ("train", "unlabelled")  # never val/test: the probe measures on those
+
+
+def crop_keys(aug: AugmentConfig) -> list[str]:
+    return ["global_0", "global_1"] + [f"local_{i}" for i in range(aug.n_local_crops)]
+
+
+def pretrain_rows(shards: ShardSet, splits: Sequence[str] = PRETRAIN_SPLITS) -> int:
+    return sum(shards.rows(s) for s in splits)
+
+
+def local_epoch_batches(
+    shards: ShardSet,
+    augment: AugmentConfig,
+    batch_size: int,
+    seed: int = 0,
+    splits: Sequence[str] = PRETRAIN_SPLITS,
+    shuffle_buffer: int = 1024,
+) -> Callable[[int], Iterator[list[torch.Tensor]]]:
+    """`epoch -> iterator of crop lists` (uint8 [B,3,S,S], globals first), reshuffled per epoch."""
+    aug = MultiCropAugment(augment, seed=seed)
+    keys = crop_keys(augment)
+    present = [s for s in splits if shards.rows(s) > 0]
+
+    def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
+        rng = np.random.default_rng([seed, epoch])
+        buffer: list[bytes] = []
+
+        def drain(min_left: int) -> Iterator[list[torch.Tensor]]:
+            while len(buffer) >= batch_size + min_left:
+                idx = rng.choice(len(buffer), size=batch_size, replace=False)
+                picked = [buffer[i] for i in idx]
+                for i in sorted(idx, reverse=True):
+                    buffer[i] = buffer[-1]
+                    buffer.pop()
+                out = aug.augment_tensors(picked)
+                yield [out[k] for k in keys]
+
+        for split in present:
+            for batch in shards.iter_batches(split=split, columns=["image"], verify=False):
+                buffer.extend(batch.column("image").to_pylist())
+                yield from drain(shuffle_buffer)
+        yield from drain(0)  # the rest, full batches only (drop_last, as the Ray stream)
+
+    return epoch_batches

@@ -1,0 +1,164 @@
+"""Sharding to and from a real S3-protocol server on loopback (moto in server mode).
+
+No mocks: pyarrow's S3 client and boto3 talk HTTP to a moto server started by this module
+on 127.0.0.1.  Stopping that server mid-run is a real outage as the code sees it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("moto.server")
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+from raydino.data.shards import open_shards  # noqa: E402
+from raydino.data.storage import StorageOptions, s3_client  # noqa: E402
+from raydino.data.synth import generate_dataset  # noqa: E402
+from raydino.data.writer import ShardingError, ShardJobOptions, shard_dataset  # noqa: E402
+
+BUCKET = "raydino-test"
+KEY_ID, SECRET = "AKIDRAYDINOTEST0001", "test-secret-Zq81xV0pLm"  # fake credentials: never in any output
+N_IMAGES = 30
+
+
+class LoopbackS3:
+    """A moto S3 server on 127.0.0.1 that can be stopped and restarted on the same port."""
+
+    def __init__(self) -> None:
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.host, self.port = self.server.get_host_and_port()
+        self.running = True
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.running:
+            self.server.stop()
+            self.running = False
+
+    def start(self) -> None:
+        if not self.running:  # moto keeps its state in this process, so the bucket survives
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self.server.start()
+            self.running = True
+
+
+@pytest.fixture(scope="module")
+def s3():
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1")
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = LoopbackS3()
+    s3_client(StorageOptions(endpoint=server.endpoint)).create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("s3src") / "tree"
+    generate_dataset(str(root), N_IMAGES, 48, seed=5, workers=1, progress=False)
+    return root
+
+
+def _opts(s3: LoopbackS3) -> StorageOptions:
+    return StorageOptions(endpoint=s3.endpoint, max_attempts=2, backoff_s=0.05, connect_timeout_s=1, request_timeout_s=5)
+
+
+def _expected(source: Path) -> dict[str, tuple[bytes, str, str]]:
+    return {r["path"]: ((source / r["path"]).read_bytes(), r["label"], r["split"]) for r in csv.DictReader(open(source / "labels.csv"))}
+
+
+def test_shard_to_s3_and_read_back(s3, source):
+    summary = shard_dataset(
+        str(source), f"s3://{BUCKET}/run1", options=ShardJobOptions(target_shard_mb=0.02, workers=2, progress=False),
+        storage_options=_opts(s3),
+    )  # fmt: skip
+    assert summary.shards > 2 and summary.rows == N_IMAGES
+    ds = open_shards(f"s3://{BUCKET}/run1", _opts(s3))
+    assert ds.verify(deep=True)["rows"] == N_IMAGES
+    got = {r["id"]: (r["image"], r["label"], r["split"]) for r in ds.iter_rows(columns=["id", "image", "label", "split"])}
+    assert got == _expected(source)
+    # The standard AWS environment alone is enough to find the endpoint.
+    os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+    try:
+        assert len(open_shards(f"s3://{BUCKET}/run1")) == N_IMAGES
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL")
+
+
+def test_outage_mid_run_fails_clearly_and_rerun_completes(s3, source):
+    dest = f"s3://{BUCKET}/run2"
+    opts = ShardJobOptions(target_shard_mb=0.02, workers=1, progress=False)
+
+    def outage_after_two_shards(index: int, receipt: dict) -> None:
+        if index == 1:
+            s3.stop()
+
+    try:
+        with pytest.raises(ShardingError) as err:
+            shard_dataset(str(source), dest, options=opts, storage_options=_opts(s3), on_shard_written=outage_after_two_shards)
+    finally:
+        s3.start()
+    message = str(err.value)
+    assert "shard-00002.parquet" in message and "rerun the same command to resume" in message
+    assert SECRET not in message
+
+    summary = shard_dataset(str(source), dest, options=opts, storage_options=_opts(s3))
+    assert summary.reused_shards == 2 and summary.written_shards == summary.shards - 2
+    ds = open_shards(dest, _opts(s3))
+    ds.verify(deep=True)
+    ids = [r["id"] for r in ds.iter_rows(columns=["id"])]
+    assert len(ids) == len(set(ids)) == N_IMAGES  # no duplicate, no missing row
+
+
+def test_s3_source_to_local(s3, source, tmp_path):
+    client = s3_client(_opts(s3))
+    uploaded = {}
+    for path in sorted(source.glob("val/*/*.jpg")):
+        key = f"raw/{path.relative_to(source).as_posix()}"
+        client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
+        uploaded[path.relative_to(source).as_posix()] = path.read_bytes()
+    client.put_object(Bucket=BUCKET, Key="raw/val/anodr/broken.jpg", Body=b"\xff\xd8\xff\xe0 cut short")
+    summary = shard_dataset(f"s3://{BUCKET}/raw", str(tmp_path / "local"), options=ShardJobOptions(workers=2, progress=False),
+                            storage_options=_opts(s3))  # fmt: skip
+    assert summary.rows == len(uploaded) and summary.rejected == 1
+    got = {r["id"]: r["image"] for r in open_shards(str(tmp_path / "local")).iter_rows(columns=["id", "image"])}
+    assert got == uploaded
+
+
+def test_cli_against_s3_never_shows_credentials(s3, source, tmp_path):
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "raydino.shard", *a, "--retries", "2"],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=180)  # fmt: skip
+    ok = run(str(source), f"s3://{BUCKET}/cli", "--workers", "1", "--target-shard-mb", "0.05")
+    assert ok.returncode == 0, ok.stderr
+    assert run("--verify", f"s3://{BUCKET}/cli").returncode == 0
+    no_bucket = run(str(source), "s3://no-such-bucket-here/x", "--workers", "1")
+    assert no_bucket.returncode == 2 and "not writable" in no_bucket.stderr
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens there
+    down = run(str(source), f"s3://{BUCKET}/down", "--workers", "1")
+    assert down.returncode == 2 and "error:" in down.stderr
+    client = s3_client(_opts(s3))
+    stored = b"".join(
+        client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+        for o in client.list_objects_v2(Bucket=BUCKET, Prefix="cli/")["Contents"]
+    )
+    for text in (ok.stdout, ok.stderr, no_bucket.stderr, down.stderr, stored.decode("latin-1")):
+        assert SECRET not in text and KEY_ID not in text

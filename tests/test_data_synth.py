@@ -1,0 +1,130 @@
+"""Synthetic fundus photographs (raydino.data.synth, python -m raydino.synth)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raydino.data import synth
+from raydino.data.synth import DR_CLASSES, FundusLabel, generate_dataset, render_fundus, sample_labels
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.jpg"))}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    generate_dataset(str(out), 60, 64, seed=3, workers=1, preview=True, progress=False)
+    return out
+
+
+def test_layout_labels_and_summary(dataset):
+    rows = list(csv.DictReader(open(dataset / "labels.csv")))
+    assert len(rows) == 60
+    for r in rows:
+        split, cls, name = r["path"].split("/")
+        assert split == r["split"] in ("train", "val", "test")
+        assert cls == r["label"] == DR_CLASSES[int(r["dr_grade"])]
+        assert (dataset / r["path"]).is_file()
+        assert r["eye"] in ("left", "right")
+        lo, hi = synth.CDR_RANGES[int(r["glaucoma"])]
+        assert lo <= float(r["cup_disc_ratio"]) <= hi
+    # Every grade in every split, even for a small set (probes need all classes everywhere).
+    seen = {(r["split"], r["dr_grade"]) for r in rows}
+    assert seen == {(s, str(g)) for s in ("train", "val", "test") for g in range(5)}
+    summary = json.loads((dataset / "synth.json").read_text())
+    assert summary["n"] == 60 and sum(summary["by_split"].values()) == 60
+    with Image.open(dataset / "preview.png") as im:
+        assert im.width > 5 * 64 and im.height >= 5 * 64
+
+
+def test_grade_imbalance_follows_the_prior():
+    labels = sample_labels(2000, seed=0)
+    counts = np.bincount([lab.dr_grade for lab in labels], minlength=5) / 2000
+    assert np.allclose(counts, synth.DR_PRIOR, atol=0.002)
+    assert counts[0] > counts[2] > counts[1] > counts[3]  # no DR dominates, severe is rarest
+    splits = np.array([lab.split for lab in labels])
+    assert abs((splits == "train").mean() - 0.7) < 0.01
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(tmp_path, dataset):
+    again = tmp_path / "again"
+    generate_dataset(str(again), 60, 64, seed=3, workers=2, progress=False)
+    assert _digests(again) == _digests(dataset)
+    other = tmp_path / "other"
+    generate_dataset(str(other), 20, 64, seed=4, workers=1, progress=False)
+    assert set(_digests(other).values()).isdisjoint(_digests(dataset).values())
+
+
+def test_lesions_are_small_and_only_where_the_grade_says():
+    base = FundusLabel(index=5, dr_grade=0, glaucoma=0, cup_disc_ratio=0.3, eye="right", split="train")
+    healthy = render_fundus(256, base, seed=1).astype(int)
+    assert np.array_equal(healthy, render_fundus(256, base, seed=1))  # deterministic
+    changed = []
+    for grade in (1, 3):
+        diseased = render_fundus(256, replace(base, dr_grade=grade), seed=1).astype(int)
+        changed.append(int((np.abs(diseased - healthy).sum(axis=2) > 30).sum()))
+    assert 0 < changed[0] < 150  # mild: a few microaneurysms, a handful of pixels at 256 px
+    assert changed[1] > 3 * changed[0]  # severe: many haemorrhages
+    assert changed[1] < 0.15 * 256 * 256  # lesions are still small: crops can miss them
+
+
+def test_glaucoma_cup_and_left_eye_mirror():
+    base = FundusLabel(index=2, dr_grade=0, glaucoma=0, cup_disc_ratio=0.25, eye="right", split="train")
+    small = render_fundus(128, base, seed=0).astype(int)
+    large = render_fundus(128, replace(base, glaucoma=2, cup_disc_ratio=0.8), seed=0).astype(int)
+    bright = lambda img: int((img.sum(axis=2) > small.sum(axis=2).max() * 0.9).sum())  # noqa: E731
+    assert bright(large) > bright(small)  # a larger pale cup
+    left = render_fundus(128, replace(base, eye="left"), seed=0)
+    assert np.array_equal(left, small[:, ::-1].astype(np.uint8))
+    # The disc sits on the right half for a right eye (nasal side as photographed).
+    disc_col = np.unravel_index(np.argmax(small.sum(axis=2)), small.shape[:2])[1]
+    assert disc_col > 64
+
+
+def test_cli_writes_png_and_rejects_bad_arguments(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "raydino.synth", *a], capture_output=True, text=True)  # noqa: E731
+    ok = run(str(tmp_path / "p"), "--n", "8", "--size", "32", "--format", "png", "--task", "glaucoma", "--quiet", "--workers", "1")
+    assert ok.returncode == 0, ok.stderr
+    files = sorted((tmp_path / "p").rglob("*.png"))
+    assert len(files) == 8 and {f.parent.name for f in files} <= set(synth.GLAUCOMA_CLASSES)
+    bad = run(str(tmp_path / "q"), "--n", "0")
+    assert bad.returncode == 2 and "--n 0" in bad.stderr
+    bad = run(str(tmp_path / "q"), "--splits", "0.5,0.6,0.1")
+    assert bad.returncode == 2 and "--splits" in bad.stderr
+
+
+def test_synthetic_shards_are_built_once_and_cached(tmp_path):
+    from raydino.data.shards import open_shards
+
+    uri = synth.synthetic_shards(24, 32, seed=0, cache_root=str(tmp_path), workers=1, progress=False)
+    ds = open_shards(uri)
+    assert len(ds) == 24 and len(ds.manifest.shards) >= 2 and ds.manifest.dataset == "synthetic"
+    stamp = (Path(uri) / "manifest.json").stat().st_mtime_ns
+    assert synth.synthetic_shards(24, 32, seed=0, cache_root=str(tmp_path), workers=1, progress=False) == uri
+    assert (Path(uri) / "manifest.json").stat().st_mtime_ns == stamp
+    assert synth.synthetic_shards(24, 32, seed=1, cache_root=str(tmp_path), workers=1, progress=False) != uri
+
+
+def test_rerun_replaces_an_earlier_set_but_never_foreign_files(tmp_path):
+    out = tmp_path / "ds"
+    generate_dataset(str(out), 30, 32, seed=0, workers=1, progress=False)
+    generate_dataset(str(out), 12, 32, seed=0, workers=1, progress=False)
+    assert len(list(out.rglob("*.jpg"))) == 12  # no stale images from the larger set
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "patient.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate_dataset(str(foreign), 5, 32, workers=1, progress=False)
+    assert (foreign / "patient.jpg").exists()
