@@ -145,20 +145,40 @@ def read_backbone_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights into a timm backbone; mismatched architectures get an error naming the keys."""
-    sd = read_backbone_weights(path)
+def fit_pos_embed(sd: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Resample a ViT's absolute position embedding to the backbone's grid (e.g. 224 px weights → 64 px)."""
+    own = backbone.state_dict().get("pos_embed")
+    theirs = sd.get("pos_embed")
+    if own is None or theirs is None or own.shape == theirs.shape or own.shape[-1] != theirs.shape[-1]:
+        return sd
+    from timm.layers import resample_abs_pos_embed
+
+    n_prefix = 0 if getattr(backbone, "no_embed_class", False) else getattr(backbone, "num_prefix_tokens", 1)
+    grid = backbone.patch_embed.grid_size
+    out = dict(sd)
+    out["pos_embed"] = resample_abs_pos_embed(theirs, list(grid), num_prefix_tokens=n_prefix)
+    return out
+
+
+def load_backbone_state(backbone: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load with a message naming the keys when the weights are another architecture's."""
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))}
+    sd = fit_pos_embed(sd, backbone)
     own = backbone.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and own[k].shape != sd[k].shape]
     if missing or unexpected or shape:
         raise ConfigError(
-            f"model.init={str(path)!r} does not fit this backbone: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatch {shape[:3]}"
+            f"{what}: the weights do not fit this architecture: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shape)} shape mismatches {shape[:2]}"
         )
     backbone.load_state_dict(sd)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load weights from a file into a timm backbone (pos_embed resampled to its grid)."""
+    load_backbone_state(backbone, read_backbone_weights(path), f"model.init={str(path)!r}")
 
 
 def read_config_yaml(directory: str | os.PathLike) -> Config:

@@ -198,6 +198,9 @@ class DataConfig(_Strict):
     decode_batch_size: int = Field(32, ge=1)
     augment_concurrency: int | None = Field(None, ge=1)  # augmentation actors; None: 1
     augment_cpus: float = Field(1.0, gt=0)  # logical CPUs each augmentation actor reserves
+    # Pin decoding/augmentation to labelled CPU nodes (e.g. {"raydino/role": "cpu-data"} on the
+    # clusters in cluster/); None lets Ray place it anywhere (local runs).
+    node_labels: dict[str, str] | None = None
 
 
 class RunConfig(_Strict):

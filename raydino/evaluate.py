@@ -1,0 +1,212 @@
+"""`python -m raydino.evaluate`: the paper's downstream evaluation of a pretrained teacher.
+
+    python -m raydino.evaluate --checkpoint runs/demo --data fundus/messidor2 --dataset MESSIDOR-2 \\
+        --probe all --seeds 0-4 --baseline random
+
+Loads the frozen teacher backbone (a run directory → its latest checkpoint, a checkpoint
+directory, an exported `.safetensors`, an official DINO file with `--arch`, or `random`), reads
+a labelled set (RETFound tree or labelled shards), extracts features once (cached under
+`OUT/features/`), runs the requested probes and writes `metrics.json`, `metrics.md` and `roc.png`
+to `--out`.  No Ray: evaluation is one process (GPU when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, ProbeConfig
+from .probe import (
+    C_GRID,
+    CROP_PCT,
+    DataError,
+    LoadedBackbone,
+    load_labelled,
+    load_teacher_backbone,
+    parse_seeds,
+    probe_backbone,
+    resolve_device,
+)
+from .report import markdown_report, markdown_table, plot_roc
+
+PROBES = ("fast", "knn", "paper")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raydino.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, state.pt, backbone .safetensors, DINO .pth, or 'random'")
+    p.add_argument("--data", required=True, help="RETFound tree ROOT/{train,val,test}/<class>/<image>, or labelled shards (dir or s3://)")
+    p.add_argument("--dataset", help="dataset name (report title; ROOT/NAME is used when it exists; catalog names are checked)")
+    p.add_argument("--seeds", default="0-4", help="probe seeds: 0-4, 0,1,2 or 0-2,7 (default 0-4; fast and knn are deterministic)")
+    p.add_argument("--probe", default="fast", choices=[*PROBES, "all"], help="which probe(s) (default fast)")
+    p.add_argument("--out", help="output directory (default: eval/<checkpoint name>-<dataset>)")
+    p.add_argument("--image-size", type=int, help="probe image size (default: probe.image_size, else augment.global_crop_size)")
+    p.add_argument("--batch-size", type=int, help="feature/probe batch size (default: probe.batch_size = 64)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
+    p.add_argument("--arch", help="timm architecture (needed for random / non-raydino files; must match a checkpoint's)")
+    p.add_argument("--baseline", choices=["none", "random"], default="none", help="also probe a randomly initialised backbone of the same architecture")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test set for 95%% intervals (0: none)")
+    p.add_argument("--epochs", type=int, help="paper probe epochs (default: probe.epochs = 90)")
+    p.add_argument("--lr", type=float, help="paper probe base lr, scaled by batch/256 (default: probe.lr = 0.1)")
+    p.add_argument("--knn-k", type=int, help="kNN neighbours (default: probe.knn_k = 20)")
+    p.add_argument("--knn-temperature", type=float, help="kNN temperature (default: probe.knn_temperature = 0.07)")
+    p.add_argument("--crop-pct", type=float, default=CROP_PCT, help="evaluation view: resize to size/crop_pct, centre-crop (default 0.875)")
+    args = p.parse_args(argv)
+    for name in ("image_size", "batch_size", "epochs", "knn_k"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} {v}: must be a positive integer")
+    if not 0 < args.crop_pct <= 1:
+        p.error(f"--crop-pct {args.crop_pct}: must lie in (0, 1]")
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap {args.bootstrap}: must be 0 (none) or a positive number of resamples")
+    return args
+
+
+def _probe_config(loaded: LoadedBackbone) -> ProbeConfig:
+    try:
+        return ProbeConfig.model_validate((loaded.config or {}).get("probe") or {})
+    except Exception:  # an older or foreign sidecar: the defaults are the paper's anyway
+        return ProbeConfig()
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def evaluate(
+    checkpoint: str,
+    data_uri: str,
+    *,
+    dataset: str | None = None,
+    kinds: tuple[str, ...] = ("fast",),
+    seeds: list[int] | None = None,
+    out: str | Path | None = None,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    arch: str | None = None,
+    baseline: str = "none",
+    n_bootstrap: int = 1000,
+    epochs: int | None = None,
+    lr: float | None = None,
+    knn_k: int | None = None,
+    knn_temperature: float | None = None,
+    crop_pct: float = CROP_PCT,
+    progress=print,
+) -> dict[str, Any]:
+    """Probe a checkpoint (and optionally a random baseline) on a labelled set; writes the report files."""
+    seeds = seeds if seeds is not None else [0]
+    dev = resolve_device(device)
+    loaded = load_teacher_backbone(checkpoint, arch=arch)
+    pcfg = _probe_config(loaded)
+    size = image_size or pcfg.image_size or loaded.image_size or 224
+    data = load_labelled(data_uri, dataset)
+    name = data.name
+    out_dir = Path(out) if out else Path("eval") / f"{Path(loaded.source).name}-{name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress(
+        f"[raydino.evaluate] {loaded.arch} from {loaded.source} (step {loaded.step}); {name}: "
+        f"{data.n_classes} classes {data.classes}, train/val/test {[len(data.splits[s]) for s in ('train', 'val', 'test')]}; "
+        f"image size {size}, device {dev}"
+    )
+    for w in data.warnings:
+        progress(f"[raydino.evaluate] warning: {w}")
+    backbones: dict[str, LoadedBackbone] = {"": loaded}
+    if baseline == "random":
+        backbones["random init"] = load_teacher_backbone("random", arch=loaded.arch, image_size=loaded.image_size)
+    results: dict[str, dict[str, Any]] = {}
+    curves: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
+    started = time.perf_counter()
+    for label, lb in backbones.items():
+        lb.backbone.to(dev)
+        for kind in kinds:
+            key = kind if not label else f"{kind} ({label})"
+            progress(f"[raydino.evaluate] probe {key}")
+            r = probe_backbone(
+                lb.backbone,
+                data,
+                kind,
+                seeds,
+                image_size=size,
+                batch_size=batch_size or pcfg.batch_size,
+                crop_pct=crop_pct,
+                cache_dir=out_dir / "features",
+                n_bootstrap=n_bootstrap,
+                epochs=epochs or pcfg.epochs,
+                lr=lr or pcfg.lr,
+                knn_k=knn_k or pcfg.knn_k,
+                knn_temperature=knn_temperature or pcfg.knn_temperature,
+                c_grid=C_GRID,
+                return_scores=True,
+                progress=progress,
+            )
+            scores = r.pop("scores")
+            curves[key] = (scores["y_true"], scores["per_seed"])
+            results[key] = r
+        lb.backbone.cpu()
+    meta = {
+        "checkpoint": loaded.source,
+        "arch": loaded.arch,
+        "step": loaded.step,
+        "epoch": loaded.epoch,
+        "dataset": name,
+        "data": str(data_uri),
+        "classes": data.classes,
+        "image_size": size,
+        "crop_pct": crop_pct,
+        "device": str(dev),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    report = {"meta": meta, "results": results, "pretraining_config": loaded.config}
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (out_dir / "metrics.md").write_text(markdown_report(f"raydino evaluation: {name}", meta, results))
+    plot_roc(curves, data.classes, out_dir / "roc.png")
+    progress("\n" + markdown_table(results) + "\n")
+    progress(f"[raydino.evaluate] wrote {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}, {out_dir / 'roc.png'}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = evaluate(
+            args.checkpoint,
+            args.data,
+            dataset=args.dataset,
+            kinds=PROBES if args.probe == "all" else (args.probe,),
+            seeds=parse_seeds(args.seeds),
+            out=args.out,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            device=args.device,
+            arch=args.arch,
+            baseline=args.baseline,
+            n_bootstrap=args.bootstrap,
+            epochs=args.epochs,
+            lr=args.lr,
+            knn_k=args.knn_k,
+            knn_temperature=args.knn_temperature,
+            crop_pct=args.crop_pct,
+        )
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"raydino.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    undefined = {k: r["undefined"] for k, r in report["results"].items() if r["undefined"]}
+    for k, u in undefined.items():
+        print(f"raydino.evaluate: {k}: undefined metrics: {u}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""`python -m raydino.export RUN_OR_CKPT --out backbone.safetensors`: the teacher backbone for timm users.
+
+Writes the frozen teacher backbone with timm's own key names, so that plain timm loads it with
+nothing of raydino installed:
+
+    timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0,
+                      pretrained_cfg_overlay=dict(file="backbone.safetensors"),
+                      img_size=224, dynamic_img_size=True)
+
+and a sidecar `backbone.json` (arch, img_size, step, the exact create_model call, the resolved
+pretraining config).  For ViTs pass the `img_size` the sidecar names: timm would otherwise build
+its default grid and resample the position embedding on load (timm's `checkpoint_filter_fn`),
+which loads but gives slightly different features.  The export checks itself: it rebuilds the
+model through that very call and compares features on a fixed input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from .config import ConfigError
+from .model import is_vit
+from .probe import LoadedBackbone, load_teacher_backbone
+
+FORMAT = "raydino-backbone"
+
+
+def create_model_call(arch: str, path: str | Path, img_size: int | None, vit: bool) -> str:
+    """The one-line timm call that rebuilds the exported backbone."""
+    extra = f", img_size={img_size}, dynamic_img_size=True" if vit and img_size else ""
+    return (
+        f'timm.create_model("{arch}", pretrained=True, num_classes=0, '
+        f'pretrained_cfg_overlay=dict(file="{path}"){extra})'
+    )
+
+
+def timm_model(arch: str, path: str | Path, img_size: int | None, vit: bool) -> torch.nn.Module:
+    """What `create_model_call` says, executed (used by the self-check)."""
+    kwargs: dict[str, Any] = {"pretrained": True, "num_classes": 0, "pretrained_cfg_overlay": {"file": str(path)}}
+    if vit and img_size:
+        kwargs.update(img_size=img_size, dynamic_img_size=True)
+    return timm.create_model(arch, **kwargs)
+
+
+def verify_export(loaded: LoadedBackbone, path: Path, atol: float = 1e-5) -> float:
+    """Rebuild through timm alone and compare pooled features on a fixed input; returns the max difference."""
+    size = loaded.image_size or 224
+    model = timm_model(loaded.arch, path, loaded.image_size, is_vit(loaded.backbone)).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = loaded.backbone.eval()(x)
+        theirs = model(x)
+    diff = float((ours - theirs).abs().max())
+    if ours.shape != theirs.shape or diff > atol:
+        raise RuntimeError(
+            f"export check failed: timm's {loaded.arch} loaded from {path} differs from the teacher "
+            f"(shapes {tuple(ours.shape)} / {tuple(theirs.shape)}, max |diff| {diff:.2e})"
+        )
+    return diff
+
+
+def export_backbone(source: str, out: str | Path, arch: str | None = None, verify: bool = True) -> dict[str, Any]:
+    """Write `out` (.safetensors) and its `.json` sidecar; returns the sidecar's content."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: the file name must end in .safetensors")
+    loaded = load_teacher_backbone(source, arch=arch)
+    # clone + contiguous: safetensors refuses tensors that share storage or are views.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in loaded.backbone.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    vit = is_vit(loaded.backbone)
+    meta = {"format": FORMAT, "arch": loaded.arch, "img_size": str(loaded.image_size), "step": str(loaded.step)}
+    save_file(state, str(out), metadata=meta)
+    sidecar = {
+        "format": FORMAT,
+        "arch": loaded.arch,
+        "img_size": loaded.image_size,
+        "dynamic_img_size": vit,
+        "num_features": int(getattr(loaded.backbone, "num_features", 0)),
+        "step": loaded.step,
+        "epoch": loaded.epoch,
+        "source": loaded.source,
+        "create_model": create_model_call(loaded.arch, out.resolve(), loaded.image_size, vit),
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "config": loaded.config,
+    }
+    if verify:
+        sidecar["verified_max_abs_diff"] = verify_export(loaded, out)
+    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raydino.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="run directory (latest checkpoint), checkpoint directory or state.pt")
+    p.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors (a .json sidecar goes beside it)")
+    p.add_argument("--arch", help="only for weights files without a raydino config (e.g. an official DINO .pth)")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading through timm and comparing features")
+    args = p.parse_args(argv)
+    try:
+        info = export_backbone(args.checkpoint, args.out, arch=args.arch, verify=not args.no_verify)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"raydino.export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[raydino.export] {info['arch']} teacher backbone (step {info['step']}) → {args.out} (+ .json sidecar)")
+    if "verified_max_abs_diff" in info:
+        print(f"[raydino.export] checked: timm alone reproduces the features (max |diff| {info['verified_max_abs_diff']:.1e})")
+    print("Load it with timm only:\n\n    import timm\n    model = " + info["create_model"] + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Human-readable views of evaluation results: markdown tables and PNG plots.
+
+Pure presentation: every number comes from `raydino.probe` results (dicts as written to
+metrics.json).  matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .probe import METRICS
+
+METRIC_TITLES = {
+    "auroc": "AUROC",
+    "aupr": "AUPR",
+    "sensitivity": "Sens.",
+    "specificity": "Spec.",
+    "accuracy": "Acc.",
+    "f1": "F1",
+    "kappa": "Kappa (q)",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _cell(mean: float | None, ci: dict[str, Any] | None) -> str:
+    if mean is None:
+        return "n/a"
+    if ci and ci.get("low") is not None:
+        return f"{mean:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return f"{mean:.3f}"
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per named result (e.g. "fast", "knn", "fast (random init)"): mean [95% CI] per metric."""
+    head = "| probe | seeds | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 2)]
+    for name, r in results.items():
+        ci = r.get("ci95", {})
+        cells = [_cell(r["mean"][m], ci.get(m)) for m in METRICS]
+        seeds = "1 (deterministic)" if r.get("deterministic") else str(len(r["seeds"]))
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_class_table(result: dict[str, Any]) -> str:
+    """Test AUROC / AUPR / recall / specificity per class, averaged over seeds."""
+    classes = result["classes"]
+    lines = ["| class | n test | AUROC | AUPR | recall | specificity |", "|---|---|---|---|---|---|"]
+    counts = result.get("class_counts", {}).get("test")
+    for c, name in enumerate(classes):
+        row = []
+        for key in ("auroc", "aupr", "recall", "specificity"):
+            vals = [s["test"]["per_class"][key][c] for s in result["per_seed"]]
+            row.append("n/a" if any(v is None for v in vals) else f"{np.mean(vals):.3f}")
+        n = str(counts[c]) if counts else "?"
+        lines.append(f"| {name} | {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(title: str, meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    out = [f"# {title}", ""]
+    out += [f"- {k}: {v}" for k, v in meta.items()]
+    out += ["", "Test metrics, mean over seeds [bootstrap 95% interval over test cases].", "", markdown_table(results)]
+    for name, r in results.items():
+        out += ["", f"## {name}: per class", "", per_class_table(r)]
+        if r.get("undefined"):
+            out += ["", "Undefined: " + "; ".join(f"{m}: {why}" for m, why in r["undefined"].items())]
+        for w in r.get("warnings", []):
+            out += ["", f"Warning: {w}"]
+    return "\n".join(out) + "\n"
+
+
+def plot_roc(
+    curves: dict[str, tuple[np.ndarray, Sequence[np.ndarray]]], classes: Sequence[str], path: str | Path
+) -> Path:
+    """One panel per result; per-class one-vs-rest ROC of the seed-averaged test scores."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    n = max(1, len(curves))
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (name, (y, seed_scores)) in zip(axes.flat, curves.items()):
+        scores = np.mean(np.stack(seed_scores), axis=0)
+        for c, cname in enumerate(classes):
+            pos = np.asarray(y) == c
+            if pos.all() or not pos.any():
+                ax.plot([], [], label=f"{cname}: undefined (no {'negatives' if pos.all() else 'positives'})")
+                continue
+            fpr, tpr, _ = roc_curve(pos, scores[:, c])
+            ax.plot(fpr, tpr, lw=1.5, label=f"{cname} (AUC {roc_auc_score(pos, scores[:, c]):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(title=name, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_distance_histograms(panels: dict[str, dict[str, np.ndarray]], path: str | Path) -> Path:
+    """The paper's Figure 2: positive-pair vs negative-pair embedding distances, one panel per preset."""
+    plt = _pyplot()
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    for ax, (name, d) in zip(axes[0], panels.items()):
+        hi = float(max(d["positive"].max(initial=0), d["negative"].max(initial=0))) or 1.0
+        bins = np.linspace(0, hi * 1.02, 40)
+        ax.hist(d["positive"], bins=bins, alpha=0.6, density=True, label="positive (same image)")
+        ax.hist(d["negative"], bins=bins, alpha=0.6, density=True, label="negative (different images)")
+        ax.set(title=name, xlabel="Euclidean distance", ylabel="density")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

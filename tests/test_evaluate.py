@@ -1,0 +1,172 @@
+"""raydino.evaluate and raydino.analyze end to end on a tiny RETFound tree and a smoke checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from raydino import analyze, evaluate, export
+from raydino.checkpoint import save_checkpoint
+from raydino.config import load_config
+from raydino.engine import build_train_state
+
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def make_tree(root: Path, per_split=(6, 3, 3), size=40, skip=()) -> Path:
+    """Coloured discs, one colour per class, in ROOT/{train,val,test}/grade<c>/."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val", "test"), per_split):
+        for c, colour in enumerate(COLOURS):
+            d = root / split / f"grade{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(0 if (split, c) in skip else n):
+                im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 40, 3)))
+                r = size * rng.uniform(0.25, 0.4)
+                ImageDraw.Draw(im).ellipse([size / 2 - r, size / 2 - r, size / 2 + r, size / 2 + r], fill=colour)
+                im.save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    state = build_train_state(load_config("smoke"), steps_per_epoch=2)
+    state.step = 4
+    save_checkpoint(state, root / "checkpoint_00000004")
+    return root
+
+
+def test_evaluate_end_to_end_with_random_baseline(tmp_path, run_dir, capsys):
+    tree = make_tree(tmp_path / "tree")
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(run_dir), "--data", str(tree), "--out", str(out), "--bootstrap", "30"]
+    rc = evaluate.main(args + ["--probe", "all", "--seeds", "0-1", "--epochs", "2", "--baseline", "random"])
+    assert rc == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["meta"]["step"] == 4 and report["meta"]["image_size"] == 32  # smoke's global crop size
+    expected = {"fast", "knn", "paper", "fast (random init)", "knn (random init)", "paper (random init)"}
+    assert set(report["results"]) == expected
+    for r in report["results"].values():
+        assert 0 <= r["mean"]["auroc"] <= 1 and r["ci95"]["auroc"]["n_resamples"] == 30
+        assert r["classes"] == ["grade0", "grade1", "grade2"] and r["class_counts"]["test"] == [3, 3, 3]
+    assert report["results"]["paper"]["seeds"] == [0, 1]
+    md = (out / "metrics.md").read_text()
+    assert "| paper (random init) | 2 |" in md and "AUROC" in md
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "| fast | 1 (deterministic) |" in printed and "ETA" in printed
+
+    assert evaluate.main(args + ["--probe", "knn"]) == 0  # the second probe reads the cached features
+    assert capsys.readouterr().out.count("from cache") == 3
+
+
+def test_an_exported_backbone_has_the_same_features(tmp_path, run_dir, capsys):
+    tree = make_tree(tmp_path / "tree", per_split=(2, 1, 1))
+    file = tmp_path / "backbone.safetensors"
+    export.export_backbone(str(run_dir), file, verify=False)
+    base = ["--data", str(tree), "--out", str(tmp_path / "eval"), "--bootstrap", "0", "--probe", "knn"]
+    assert evaluate.main(["--checkpoint", str(run_dir)] + base) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(file)] + base) == 0  # arch and size from the sidecar
+    assert capsys.readouterr().out.count("from cache") == 3  # the cache key hashes every weight
+
+
+def test_undefined_metric_is_reported_not_faked(tmp_path, run_dir, capsys):
+    tree = make_tree(tmp_path / "tree", skip={("test", 2)})
+    out = tmp_path / "eval"
+    rc = evaluate.main(["--checkpoint", str(run_dir), "--data", str(tree), "--out", str(out), "--bootstrap", "20"])
+    assert rc == 0
+    r = json.loads((out / "metrics.json").read_text())["results"]["fast"]
+    assert r["mean"]["auroc"] is None and "[2]" in r["undefined"]["auroc"]
+    assert r["mean"]["accuracy"] is not None
+    assert any("grade2" in w for w in r["warnings"])
+    assert r["ci95"]["auroc"]["low"] is None and "undefined" in r["ci95"]["auroc"]["reason"]
+    assert "undefined metrics" in capsys.readouterr().err
+    assert "n/a" in (out / "metrics.md").read_text()
+
+
+def test_bad_inputs_get_clear_messages(tmp_path, run_dir, capsys):
+    tree = make_tree(tmp_path / "tree", per_split=(2, 1, 1))
+    base = ["--data", str(tree), "--out", str(tmp_path / "o"), "--bootstrap", "0"]
+    cases = [
+        (["--checkpoint", str(run_dir), "--arch", "resnet18"], "loaded as --arch resnet18"),
+        (["--checkpoint", "random"], "needs --arch"),
+        (["--checkpoint", str(tmp_path / "nowhere")], "no such file or directory"),
+        (["--checkpoint", str(run_dir), "--seeds", "3-1"], "--seeds '3-1'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--checkpoint", str(run_dir), "--device", "cuda"], "no CUDA device"))
+    for extra, message in cases:
+        assert evaluate.main(extra + base) == 2, extra
+        assert message in capsys.readouterr().err
+    (tree / "val" / "grade5").mkdir()
+    assert evaluate.main(["--checkpoint", str(run_dir)] + base) == 2
+    assert "class folders of val disagree with train" in capsys.readouterr().err
+
+
+def test_pair_distances_and_summary():
+    emb = np.array([[0.0, 0], [0, 1], [10, 0], [10, 1], [0, 10], [1, 10]])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    d = analyze.pair_distances(emb, groups)
+    np.testing.assert_allclose(sorted(d["positive"]), [1, 1, 1])
+    np.testing.assert_allclose(sorted(d["negative"]), sorted([10, 10, np.sqrt(200)]))
+    s = analyze.summarize(d, emb, groups)
+    assert s["p_positive_closer"] == 1.0 and s["silhouette"] > 0.8
+
+
+def test_analyze_cli(tmp_path, run_dir):
+    tree = make_tree(tmp_path / "tree", per_split=(2, 1, 2))
+    out = tmp_path / "an"
+    args = ["--checkpoint", str(run_dir), "--data", str(tree), "--preset", "strong,weak", "--views", "3", "--out", str(out)]
+    assert analyze.main(args) == 0
+    report = json.loads((out / "analysis.json").read_text())
+    assert report["n_images"] == 6 and set(report["presets"]) == {"strong", "weak"}
+    for p in report["presets"].values():
+        assert p["positive"]["n"] == 6 * 3 and p["negative"]["n"] == 15
+        assert -1 <= p["silhouette"] <= 1
+    assert report["presets"]["weak"]["global_crop_scale"] == [0.5, 1.0]
+    assert "MultiCropAugment" in report["presets"]["weak"]["augmentation"]  # the training augmentation itself
+    assert (out / "distances.png").read_bytes()[:4] == b"\x89PNG"
+    assert analyze.main(args[:4] + ["--preset", "medium", "--out", str(out)]) == 2
+
+
+def test_checkpoint_from_s3(tmp_path, run_dir, monkeypatch, capsys):
+    moto = pytest.importorskip("moto.server")
+    import logging
+
+    from raydino.data.storage import StorageOptions, s3_client
+
+    secret = "test-secret-Evaluate0042"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDRAYDINOEVAL")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("RAYDINO_CACHE", str(tmp_path / "cache"))
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        client = s3_client(StorageOptions())
+        client.create_bucket(Bucket="ckpts")
+        for f in (run_dir / "checkpoint_00000004").iterdir():
+            client.put_object(Bucket="ckpts", Key=f"runs/r1/checkpoint_00000004/{f.name}", Body=f.read_bytes())
+        # an older checkpoint that cannot be loaded: choosing it would fail the run below
+        client.put_object(Bucket="ckpts", Key="runs/r1/checkpoint_00000002/state.pt", Body=b"not a checkpoint")
+        tree = make_tree(tmp_path / "tree", per_split=(2, 1, 1))
+        out = tmp_path / "eval"
+        argv = ["--checkpoint", "s3://ckpts/runs/r1", "--data", str(tree), "--out", str(out), "--bootstrap", "0"]
+        assert evaluate.main(argv) == 0
+        meta = json.loads((out / "metrics.json").read_text())["meta"]
+        assert meta["step"] == 4 and meta["checkpoint"].endswith("checkpoint_00000004")
+        assert Path(meta["checkpoint"]).is_relative_to(tmp_path / "cache")
+        captured = capsys.readouterr()
+        assert secret not in captured.out + captured.err + (out / "metrics.json").read_text()
+    finally:
+        server.stop()
