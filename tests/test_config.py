@@ -1,0 +1,107 @@
+"""Config: presets, overrides, and bad input that stops before any work with a message that helps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydino.config import AUGMENT_PRESETS, ConfigError, load_config, preset_names
+
+
+def test_shipped_presets_load_and_carry_the_papers_numbers():
+    assert {"demo", "smoke", "vits16-paper", "resnet50"} <= set(preset_names())
+    for name in preset_names():
+        load_config(name)
+    strong = load_config("demo", ["augment.preset=strong"]).augment
+    weak = load_config("demo", ["augment.preset=weak"]).augment
+    med = load_config("demo", ["augment.preset=weak_med"]).augment
+    assert (strong.global_crop_scale, strong.local_crop_scale) == ((0.4, 1.0), (0.05, 0.4))
+    assert (strong.jitter_brightness, strong.jitter_contrast) == (0.4, 0.4)
+    assert (weak.global_crop_scale, weak.local_crop_scale) == ((0.5, 1.0), (0.2, 0.5))
+    assert (weak.jitter_brightness, weak.jitter_contrast) == (0.2, 0.2)
+    assert (med.med_blur_sigma, med.noise_std, med.bias_field) == (0.1, 0.1, 0.1)
+    assert (med.med_blur_p, med.noise_p, med.bias_field_p) == (0.5, 0.5, 0.5)
+    assert weak.noise_p == 0 and strong.bias_field_p == 0
+    # everything else is DINO's default
+    for a in (strong, weak, med):
+        assert (a.jitter_saturation, a.jitter_hue, a.jitter_p, a.grayscale_p) == (0.2, 0.1, 0.8, 0.2)
+        assert (a.blur_p_global1, a.blur_p_global2, a.blur_p_local, a.blur_sigma) == (1.0, 0.1, 0.5, (0.1, 2.0))
+        assert a.solarize_p_global2 == 0.2 and a.flip_p == 0.5 and a.interpolation == "bicubic"
+    assert set(AUGMENT_PRESETS) == {"strong", "weak", "weak_med"}
+
+
+def test_paper_config_is_dinos_vits16_recipe():
+    c = load_config("vits16-paper")
+    assert c.model.arch == "vit_small_patch16_224" and c.model.out_dim == 65536
+    assert (c.model.head_hidden_dim, c.model.head_bottleneck_dim, c.model.head_layers) == (2048, 256, 3)
+    assert (c.augment.global_crop_size, c.augment.local_crop_size, c.augment.n_local_crops) == (224, 96, 8)
+    assert (c.loss.student_temp, c.loss.teacher_temp, c.loss.center_momentum) == (0.1, 0.04, 0.9)
+    assert (c.optim.lr, c.optim.min_lr, c.optim.warmup_epochs) == (5e-4, 1e-6, 10)
+    assert (c.optim.weight_decay, c.optim.weight_decay_end, c.optim.momentum_teacher) == (0.04, 0.4, 0.996)
+    assert (c.optim.clip_grad, c.optim.freeze_last_layer_epochs) == (3.0, 1)
+    r = load_config("resnet50")
+    assert r.optim.optimizer == "sgd" and r.optim.lr == 0.03 and r.optim.weight_decay == 1e-4
+    assert r.augment.global_crop_scale == (0.14, 1.0) and r.augment.local_crop_scale == (0.05, 0.14)
+
+
+def test_explicit_fields_override_the_preset(tmp_path):
+    c = load_config("demo", ["augment.preset=weak", "augment.local_crop_scale=[0.1, 0.3]"])
+    assert c.augment.local_crop_scale == (0.1, 0.3) and c.augment.global_crop_scale == (0.5, 1.0)
+    # the resolved config round-trips through YAML unchanged
+    f = tmp_path / "resolved.yaml"
+    f.write_text(c.to_yaml())
+    assert load_config(str(f)) == c
+
+
+def test_config_file_can_extend_a_preset(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text(yaml.safe_dump({"base": "smoke", "train": {"epochs": 7}}))
+    c = load_config(str(f))
+    assert c.train.epochs == 7 and c.augment.global_crop_size == load_config("smoke").augment.global_crop_size
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.arch=vit_tiny_patch16", ["model.arch", "vit_tiny_patch16", "vit_tiny_patch16_224"]),
+        ("augment.global_crop_scale=[0.9, 0.5]", ["augment.global_crop_scale", "0.9", "greater than max"]),
+        ("augment.local_crop_scale=[0.0, 0.5]", ["augment.local_crop_scale", "(0, 1]"]),
+        ("augment.local_crop_scale=[0.2, 1.5]", ["augment.local_crop_scale", "(0, 1]"]),
+        ("augment.n_local_crops=-1", ["augment.n_local_crops", "-1", "greater than or equal to 0"]),
+        ("augment.preset=weakest", ["augment.preset", "weakest", "'strong', 'weak' or 'weak_med'"]),
+        ("augment.n_local_crop=4", ["augment.n_local_crop", "unknown", "augment.n_local_crops"]),
+        ("train.epoch=3", ["train.epoch", "unknown", "train.epochs"]),
+        ("optim.optimizer=lamb", ["optim.optimizer", "lamb", "'adamw' or 'sgd'"]),
+    ],
+)
+def test_bad_input_names_field_value_and_what_is_allowed(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    for fragment in expected:
+        assert fragment in str(err.value), f"{fragment!r} missing from: {err.value}"
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text(yaml.safe_dump({"augment": {"global_crop_scal": [0.5, 1.0]}}))
+    with pytest.raises(ConfigError, match=r"augment.global_crop_scal: unknown key; did you mean global_crop_scale"):
+        load_config(str(f))
+
+
+def test_unknown_preset_name_suggests_close_ones():
+    with pytest.raises(ConfigError, match=r"unknown config 'smok'.*did you mean smoke"):
+        load_config("smok")
+
+
+def test_pretrain_cli_rejects_bad_config_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--set", "augment.n_local_crops=-2",
+         "--storage", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "augment.n_local_crops" in proc.stderr and "-2" in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / ".raydino").exists()  # nothing was started
