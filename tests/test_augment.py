@@ -1,0 +1,323 @@
+"""raydino.augment: presets, crop geometry, contract, determinism, photometric ops vs torchvision."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+
+from raydino.augment import (
+    JITTER_ORDERS,
+    MultiCropAugment,
+    adjust_hue_,
+    blend_,
+    bias_field_maps,
+    crop_shapes,
+    gaussian_blur_,
+    luma,
+    normalize_on_device,
+    _draft_scale,
+)
+from raydino.augment_gpu import DeviceMultiCropAugment, build_augment
+from raydino.config import AugmentConfig, ConfigError, load_config
+
+
+def _fundus(size: int, seed: int = 0) -> np.ndarray:
+    """A small fundus-like HWC uint8 image: orange disc, bright optic disc, texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    r = np.hypot(xx, yy)
+    base = (r < 0.45) * (1 - 0.6 * r) + np.exp(-((xx - 0.2) ** 2 + yy**2) / 0.003)
+    rgb = np.stack([base * 0.9, base * 0.45, base * 0.15], -1) + rng.normal(0, 0.03, (size, size, 3))
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def _jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jpeg256() -> bytes:
+    return _jpeg(_fundus(256))
+
+
+# ------------------------------------------------------------------ presets and geometry
+
+
+def test_presets_carry_the_papers_numbers():
+    strong, weak, med = (AugmentConfig(preset=p) for p in ("strong", "weak", "weak_med"))
+    assert (strong.global_crop_scale, strong.local_crop_scale) == ((0.4, 1.0), (0.05, 0.4))
+    assert (strong.jitter_brightness, strong.jitter_contrast) == (0.4, 0.4)
+    for cfg in (weak, med):
+        assert (cfg.global_crop_scale, cfg.local_crop_scale) == ((0.5, 1.0), (0.2, 0.5))
+        assert (cfg.jitter_brightness, cfg.jitter_contrast) == (0.2, 0.2)
+    assert (med.med_blur_sigma, med.noise_std, med.bias_field) == (0.1, 0.1, 0.1)
+    assert (med.med_blur_p, med.noise_p, med.bias_field_p) == (0.5, 0.5, 0.5)
+    assert (weak.noise_p, weak.bias_field_p, weak.med_blur_p) == (0.0, 0.0, 0.0)
+    for cfg in (strong, weak, med):  # DINO's defaults everywhere else
+        assert (cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops) == (224, 96, 8)
+        assert (cfg.flip_p, cfg.jitter_p, cfg.jitter_saturation, cfg.jitter_hue, cfg.grayscale_p) == (0.5, 0.8, 0.2, 0.1, 0.2)
+        assert (cfg.blur_p_global1, cfg.blur_p_global2, cfg.blur_p_local, cfg.blur_sigma) == (1.0, 0.1, 0.5, (0.1, 2.0))
+        assert cfg.solarize_p_global2 == 0.2 and cfg.interpolation == "bicubic"
+
+
+def test_bad_scales_are_rejected_with_the_field_name():
+    with pytest.raises(ConfigError, match="global_crop_scale"):
+        load_config("smoke", ["augment.global_crop_scale=[0.9, 0.2]"])
+    with pytest.raises(ConfigError, match="local_crop_scale"):
+        load_config("smoke", ["augment.local_crop_scale=[0.0, 0.4]"])
+    with pytest.raises(ConfigError, match="n_local_crops"):
+        load_config("smoke", ["augment.n_local_crops=-1"])
+
+
+def _expected_area(scale: tuple[float, float], ratio=(3 / 4, 4 / 3), side: int = 512) -> float:
+    """E[area fraction] of torchvision's RandomResizedCrop on a square image: a try (s, r) is kept
+    when w = sqrt(s r) and h = sqrt(s / r) both fit, i.e. s * max(r, 1/r) <= 1; later tries redo
+    the draw, so the kept area is s conditioned on fitting (the centre-crop fallback is ~never hit
+    for these ranges).  Numerical integration over s ~ U(scale), log r ~ U(log ratio)."""
+    s = np.linspace(*scale, 2001)
+    lr = np.linspace(math.log(ratio[0]), math.log(ratio[1]), 2001)
+    S, R = np.meshgrid(s, np.exp(lr), indexing="ij")
+    fits = S * np.maximum(R, 1 / R) <= 1 + 1e-12
+    return float((S * fits).sum() / fits.sum())
+
+
+@pytest.mark.parametrize("preset", ["strong", "weak"])
+def test_crop_area_fractions_over_2000_draws(preset):
+    cfg = AugmentConfig(preset=preset)
+    p = MultiCropAugment(cfg).sample_params([(512, 512)] * 2000, generator=0)
+    assert p.fallback.mean() < 1e-3  # torchvision's centre-crop fallback: rare for these ranges
+    area, ok = p.area_fraction, ~p.fallback
+    for kind, cols, (lo, hi) in (("global", [0, 1], cfg.global_crop_scale), ("local", list(range(2, 10)), cfg.local_crop_scale)):
+        a = area[:, cols][ok[:, cols]]
+        # w and h are rounded to whole pixels: at most half a pixel on each side of the target
+        slack = (2 * 0.5 * 512 * math.sqrt(hi * 4 / 3) + 0.25) / 512**2
+        assert a.min() >= lo - slack and a.max() <= hi + slack, (kind, a.min(), a.max())
+        expected = _expected_area((lo, hi))
+        sem = a.std() / math.sqrt(a.size)
+        assert abs(a.mean() - expected) < 5 * sem + 1e-3, (kind, a.mean(), expected)
+        assert abs(a.mean() - expected) < abs(a.mean() - (lo + hi) / 2) or kind == "local"  # the bias is real
+        ratio = p.aspect_ratio[:, cols][ok[:, cols]]
+        assert ratio.min() >= 0.74 and ratio.max() <= 1.35
+        assert abs(np.log(ratio).mean()) < 0.01  # log-uniform, symmetric around 1
+
+
+def test_fallback_is_torchvisions_centre_crop():
+    cfg = AugmentConfig(global_crop_scale=(1.0, 1.0))  # every try fails on a 2:1 image with r in [3/4, 4/3]
+    p = MultiCropAugment(cfg).sample_params([(100, 200)], generator=0)
+    assert p.fallback[0, 0] and (p.height[0, 0], p.width[0, 0]) == (100, 133)
+    assert (p.top[0, 0], p.left[0, 0]) == (0, (200 - 133) // 2)
+
+
+# ------------------------------------------------------------------ contract
+
+
+def test_outputs_shapes_dtypes_and_input_kinds(jpeg256):
+    cfg = AugmentConfig(global_crop_size=64, local_crop_size=32, n_local_crops=3)
+    aug = MultiCropAugment(cfg, seed=0)
+    arr = _fundus(200)
+    for item in (jpeg256, np.frombuffer(jpeg256, np.uint8), arr, torch.from_numpy(arr).permute(2, 0, 1),
+                 torch.from_numpy(arr).permute(2, 0, 1).contiguous(), arr[:, :, 0]):
+        crops = aug(item)
+        assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 3
+        assert all(c.dtype == torch.uint8 for c in crops)
+    batch = aug.augment_batch([jpeg256, arr, jpeg256])
+    assert list(batch) == list(crop_shapes(cfg)) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
+    for k, (c, h, w) in crop_shapes(cfg).items():
+        assert isinstance(batch[k], np.ndarray) and batch[k].dtype == np.uint8 and batch[k].shape == (3, c, h, w)
+    assert batch["global_0"].std() > 5  # real content, not a blank buffer
+
+
+def test_equal_sizes_and_no_local_crops(jpeg256):
+    same = MultiCropAugment(AugmentConfig(global_crop_size=48, local_crop_size=48, n_local_crops=2), seed=1)
+    out = same.augment_batch([jpeg256] * 3)
+    assert not np.array_equal(out["global_0"], out["local_0"])  # separate buffers per crop kind
+    none = MultiCropAugment(AugmentConfig(global_crop_size=32, local_crop_size=16, n_local_crops=0), seed=1)
+    assert list(none.augment_batch([jpeg256])) == ["global_0", "global_1"]
+    empty = same.augment_batch([])  # a Ray Data batch whose rows were all filtered out
+    assert {k: v.shape for k, v in empty.items()} == {k: (0, *s) for k, s in crop_shapes(same.cfg).items()}
+
+
+def test_bad_inputs_name_what_is_allowed():
+    aug = MultiCropAugment(AugmentConfig(global_crop_size=32, local_crop_size=16, n_local_crops=1))
+    with pytest.raises(TypeError, match="encoded bytes"):
+        aug([1, 2, 3])
+    with pytest.raises(ValueError, match="uint8"):
+        aug(torch.rand(3, 40, 40))
+    with pytest.raises(ValueError, match="channels"):
+        aug(torch.zeros(5, 40, 40, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="chunk_images"):
+        MultiCropAugment(chunk_images=0)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_on_device(torch.rand(3, 4, 4))
+
+
+def test_determinism_with_seed_and_generator(jpeg256):
+    cfg = AugmentConfig(preset="weak_med", global_crop_size=64, local_crop_size=32, n_local_crops=2)
+    a = MultiCropAugment(cfg, seed=7).augment_batch([jpeg256] * 4)
+    b = MultiCropAugment(cfg, seed=7).augment_batch([jpeg256] * 4)
+    c = MultiCropAugment(cfg, seed=8).augment_batch([jpeg256] * 4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+    aug = MultiCropAugment(cfg)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert all(torch.equal(x, y) for x, y in zip(aug(jpeg256, generator=g1), aug(jpeg256, generator=g2)))
+    assert all(torch.equal(x, y) for x, y in zip(aug(jpeg256, generator=5), aug(jpeg256, generator=5)))
+
+
+# ------------------------------------------------------------------ photometric ops against torchvision
+
+
+@pytest.fixture(scope="module")
+def crops_float() -> torch.Tensor:
+    x = torch.from_numpy(_fundus(48, seed=3)).permute(2, 0, 1).float()
+    x = torch.stack([x, x.flip(-1), x.roll(7, -1), torch.rand(3, 48, 48) * 255, x, x])
+    x[:, :, :4] = 30.0  # grey rows
+    x[:, 0, 4:6], x[:, 1:, 4:6] = 255.0, 0.0  # pure red, g == b ties
+    return x.contiguous()
+
+
+def test_hue_matches_torchvision(crops_float):
+    shift = np.array([-0.5, -0.1, 0.0, 0.05, 0.1, 0.45])
+    y = crops_float.clone()
+    adjust_hue_(y, shift)
+    ref = torch.stack([F.adjust_hue(crops_float[i] / 255, float(shift[i])) for i in range(6)]) * 255
+    assert (y - ref).abs().max() < 0.01
+
+
+def test_blends_match_torchvision_brightness_contrast_saturation(crops_float):
+    factor = np.array([0.6, 1.4, 0.8, 1.2, 1.0, 0.5])
+    fns = [F.adjust_saturation, F.adjust_contrast, F.adjust_brightness, F.adjust_saturation, F.adjust_contrast, F.adjust_brightness]
+    op = np.array([2, 1, 0, 2, 1, 0])
+    y = crops_float.clone()
+    blend_(y, 1 - factor, op == 2, op == 1)
+    ref = torch.stack([fns[i](crops_float[i] / 255, float(factor[i])).clamp(0, 1) for i in range(6)]) * 255
+    assert (y - ref).abs().max() < 0.05  # luma weights 0.299 vs torchvision's 0.2989
+    assert (luma(crops_float) - F.rgb_to_grayscale(crops_float / 255) * 255).abs().max() < 0.05
+
+
+def test_blur_matches_torchvision_gaussian_blur(crops_float):
+    sigma = np.array([0.1, 0.5, 1.0, 1.7, 2.0, 0.3])
+    mask = np.array([True, True, True, True, False, True])
+    y = crops_float.clone()
+    gaussian_blur_(y, mask, sigma)
+    for i in range(6):
+        r = max(1, math.ceil(3 * sigma[i]))
+        ref = F.gaussian_blur(crops_float[i], [2 * r + 1] * 2, [float(sigma[i])] * 2) if mask[i] else crops_float[i]
+        assert (y[i] - ref).abs().max() < 1e-3, i
+
+
+def test_pipeline_replays_dinos_order_of_ops():
+    """End to end: one crop per jitter order, pixels compared with torchvision ops applied in the
+    sampled order to the same crop box (uint8 tensors, bicubic antialias, float ops)."""
+    cfg = AugmentConfig(n_local_crops=0, global_crop_size=40, grayscale_p=0.0, blur_p_global1=0.0,
+                        blur_p_global2=0.0, solarize_p_global2=0.0, jitter_p=1.0)
+    img = torch.from_numpy(_fundus(120, seed=5)).permute(2, 0, 1).contiguous()
+    aug = MultiCropAugment(cfg)
+    p = aug.sample_params([(120, 120)] * 24, generator=0)
+    p.jitter_order[:, 0] = np.arange(24)  # every order once
+    out = aug.augment_tensors([img] * 24, params=p)["global_0"]
+    for b in range(24):
+        t, l, h, w = (int(v[b, 0]) for v in (p.top, p.left, p.height, p.width))
+        x = F.resized_crop(img, t, l, h, w, [40, 40], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        x = (F.horizontal_flip(x) if p.flip[b, 0] else x).float() / 255
+        for op in JITTER_ORDERS[p.jitter_order[b, 0]]:
+            x = [lambda v: F.adjust_brightness(v, p.brightness[b, 0]), lambda v: F.adjust_contrast(v, p.contrast[b, 0]),
+                 lambda v: F.adjust_saturation(v, p.saturation[b, 0]), lambda v: F.adjust_hue(v, p.hue[b, 0])][op](x)
+        diff = (out[b].float() - (x * 255).round()).abs()
+        assert diff.max() <= 2 and diff.mean() < 0.1, (b, diff.max(), diff.mean())
+
+
+def test_solarize_grayscale_and_medical_artefacts():
+    plain = dict(n_local_crops=1, global_crop_size=32, local_crop_size=32, jitter_p=0, blur_p_global1=0,
+                 blur_p_global2=0, blur_p_local=0, grayscale_p=0, flip_p=0, global_crop_scale=(1.0, 1.0),
+                 local_crop_scale=(1.0, 1.0))
+    cfg = AugmentConfig(**plain)
+    img = torch.from_numpy(_fundus(32, seed=1)).permute(2, 0, 1).contiguous()
+    aug = MultiCropAugment(cfg)
+    p = aug.sample_params([(32, 32)], generator=0)
+    p.solarize[:] = True
+    out = {k: v[0] for k, v in aug.augment_tensors([img], params=p).items()}
+    assert torch.equal(out["global_0"], img) and torch.equal(out["local_0"], img)  # solarize: global 2 only
+    assert torch.equal(out["global_1"], torch.where(img >= 128, 255 - img, img))
+    p.solarize[:], p.grayscale[:] = False, True
+    g = aug.augment_tensors([img], params=p)["global_0"][0]
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    med = AugmentConfig(preset="weak_med", **plain)
+    m = MultiCropAugment(med)
+    p = m.sample_params([(32, 32)] * 200, generator=1)
+    noisy = m.augment_tensors([img] * 200, params=p)["global_0"].float()
+    change = (noisy - img.float()).abs().mean(dim=(1, 2, 3)).numpy()
+    applied = p.noise[:, 0] | p.bias_field[:, 0]
+    assert np.array_equal(change > 0, applied)  # med blur at sigma 0.1 leaves pixels alone
+    assert (change[p.noise[:, 0]] > 5).all()  # noise std 0.1 on [0, 1] = 25.5 grey levels
+    assert 0.65 < applied.mean() < 0.85  # 1 - 0.5 * 0.5
+    field = bias_field_maps(np.full((1, 10), 0.1), 16, 16, torch.device("cpu"))
+    assert field.min() >= math.exp(-1.0) - 1e-4 and abs(field.max() - math.exp(1.0)) < 1e-3  # all 10 terms at +0.1
+
+
+def test_normalize_on_device_matches_torchvision():
+    u8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    ref = F.normalize(u8.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert torch.allclose(normalize_on_device(u8), ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------ decode at reduced size; device pipeline
+
+
+def test_jpeg_draft_decode_keeps_the_crops():
+    big = _jpeg(_fundus(1600, seed=2), quality=95)
+    cfg = AugmentConfig(preset="weak", global_crop_size=64, local_crop_size=32, n_local_crops=2, jitter_p=0,
+                        blur_p_global1=0, blur_p_global2=0, blur_p_local=0, grayscale_p=0, solarize_p_global2=0)
+    aug = MultiCropAugment(cfg)
+    p = aug.sample_params([(1600, 1600)] * 4, generator=0)
+    assert all(_draft_scale(p, b, aug.out_size) >= 4 for b in range(4))  # 1600 px, >= 0.5 area -> 1/4 or 1/8
+    fast = aug.augment_tensors([big] * 4, params=p)
+    full = torch.from_numpy(np.array(Image.open(io.BytesIO(big)).convert("RGB"))).permute(2, 0, 1)
+    slow = aug.augment_tensors([full] * 4, params=p)
+    for k in fast:
+        mse = ((fast[k].float() - slow[k].float()) ** 2).mean()
+        assert 10 * math.log10(255**2 / mse) > 30, k  # PSNR > 30 dB: the same crops
+
+
+def test_device_pipeline_on_cpu_matches_and_normalizes(jpeg256):
+    cfg = AugmentConfig(preset="weak_med", global_crop_size=48, local_crop_size=24, n_local_crops=3)
+    cpu, dev = MultiCropAugment(cfg), DeviceMultiCropAugment(cfg, device="cpu")
+    p = cpu.sample_params([(256, 256)] * 6, generator=4)
+    a, b = cpu.augment_tensors([jpeg256] * 6, params=p), dev.augment_tensors([jpeg256] * 6, params=p)
+    for k in a:
+        assert a[k].shape == b[k].shape and b[k].dtype == torch.uint8
+        assert (a[k].int() - b[k].int()).abs().max() <= 1
+    norm = DeviceMultiCropAugment(cfg, device="cpu", normalize=True).augment_tensors([jpeg256] * 6, params=p)
+    assert norm["global_0"].dtype == torch.float32
+    assert torch.allclose(norm["global_0"], normalize_on_device(b["global_0"]), atol=1e-5)
+    assert isinstance(build_augment(cfg), MultiCropAugment) and not isinstance(build_augment(cfg), DeviceMultiCropAugment)
+    assert isinstance(build_augment(cfg, device="cpu"), DeviceMultiCropAugment)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="augment.device"):
+            DeviceMultiCropAugment(cfg, device="cuda")
+
+
+# ------------------------------------------------------------------ bench CLI
+
+
+def test_bench_cli(tmp_path, capsys):
+    from raydino import bench
+
+    assert bench.main(["train"]) == 2 and bench.main(["data"]) == 2
+    out = tmp_path / "aug.json"
+    assert bench.main(["aug", "--images", "4", "--batch", "4", "--rounds", "1", "--size", "128", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = [r["pipeline"] for r in result["results"]]
+    assert names[0].startswith("decode") and any(n.startswith("reference") for n in names)
+    assert any(n.startswith("raydino augment_batch") for n in names)
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "raydino / reference DINO" in capsys.readouterr().out
