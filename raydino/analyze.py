@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from .backbones import add_backbone_arguments, load_teacher_backbone, resolve_device
 from .config import AUGMENT_PRESETS, AugmentConfig, ConfigError
+from .data.labelled import IMAGE_SUFFIXES, DataError, decode_image, load_labelled
 from .engine import normalize
-from .probe import IMAGE_SUFFIXES, DataError, decode_image, frozen, load_labelled, load_teacher_backbone, resolve_device
+from .probe import frozen
 from .report import plot_distance_histograms
 
 
@@ -164,15 +166,13 @@ def analyze(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raydino.analyze", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, exported .safetensors (or 'random' with --arch)")
+    add_backbone_arguments(p)
     p.add_argument("--data", required=True, help="RETFound tree, labelled shards, or a folder of images")
     p.add_argument("--preset", help="augmentation preset(s), comma-separated: strong, weak, weak_med (default: the checkpoint's)")
     p.add_argument("--out", help="output directory (default: analysis/<checkpoint name>)")
     p.add_argument("--n-images", type=int, default=64, help="images to sample (default 64)")
     p.add_argument("--views", type=int, default=4, help="augmented views per image (default 4)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of a labelled set (default test)")
-    p.add_argument("--arch", help="timm architecture for weights files without a raydino config")
-    p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.n_images < 2:

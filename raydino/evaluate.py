@@ -21,18 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from .backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone, resolve_device
 from .config import ConfigError, ProbeConfig
-from .probe import (
-    C_GRID,
-    CROP_PCT,
-    DataError,
-    LoadedBackbone,
-    load_labelled,
-    load_teacher_backbone,
-    parse_seeds,
-    probe_backbone,
-    resolve_device,
-)
+from .data.labelled import CROP_PCT, DataError, load_labelled
+from .probe import C_GRID, parse_seeds, probe_backbone
 from .report import markdown_report, markdown_table, plot_roc
 
 PROBES = ("fast", "knn", "paper")
@@ -40,7 +32,7 @@ PROBES = ("fast", "knn", "paper")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m raydino.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, state.pt, backbone .safetensors, DINO .pth, or 'random'")
+    add_backbone_arguments(p)
     p.add_argument("--data", required=True, help="RETFound tree ROOT/{train,val,test}/<class>/<image>, or labelled shards (dir or s3://)")
     p.add_argument("--dataset", help="dataset name (report title; ROOT/NAME is used when it exists; catalog names are checked)")
     p.add_argument("--seeds", default="0-4", help="probe seeds: 0-4, 0,1,2 or 0-2,7 (default 0-4; fast and knn are deterministic)")
@@ -48,8 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (default: eval/<checkpoint name>-<dataset>)")
     p.add_argument("--image-size", type=int, help="probe image size (default: probe.image_size, else augment.global_crop_size)")
     p.add_argument("--batch-size", type=int, help="feature/probe batch size (default: probe.batch_size = 64)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
-    p.add_argument("--arch", help="timm architecture (needed for random / non-raydino files; must match a checkpoint's)")
     p.add_argument("--baseline", choices=["none", "random"], default="none", help="also probe a randomly initialised backbone of the same architecture")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test set for 95%% intervals (0: none)")
     p.add_argument("--epochs", type=int, help="paper probe epochs (default: probe.epochs = 90)")

@@ -25,9 +25,9 @@ from typing import Any
 import timm
 import torch
 
+from .backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone
 from .config import ConfigError
 from .model import is_vit
-from .probe import LoadedBackbone, load_teacher_backbone
 
 FORMAT = "raydino-backbone"
 
@@ -102,9 +102,8 @@ def export_backbone(source: str, out: str | Path, arch: str | None = None, verif
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raydino.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="run directory (latest checkpoint), checkpoint directory or state.pt")
+    add_backbone_arguments(p, positional=True, device=False)
     p.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors (a .json sidecar goes beside it)")
-    p.add_argument("--arch", help="only for weights files without a raydino config (e.g. an official DINO .pth)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading through timm and comparing features")
     args = p.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """Human-readable views of evaluation results: markdown tables and PNG plots.
 
 Pure presentation: every number comes from `raydino.probe` results (dicts as written to
-metrics.json).  matplotlib runs headless (Agg).
+metrics.json; metric names from `raydino.metrics`).  matplotlib runs headless (Agg).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .probe import METRICS
+from .metrics import METRICS
 
 METRIC_TITLES = {
     "auroc": "AUROC",
@@ -32,6 +32,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write the PNG and free the figure (pyplot keeps every open figure alive otherwise)."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _cell(mean: float | None, ci: dict[str, Any] | None) -> str:
@@ -107,11 +116,7 @@ def plot_roc(
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(title=name, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_distance_histograms(panels: dict[str, dict[str, np.ndarray]], path: str | Path) -> Path:
@@ -126,8 +131,4 @@ def plot_distance_histograms(panels: dict[str, dict[str, np.ndarray]], path: str
         ax.hist(d["negative"], bins=bins, alpha=0.6, density=True, label="negative (different images)")
         ax.set(title=name, xlabel="Euclidean distance", ylabel="density")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

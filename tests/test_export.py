@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydino import export, probe
+from raydino import backbones, export
 from raydino.checkpoint import load_checkpoint, save_checkpoint, teacher_backbone_state
 from raydino.config import ConfigError, load_config
 from raydino.engine import build_train_state
@@ -67,9 +67,9 @@ def test_export_loads_in_plain_timm(tmp_path, arch, size):
     theirs = torch.from_numpy(np.load(clean / "y.npy"))
 
     ckpt = load_checkpoint(run / "checkpoint_00000005")
-    teacher = probe.new_backbone(arch, size).eval()
+    teacher = backbones.new_backbone(arch, size).eval()
     teacher.load_state_dict(teacher_backbone_state(ckpt))
-    student = probe.new_backbone(arch, size).eval()
+    student = backbones.new_backbone(arch, size).eval()
     student.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["student"].items() if k.startswith("backbone.")})
     with torch.no_grad():
         ours, students = teacher(x), student(x)
@@ -109,7 +109,7 @@ def test_model_init_from_export_and_official_dino(tmp_path):
 
 def _dino_vit_at(tmp_path: Path, img_size: int) -> tuple[Path, dict]:
     torch.manual_seed(0)
-    vit = probe.new_backbone("vit_tiny_patch16_224", img_size)
+    vit = backbones.new_backbone("vit_tiny_patch16_224", img_size)
     sd = vit.state_dict()
     path = tmp_path / f"dino_vit_{img_size}.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}}, path)
@@ -120,12 +120,12 @@ def test_evaluation_resamples_pos_embed_of_another_grid(tmp_path):
     from timm.layers import resample_abs_pos_embed
 
     path, sd = _dino_vit_at(tmp_path, 64)  # 4x4 grid + [CLS]
-    loaded = probe.load_teacher_backbone(path, arch="vit_tiny_patch16_224", image_size=32)  # 2x2 grid
+    loaded = backbones.load_teacher_backbone(path, arch="vit_tiny_patch16_224", image_size=32)  # 2x2 grid
     got = loaded.backbone.state_dict()["pos_embed"]
     assert got.shape == (1, 5, 192)
     torch.testing.assert_close(got, resample_abs_pos_embed(sd["pos_embed"], [2, 2], num_prefix_tokens=1))
     with pytest.raises(ConfigError, match="needs --arch"):
-        probe.load_teacher_backbone(path)
+        backbones.load_teacher_backbone(path)
 
 
 def test_model_init_resamples_pos_embed_of_another_grid(tmp_path):

@@ -9,6 +9,8 @@ Components only (no Ray here; the recipes `raydino.shard` and `raydino.synth` ar
 * `shards`      the shard format, manifest, and the verifying reader (`open_shards`)
 * `synth`       procedural colour fundus photographs with DR and glaucoma labels
 * `catalog`     the paper's downstream datasets (classes, split sizes) and tree checks
+* `loader`      in-process multi-crop batches from shards (single-process training)
+* `labelled`    labelled splits (RETFound trees or shards) for probes
 """
 
 from __future__ import annotations
