@@ -1,0 +1,241 @@
+"""The augmentation search on a real local Ray Tune (dashboard on, as users run it), plus its trial loop.
+
+Slow tests: resume after SIGKILL of the driver (its own Ray, so it runs first), the smoke search
+(ASHA stops trials, every trial listed with status and AUROC, the best config trains), and
+multi-worker trials (a TorchTrainer inside each trial) that Tune stops at ASHA's max_t: the next
+trial must still get the CPUs, and a trial whose loss goes non-finite ends errored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raydino import search, tune
+from raydino.config import load_config
+from raydino.data.loader import local_epoch_batches, pretrain_rows
+from raydino.data.shards import open_shards
+from raydino.data.synth import synthetic_shards
+from raydino.engine import NonFiniteLossError, build_train_state
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "tuning" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One synthetic data set for the module (the smoke spec's size)."""
+    root = tmp_path_factory.mktemp("tune-cache")
+    spec = search.load_spec(SMOKE)
+    d = search.check_space(spec).data
+    synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(root / "synthetic"), workers=2, progress=False)
+    return root
+
+
+# ---------------------------------------------------------------- the trial loop, in process
+
+
+@pytest.fixture
+def one_thread():
+    """As in a trial (train.threads: 1): two intra-op threads on a busy 2-core machine thrash."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def loop_setup(cache, sets):
+    spec = search.load_spec(SMOKE, sets)
+    base, ctx = tune.prepare(spec, cache)
+    cfg = search.trial_config(spec, {"augment.global_crop_scale.min": 0.4}, ctx["steps_per_epoch"])
+    state = build_train_state(cfg, ctx["steps_per_epoch"])
+    batches = local_epoch_batches(open_shards(ctx["data_uri"]), cfg.augment, cfg.train.batch_size, seed=0)
+    return spec, cfg, ctx, state, batches
+
+
+def test_collapsed_teacher_stops_the_trial_after_a_report(cache, one_thread):
+    # A teacher temperature of 5 makes the teacher's output uniform from the first step.
+    spec, cfg, ctx, state, batches = loop_setup(cache, ["loss.teacher_temp=5", "loss.warmup_teacher_temp=5", "train.log_every=1",
+                                                       "collapse_patience=2", "budget.epochs=3"])
+    reports = []
+
+    def report(metrics, ckpt_dir):
+        reports.append((dict(metrics), sorted(os.listdir(ckpt_dir)) if ckpt_dir else None))
+
+    assert tune.train_and_report(state, spec, batches, report, tune.TrialEvaluator(cfg, ctx)) == "collapsed"
+    assert len(reports) == 1, "the trial must end at the first epoch end that sees the collapse"
+    metrics, files = reports[0]
+    assert metrics["collapsed"] == 1 and metrics["final"] == 0 and metrics["collapse"] == "uniform"
+    assert metrics["epoch"] == 1 < cfg.train.epochs
+    assert 0.0 <= metrics["val_auroc"] <= 1.0 and metrics["val_auroc"] == metrics["knn_val_auroc"]
+    assert "state.pt" in files
+    assert search.trial_status([metrics], None, 3)[0] == "collapsed"
+
+
+def test_non_finite_loss_raises_out_of_the_loop(cache, one_thread):
+    spec, cfg, ctx, state, batches = loop_setup(cache, ["loss.student_temp=1e-40"])
+    with pytest.raises(NonFiniteLossError, match="loss became"):
+        tune.train_and_report(state, spec, batches, lambda m, d: None, None)
+
+
+def test_cli_refuses_bad_input_without_starting_ray(cache, tmp_path, capsys):
+    assert tune.main([str(SMOKE), "--storage", str(tmp_path), "--cache", str(cache), "--resume"]) == 2
+    assert "no experiment 'smoke'" in capsys.readouterr().err
+    assert tune.main([str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert tune.main([str(SMOKE), "--set", "budget.epoch=2"]) == 2
+    assert "budget.epoch" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- resume (its own Ray, before the module's)
+
+
+def finished_results(exp: Path) -> dict[str, str]:
+    out = {}
+    for f in exp.glob("trial_*/result.json"):
+        text = f.read_text()
+        if '"final": 1' in text:
+            out[f.parent.name] = text
+    return out
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_driver(cache, tmp_path):
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "raydino.tune", str(SMOKE), "--storage", str(storage), "--cache", str(cache),
+           "--set", "name=resume", "--set", "num_samples=4"]
+    log = open(tmp_path / "first.log", "w")
+    # A session of its own: the driver and the local Ray it starts are killed together, by this group id.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    exp = storage / "resume"
+    try:
+        deadline = time.monotonic() + 300  # generous: a loaded 2-core machine is slow, a hang is not
+        while not finished_results(exp):
+            assert proc.poll() is None, f"driver ended before any trial finished: {(tmp_path / 'first.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no trial finished in 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.close()
+    before = finished_results(exp)
+    assert not (exp / "results.csv").exists(), "the driver was killed before it wrote its report"
+
+    rerun = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming resume" in rerun.stdout
+    for trial, text in before.items():
+        assert (exp / trial / "result.json").read_text() == text, f"{trial} had finished but was run again"
+    rows = pcsv.read_csv(exp / "results.csv").to_pylist()
+    assert len(rows) == 4 and all(r["status"] in search.STATUSES for r in rows)
+    assert {f"trial_{r['trial_id']}" for r in rows} == {p.name for p in exp.glob("trial_*")}
+
+
+# ---------------------------------------------------------------- the smoke search on the module's Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    tune.start_local_ray(num_cpus=4)  # ray.init(address="local", num_cpus=4, dashboard on at 127.0.0.1, State API pinned)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_local, cache, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("tune-runs")
+    # The shipped 280 s budget, doubled: other jobs can load this 2-core machine; a hang still ends the search.
+    spec = search.load_spec(SMOKE, [f"storage={storage}", "time_budget_s=600"])
+    summary = tune.run_search(spec, cache=cache)
+    return spec, summary, storage / spec.name
+
+
+@pytest.mark.slow
+def test_smoke_search_lists_every_trial_with_status_and_auroc(smoke):
+    spec, summary, exp = smoke
+    trial_dirs = {p.name.removeprefix("trial_") for p in exp.glob("trial_*")}
+    assert len(trial_dirs) == spec.num_samples >= 4
+    for name in ("results.csv", "results.parquet"):
+        rows = (pcsv.read_csv if name.endswith("csv") else pq.read_table)(exp / name).to_pylist()
+        assert {r["trial_id"] for r in rows} == trial_dirs
+        for r in rows:
+            assert r["status"] in search.STATUSES
+            if r["status"] != "errored":
+                assert 0.0 <= r["val_auroc"] <= 1.0, r
+    statuses = [r["status"] for r in summary["rows"]]
+    assert "stopped" in statuses, f"ASHA stopped no trial: {statuses}"
+    assert not summary["hit_time_budget"]
+    finished = [r for r in summary["rows"] if r["status"] == "finished"]
+    assert all(r["test_auroc"] is not None and r["epoch"] == spec.budget.epochs for r in finished)
+    history = pcsv.read_csv(exp / "metrics.csv").to_pylist()
+    assert {h["trial_id"] for h in history} == trial_dirs
+    for name in ("summary.md", "summary.json", "plots/auroc_vs_params.png", "plots/scale_heatmap.png"):
+        assert (exp / name).stat().st_size > 0, name
+    assert len(list((exp / "trials").glob("*.yaml"))) == len(trial_dirs)
+
+
+@pytest.mark.slow
+def test_later_trials_start_after_early_stops(smoke):
+    """The hang to avoid: trials stopped by ASHA must free their resources for the ones after them."""
+    _, summary, exp = smoke
+    history = pcsv.read_csv(exp / "metrics.csv").to_pylist()
+    first = {t: min(h["timestamp"] for h in history if h["trial_id"] == t) for t in {h["trial_id"] for h in history}}
+    last = {t: max(h["timestamp"] for h in history if h["trial_id"] == t) for t in first}
+    stopped = [r["trial_id"] for r in summary["rows"] if r["status"] == "stopped"]
+    later = [t for t in first for s in stopped if t != s and first[t] >= last[s]]
+    assert later, f"no trial started after an early stop (stopped: {stopped})"
+
+
+@pytest.mark.slow
+def test_best_config_yaml_trains_as_a_pretraining_config(smoke, cache, one_thread):
+    spec, summary, exp = smoke
+    cfg = load_config(str(exp / "best.yaml"), ["train.max_steps=2"])
+    best = summary["best"]
+    assert best is not None and best["status"] in ("finished", "stopped")
+    assert cfg.augment.global_crop_scale[0] == pytest.approx(best["augment.global_crop_scale.min"])
+    assert cfg.augment.n_local_crops == best["augment.n_local_crops"]
+    d = cfg.data
+    shards = open_shards(synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(cache / "synthetic"), progress=False))
+    from raydino.trainer import fit
+
+    state = build_train_state(cfg, pretrain_rows(shards) // cfg.train.batch_size)
+    out = fit(state, local_epoch_batches(shards, cfg.augment, cfg.train.batch_size, seed=0))
+    assert out.steps == 2 and out.last_loss is not None
+
+
+@pytest.mark.slow
+def test_multi_worker_trials_free_their_workers_and_report_non_finite_loss(ray_local, cache, tmp_path):
+    """Each trial runs a 2-worker TorchTrainer; ASHA stops the first at max_t (Tune kills a trial that
+    runs Train), the second must still get the CPUs, and its non-finite loss ends it errored."""
+    from ray.util import placement_group_table
+
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(name="multi", storage=str(tmp_path), num_samples=1, max_concurrent_trials=1, time_budget_s=600,
+                budget={"epochs": 1, "report_every": 1}, space={"loss.student_temp": {"grid": [0.1, 1e-40]}},
+                searcher={"kind": "grid"}, resources={"workers": 2, "cpus_per_worker": 1})
+    summary = tune.run_search(search.parse_spec(data), cache=cache)
+    rows = sorted(summary["rows"], key=lambda r: r["trial_id"])
+    assert [r["status"] for r in rows] == ["finished", "errored"], rows
+    assert rows[0]["val_auroc"] is not None and rows[0]["test_auroc"] is not None
+    assert "non-finite loss" in rows[1]["reason"]
+    assert not summary["hit_time_budget"]
+    deadline = time.monotonic() + 60  # Train's cleaner removes worker groups asynchronously
+    while any(pg["state"] != "REMOVED" for pg in placement_group_table().values()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"] == []
+    summary_json = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert summary_json["counts"]["errored"] == 1
