@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,9 +80,18 @@ def build_train_state(
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
     if world_size > 1 and cfg.model.sync_batchnorm and has_batchnorm(student):
-        # BN statistics over the global batch, as DINO's ResNet recipe; needs torch.distributed up.
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if sync_batchnorm_supported(device):
+            # BN statistics over the global batch, as DINO's ResNet recipe; needs torch.distributed up.
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        else:
+            # torch's SyncBatchNorm raises in its first forward on CPU tensors; per-worker statistics
+            # (DINO's own fallback without SyncBN) keep a CPU run alive instead of failing every worker.
+            warnings.warn(
+                f"model.sync_batchnorm=true is ignored on {device.type}: torch's SyncBatchNorm needs a GPU; "
+                "BatchNorm layers use per-worker batch statistics",
+                stacklevel=2,
+            )
     student.to(device)
     teacher.to(device)
     schedules = build_schedules(cfg, steps_per_epoch, world_size)
@@ -90,6 +100,11 @@ def build_train_state(
         cfg.model.out_dim, n_crops, schedules.teacher_temp, cfg.loss.student_temp, cfg.loss.center_momentum
     ).to(device)
     return TrainState(cfg, student, teacher, loss_fn, make_optimizer(student, cfg), schedules, device)
+
+
+def sync_batchnorm_supported(device: torch.device) -> bool:
+    """Devices on which torch's SyncBatchNorm runs (its forward rejects CPU tensors)."""
+    return device.type in ("cuda", "xpu", "hpu")
 
 
 def normalize(crop: torch.Tensor) -> torch.Tensor:
@@ -162,7 +177,7 @@ def train_step(state: TrainState, crops: list[torch.Tensor]) -> dict[str, float]
     else:
         loss.backward()
     grad_norms = clip_gradients(state.student, cfg.optim.clip_grad) if cfg.optim.clip_grad > 0 else []
-    if state.epoch < cfg.optim.freeze_last_layer_epochs:
+    if state.epoch < cfg.optim.freeze_last_layer_epochs and state.step < state.schedules.freeze_last_layer_steps:
         cancel_last_layer_gradients(state.student)
     if state.scaler is not None:
         state.scaler.step(state.optimizer)

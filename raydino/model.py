@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import timm
 import torch
+from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -129,9 +130,23 @@ def build_student_teacher(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwo
 
         load_backbone_weights(student.backbone, m.pretrained_init)
     teacher = copy.deepcopy(student)
+    disable_stochastic_depth(teacher)
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher
+
+
+def disable_stochastic_depth(network: nn.Module) -> None:
+    """Turn every DropPath into the identity, in place.
+
+    DINO builds its teacher without stochastic depth (only the student gets `drop_path_rate`);
+    the teacher runs in train mode, so a copied DropPath would randomly drop residual branches
+    of the teacher and add noise to its targets.  DropPath has no weights: the state dicts of
+    student and teacher stay identical, and the EMA pairs parameters exactly as before.
+    """
+    for module in network.modules():
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
 
 
 def log_uniform_entropy(out_dim: int) -> float:

@@ -40,6 +40,9 @@ class Schedules:
     teacher_temp: np.ndarray  # per epoch
     steps_per_epoch: int
     total_steps: int
+    # The head's last layer gets no update before this step (DINO: the first epoch).  Held in
+    # steps because a step budget (`train.max_steps`) may end the run inside that first epoch.
+    freeze_last_layer_steps: int
 
     def at(self, step: int) -> tuple[float, float, float]:
         i = min(step, self.total_steps - 1)
@@ -49,13 +52,17 @@ class Schedules:
 def build_schedules(cfg: Config, steps_per_epoch: int, world_size: int) -> Schedules:
     epochs = cfg.train.epochs
     total = max(steps_per_epoch * epochs, 1)
-    if cfg.train.max_steps:
-        # A step budget shortens the run but keeps the schedule of the full run's shape,
-        # compressed so that warm-up and decay both happen inside the budget.
-        total = min(total, cfg.train.max_steps)
+    budget = cfg.train.max_steps is not None and cfg.train.max_steps < total
+    if budget:
+        # A step budget shortens the run: the cosines (lr, weight decay, teacher momentum) are
+        # compressed to end inside it; warm-up and last-layer freezing keep their length in real
+        # epochs but take at most half the budget, so that the budget never ends in either.
+        total = cfg.train.max_steps
         epochs = max(1, -(-total // steps_per_epoch))
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    warmup = min(warmup, total // 2) if cfg.train.max_steps else warmup
+    freeze = cfg.optim.freeze_last_layer_epochs * steps_per_epoch
+    if budget:
+        warmup, freeze = min(warmup, total // 2), min(freeze, total // 2)
     global_batch = cfg.train.batch_size * world_size
     lr = cosine_schedule(scaled_lr(cfg.optim.lr, global_batch), cfg.optim.min_lr, total, warmup)
     wd = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
@@ -63,7 +70,7 @@ def build_schedules(cfg: Config, steps_per_epoch: int, world_size: int) -> Sched
     temps = teacher_temperature_schedule(
         cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, cfg.loss.warmup_teacher_temp_epochs, epochs
     )
-    return Schedules(lr, wd, mom, temps, steps_per_epoch, total)
+    return Schedules(lr, wd, mom, temps, steps_per_epoch, total, freeze)
 
 
 def param_groups(model: nn.Module) -> list[dict]:

@@ -144,6 +144,58 @@ def test_student_takes_both_resolutions_teacher_only_globals(arch):
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+def test_teacher_has_no_stochastic_depth_student_keeps_it():
+    # Regression: the teacher was a deepcopy of the student, DropPath included, and runs in train
+    # mode, so its targets were randomly thinned.  DINO's teacher has no stochastic depth.
+    cfg = tiny_cfg("model.drop_path_rate=0.5")
+    student, teacher = build_student_teacher(cfg)
+    student.train(), teacher.train()
+    x = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    with torch.no_grad():
+        assert torch.equal(teacher(x), teacher(x))
+        torch.manual_seed(0)
+        s1 = student(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(s1, student(x))
+    assert student.state_dict().keys() == teacher.state_dict().keys()
+
+
+def test_step_budget_inside_first_epoch_still_trains_the_last_layer():
+    # Regression: freezing counted in epochs only, so a step budget shorter than the first epoch
+    # (a tune trial, a smoke run) kept the last layer frozen for the whole run.
+    cfg = tiny_cfg("optim.freeze_last_layer_epochs=1", "train.max_steps=4", "train.epochs=1")
+    state = build_train_state(cfg, steps_per_epoch=100)
+    assert state.schedules.total_steps == 4 and state.schedules.freeze_last_layer_steps == 2
+    v = state.student.head.last_layer.parametrizations.weight.original1
+    before = v.detach().clone()
+    for i in range(2):
+        train_step(state, random_crops(cfg, 4, seed=i))
+    assert torch.equal(v, before) and state.epoch == 0
+    train_step(state, random_crops(cfg, 4, seed=2))
+    assert not torch.equal(v, before)
+    # without a budget the freeze lasts exactly the first epoch, as in DINO
+    full = build_schedules(tiny_cfg("optim.freeze_last_layer_epochs=1"), steps_per_epoch=100, world_size=1)
+    assert full.freeze_last_layer_steps == 100
+
+
+def test_batchnorm_model_trains_under_torch_distributed_on_cpu():
+    # Regression: SyncBatchNorm (model.sync_batchnorm, on by default) raises in its first forward on
+    # CPU tensors, so every CPU DDP run of a ResNet or a BN head failed.  A one-process gloo group
+    # reaches the same code path as the two-worker demo.
+    import torch.distributed as dist
+
+    cfg = tiny_cfg("model.head_use_bn=true", "model.sync_batchnorm=true")
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="sync_batchnorm"):
+            state = build_train_state(cfg, steps_per_epoch=10, world_size=2)
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in state.student.modules())
+        metrics = train_step(state, random_crops(cfg, 4))
+        assert math.isfinite(metrics["loss"])
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- engine
 
 
