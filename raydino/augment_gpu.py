@@ -31,7 +31,7 @@ class DeviceMultiCropAugment(MultiCropAugment):
 
     def __init__(self, cfg: AugmentConfig | None = None, device: str | torch.device = "cuda",
                  seed: int | None = None, normalize: bool = False) -> None:
-        super().__init__(cfg, seed=seed)
+        super().__init__(cfg, seed=seed, backend="torch")  # its own batched _run; the torch ops run on `device`
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"augment.device={self.device.type!r}: CUDA is not available here (allowed: 'cpu', 'cuda')")

@@ -1,7 +1,12 @@
 """`python -m raydino.bench {aug,train,data,all}`: the performance record (issue 8).
 
-    python -m raydino.bench aug [--images 300] [--size 512] [--threads 1] [--preset strong]
-                                [--batch 32] [--rounds 3] [--json OUT.json]
+    python -m raydino.bench aug   [--images 300] [--size 512] [--threads 1] [--preset strong] [--batch 32] [--rounds 3]
+    python -m raydino.bench train [--config demo] [--workers 2] [--steps 30] [--warmup 5] [--rounds 2] [--no-smoke]
+    python -m raydino.bench data  [--config demo] [--sizes 1000 20000] [--image-size 96] [--rate 1000]
+    python -m raydino.bench all   [--out DIR]
+
+Every subcommand prints progress with an ETA and ends with its ratio line; `--out DIR` writes
+DIR/<bench>.json and a PNG beside it (`--json FILE` for one subcommand: FILE and FILE's .png).
 
 `aug` measures images/s per core, all on the same input (a JPEG of scikit-image's `retina`, a
 real fundus photograph, at --size px), interleaved over --rounds rounds (best round kept):
@@ -10,13 +15,13 @@ real fundus photograph, at --size px), interleaved over --rounds rounds (best ro
   2. a reference pipeline written here from DINO's published recipe (DataAugmentationDINO:
      PIL + torchvision transforms, PIL GaussianBlur, ToTensor + Normalize);
   3. lightly's DINOTransform with the same parameters, when `lightly` is importable;
-  4. raydino's CPU pipeline, one image per call and `augment_batch` (what Ray Data runs);
+  4. raydino's CPU pipeline: one image per call, and `augment_batch` (what Ray Data runs) with the
+     OpenCV backend and with the batched torch backend;
   5. raydino's batched device pipeline on CPU, and on CUDA when a GPU is visible.
 
 "Per core" = images / CPU seconds of this process (`time.process_time`), so a busy machine
-(other processes sharing the cores) does not distort the ratios; wall-clock rates are printed
-beside them.  The ratio raydino / reference is printed last.  `train` and `data` belong to the
-trainer and data pipeline and are filled in by those recipes.
+(other processes sharing the cores) distorts the ratios less; wall-clock rates are printed
+beside them.  `train` (raydino.bench_train) and `data` (raydino.bench_data) have their own docs.
 """
 
 from __future__ import annotations
@@ -216,6 +221,7 @@ def _pipelines(cfg: Any, data: bytes, n: int, batch: int, notes: list[str]) -> d
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     ref = ReferenceDINOAugment(cfg)
     ours = MultiCropAugment(cfg, seed=0)
+    batched = MultiCropAugment(cfg, seed=0, backend="torch")
     out: dict[str, Callable[[], Any]] = {
         "decode only (PIL)": lambda: [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in items],
         "decode only (torchvision)": lambda: [decode_jpeg(raw) for _ in items],
@@ -226,7 +232,11 @@ def _pipelines(cfg: Any, data: bytes, n: int, batch: int, notes: list[str]) -> d
     if lightly_fn is not None:
         out["lightly DINOTransform"] = lambda: [lightly_fn(d) for d in items]
     out["raydino, one image per call"] = lambda: [ours(d) for d in items]
-    out[f"raydino augment_batch (batch {batch})"] = lambda: [ours.augment_batch(items[i:i + batch]) for i in range(0, n, batch)]
+    out[f"raydino augment_batch, {ours.backend} backend (batch {batch})"] = \
+        lambda: [ours.augment_batch(items[i:i + batch]) for i in range(0, n, batch)]
+    if ours.backend != "torch":
+        out[f"raydino augment_batch, torch backend (batch {batch})"] = \
+            lambda: [batched.augment_batch(items[i:i + batch]) for i in range(0, n, batch)]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         aug = DeviceMultiCropAugment(cfg, device=dev, seed=0)
@@ -259,21 +269,18 @@ def bench_aug(args: argparse.Namespace) -> dict[str, Any]:
         fn()  # warm-up: imports, allocator, first-call costs
     pipelines = _pipelines(cfg, data, args.images, args.batch, notes)
     best: dict[str, tuple[float, float]] = {name: (0.0, 0.0) for name in pipelines}
-    t_start = time.perf_counter()
-    total = args.rounds * len(pipelines)
-    done = 0
+    every: dict[str, list[float]] = {name: [] for name in pipelines}
+    progress = Progress("bench aug", args.rounds * len(pipelines))
     for r in range(args.rounds):
         for name, fn in pipelines.items():
             per_core, wall = _time(fn, args.images)
+            every[name].append(round(per_core, 1))
             if per_core > best[name][0]:
                 best[name] = (per_core, wall)
-            done += 1
-            eta = (time.perf_counter() - t_start) / done * (total - done)
-            print(f"[bench aug] round {r + 1}/{args.rounds} {name}: {per_core:.0f} img/s per core "
-                  f"({wall:.0f} wall)  ETA {eta:.0f}s", flush=True)
+            progress.step(f"round {r + 1}/{args.rounds} {name}: {per_core:.0f} img/s per core ({wall:.0f} wall)")
     ref = best["reference DINO (PIL + torchvision)"][0]
     rows = [{"pipeline": k, "images_per_s_per_core": round(v[0], 1), "images_per_s_wall": round(v[1], 1),
-             "vs_reference": round(v[0] / ref, 2)} for k, v in best.items()]
+             "vs_reference": round(v[0] / ref, 2), "rounds_per_core": every[k]} for k, v in best.items()]
     result = {
         "bench": "aug", "preset": args.preset, "images": args.images, "size": args.size, "threads": args.threads,
         "batch": args.batch, "rounds": args.rounds,
@@ -298,8 +305,10 @@ def _print_table(result: dict[str, Any]) -> None:
     ref = next(r for r in result["results"] if r["pipeline"].startswith("reference"))
     ours = [r for r in result["results"] if r["pipeline"].startswith("raydino") and "device" not in r["pipeline"]]
     best = max(ours, key=lambda r: r["images_per_s_per_core"])
+    ratios = [a / b for a, b in zip(best["rounds_per_core"], ref["rounds_per_core"])]
     print(f"\nraydino / reference DINO: {best['vs_reference']:.2f}x per core "
-          f"({best['images_per_s_per_core']:.0f} vs {ref['images_per_s_per_core']:.0f} img/s, {best['pipeline']})")
+          f"({best['images_per_s_per_core']:.0f} vs {ref['images_per_s_per_core']:.0f} img/s, {best['pipeline']}; "
+          f"round by round {min(ratios):.2f}x-{max(ratios):.2f}x)")
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -323,22 +332,19 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------ train / data (filled in by their recipes)
+# ------------------------------------------------------------------ shared: progress, CLI
 
 
-def bench_train(args: argparse.Namespace) -> int:
-    """Step time under Ray Train vs a plain DDP loop (issue 8): not yet implemented."""
-    print("raydino bench train: not yet implemented", file=sys.stderr)
-    return 2
+class Progress:
+    """`[bench NAME] i/N message  ETA s` lines, the ETA from the mean time per finished item."""
 
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.done, self.t0 = name, max(total, 1), 0, time.perf_counter()
 
-def bench_data(args: argparse.Namespace) -> int:
-    """Streaming pipeline peak memory and images/s vs trainer consumption (issue 8): not yet implemented."""
-    print("raydino bench data: not yet implemented", file=sys.stderr)
-    return 2
-
-
-# ------------------------------------------------------------------ CLI
+    def step(self, message: str) -> None:
+        self.done += 1
+        eta = (time.perf_counter() - self.t0) / self.done * max(self.total - self.done, 0)
+        print(f"[{self.name}] {self.done}/{self.total} {message}  ETA {eta:.0f}s", flush=True)
 
 
 def _add_aug_args(p: argparse.ArgumentParser) -> None:
@@ -348,34 +354,99 @@ def _add_aug_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="strong", choices=["strong", "weak", "weak_med"])
     p.add_argument("--batch", type=int, default=32, help="images per augment_batch call (default 32)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is kept (default 3)")
-    p.add_argument("--json", type=Path, default=None, help="write results here, and a PNG bar chart beside it")
+
+
+def _add_train_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}config", default="demo", help="config of the timed model and batch (default demo)")
+    p.add_argument(f"--{prefix}set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument(f"--{prefix}workers", type=int, default=2, help="DDP workers in both runs (default 2)")
+    p.add_argument(f"--{prefix}threads", type=int, default=1, help="torch threads (and CPUs) per worker (default 1)")
+    p.add_argument(f"--{prefix}steps", type=int, default=30, help="timed steps per run (default 30)")
+    p.add_argument(f"--{prefix}warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument(f"--{prefix}rounds", type=int, default=2, help="runs of each, in ABBA order (default 2)")
+    p.add_argument(f"--{prefix}smoke", action=argparse.BooleanOptionalAction, default=True,
+                   help="also pretrain the smoke config from the Ray Data stream and report its data-wait (default on)")
+    p.add_argument(f"--{prefix}smoke-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the smoke run (repeatable)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}config", default="demo", help="config whose augmentation and data settings stream (default demo)")
+    p.add_argument(f"--{prefix}set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument(f"--{prefix}sizes", type=int, nargs="+", default=[1000, 20000], help="dataset sizes (default 1000 20000)")
+    p.add_argument(f"--{prefix}image-size", type=int, default=96, help="side of the synthetic images (default 96)")
+    p.add_argument(f"--{prefix}shard-mb", type=float, default=1.0,
+                   help="target shard size in MB: a bigger set has more shards, not bigger ones (default 1)")
+    p.add_argument(f"--{prefix}batch", type=int, default=32, help="images per trainer batch (default 32)")
+    p.add_argument(f"--{prefix}rate", type=float, default=1000.0,
+                   help="stand-in trainer's consumption in images/s; 0 = as fast as the stream delivers (default 1000)")
+    p.add_argument(f"--{prefix}interval", type=float, default=0.25, help="memory sampling period in s (default 0.25)")
+    p.add_argument(f"--{prefix}target-block-mb", type=float, default=0.0,
+                   help="Ray Data's target_max_block_size for the run in MB (default 0: Ray's own, 128 MB)")
+
+
+def _sub_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
+    """The `all` subcommand's --train-x / --data-x options as a plain namespace for one bench."""
+    sub = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    return argparse.Namespace(**sub, cache=args.cache)
+
+
+def _write(result: dict[str, Any], path: Path, plot: Callable[[dict[str, Any], Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .bench_data import bench_data, plot_data
+    from .bench_train import bench_train, plot_train
+
     parser = argparse.ArgumentParser(prog="python -m raydino.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _add_aug_args(sub.add_parser("aug", help="multi-crop augmentation throughput (images/s per core)"))
-    sub.add_parser("train", help="Ray Train step time vs plain DDP (not yet implemented)")
-    sub.add_parser("data", help="streaming pipeline memory and throughput (not yet implemented)")
-    _add_aug_args(sub.add_parser("all", help="aug, train and data"))
+    parsers = {
+        "aug": sub.add_parser("aug", help="multi-crop augmentation throughput (images/s per core) vs DINO's pipeline"),
+        "train": sub.add_parser("train", help="Ray Train step time vs a plain PyTorch DDP loop; smoke data-wait"),
+        "data": sub.add_parser("data", help="Ray Data stream: peak memory for two dataset sizes, images/s, data-wait"),
+        "all": sub.add_parser("all", help="aug, train and data (options of train/data prefixed --train-/--data-)"),
+    }
+    _add_aug_args(parsers["aug"])
+    _add_train_args(parsers["train"])
+    _add_data_args(parsers["data"])
+    _add_aug_args(parsers["all"])
+    _add_train_args(parsers["all"], "train-")
+    _add_data_args(parsers["all"], "data-")
+    for p in parsers.values():
+        p.add_argument("--out", type=Path, default=None, help="write DIR/<bench>.json and .png here")
+        p.add_argument("--json", type=Path, default=None, help="write results to this file and a PNG beside it")
+        p.add_argument("--cache", default=".raydino", help="cache of synthetic datasets (default .raydino)")
     args = parser.parse_args(argv)
-    for name in ("images", "size", "threads", "batch", "rounds"):
-        if getattr(args, name, 1) < 1:
-            parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
-    if args.cmd in ("aug", "all"):
-        result = bench_aug(args)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2))
-            _plot(result, args.json.with_suffix(".png"))
-            print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
-        if args.cmd == "aug":
-            return 0
-    if args.cmd == "train":
-        return bench_train(args)
-    if args.cmd == "data":
-        return bench_data(args)
-    return max(bench_train(args), bench_data(args))
+    for name, value in vars(args).items():
+        bad = (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0) or \
+              (name.endswith(("images", "size", "threads", "batch", "rounds", "workers", "steps")) and value == 0) or \
+              (name.endswith("sizes") and min(value) < 1)
+        if bad:
+            parser.error(f"--{name.replace('_', '-')}={value}: must be >= 1 (rate, warmup, interval: >= 0)")
+
+    def target(bench: str) -> Path | None:
+        if args.out is not None:
+            return args.out / f"{bench}.json"
+        if args.json is not None:
+            return args.json if args.cmd != "all" else args.json.with_name(f"{args.json.stem}-{bench}{args.json.suffix}")
+        return None
+
+    runs = {
+        "aug": (lambda: bench_aug(args), _plot),
+        "train": (lambda: bench_train(args if args.cmd == "train" else _sub_args(args, "train_")), plot_train),
+        "data": (lambda: bench_data(args if args.cmd == "data" else _sub_args(args, "data_")), plot_data),
+    }
+    for bench in (["aug", "train", "data"] if args.cmd == "all" else [args.cmd]):
+        run, plot = runs[bench]
+        result = run()
+        path = target(bench)
+        if path is not None:
+            _write(result, path, plot)
+    return 0
 
 
 if __name__ == "__main__":

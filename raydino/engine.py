@@ -30,6 +30,10 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, value: float) -> None:
         super().__init__(f"loss became {value} at step {step}; stopping (the last good checkpoint is kept)")
         self.step = step
+        self.value = value
+
+    def __reduce__(self):  # picklable across Ray processes (the default passes only the message)
+        return (type(self), (self.step, self.value))
 
 
 @dataclass

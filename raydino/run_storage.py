@@ -6,6 +6,7 @@ Only the URI, endpoint and region travel to workers; credentials stay in each no
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,7 @@ class RunStorage:
         try:
             st.check_writable(self.location.child(name))
         except st.StorageError as e:
-            raise ConfigError(f"run.storage: {e}") from None
+            raise ConfigError(f"run.storage={self.uri!r}: {e}") from None
 
     def write_text(self, name: str, filename: str, text: str) -> None:
         st.write_bytes(self.location, self.location.join(name, filename), text.encode())
@@ -75,19 +76,46 @@ class RunStorage:
         path = self.location.join(name, filename)
         return st.read_bytes(self.location, path).decode() if st.exists(self.location, path) else None
 
+    def delete(self, name: str, filename: str) -> None:
+        st.delete_file(self.location, self.location.join(name, filename))
+
     def local_log_dir(self, name: str) -> Path:
         """Rank 0 writes metrics here: the run directory itself when local, a staging dir otherwise."""
         if self.is_remote:
             return Path(tempfile.gettempdir()) / "raydino-logs" / name
         return Path(self.location.join(name, "logs"))
 
-    def upload_logs(self, local_dir: str | Path) -> None:
+    def upload_logs(self, name: str, local_dir: str | Path) -> None:
+        """Copy rank 0's staged log files (metrics.jsonl, TensorBoard events) into the remote run."""
         local_dir = Path(local_dir)
-        name = local_dir.name
-        for f in local_dir.rglob("*"):
+        for f in sorted(local_dir.rglob("*")):
             if f.is_file():
                 rel = f.relative_to(local_dir).as_posix()
                 st.write_bytes(self.location, self.location.join(name, "logs", rel), f.read_bytes())
+
+    def prepare_logs(self, name: str, local_dir: str | Path, resume_step: int) -> None:
+        """Before rank 0 logs: keep only the metrics up to the step training (re)starts from.
+
+        A restarted or resumed run trains the steps after its checkpoint again; their old lines
+        would otherwise appear twice in metrics.jsonl and zig-zag the loss plot.  For remote runs
+        the staging directory may be on a fresh node, so the stored metrics are fetched first.
+        """
+        local = Path(local_dir) / "metrics.jsonl"
+        text = self.read_text(name, "logs/metrics.jsonl") if self.is_remote else None
+        if text is None and local.exists():
+            text = local.read_text()
+        if text is None:
+            return
+        kept = [line for line in text.splitlines() if line.strip() and _step_of(line) <= resume_step]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("".join(line + "\n" for line in kept))
+
+    def checkpoint_uri(self, checkpoint: Any) -> str | None:
+        """Where a Ray Train checkpoint lives, as a URI (Ray drops the s3:// of remote paths)."""
+        if checkpoint is None:
+            return None
+        path = str(checkpoint.path)
+        return path if not self.is_remote or "://" in path else f"{self.location.scheme}://{path.lstrip('/')}"
 
     def finish_logs(self, name: str, local_dir: str | Path) -> str | None:
         """Plot the loss curve beside metrics.jsonl, wherever the run lives; returns its URI."""
@@ -109,6 +137,13 @@ class RunStorage:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunStorage:
         return cls.open(d["uri"], d.get("endpoint"), d.get("region"))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a torn last line (killed mid-write): drop it
 
 
 def ensure_dataset(cfg: Config, cache: Path) -> str:

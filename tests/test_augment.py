@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 
 import numpy as np
@@ -26,6 +25,13 @@ from raydino.augment import (
 )
 from raydino.augment_gpu import DeviceMultiCropAugment, build_augment
 from raydino.config import AugmentConfig, ConfigError, load_config
+
+try:
+    from raydino import augment_cv
+except ImportError:  # OpenCV missing: the torch backend is the CPU pipeline, its tests still run
+    augment_cv = None
+needs_cv = pytest.mark.skipif(augment_cv is None, reason="OpenCV (opencv-python-headless) not installed")
+BACKENDS = [pytest.param("opencv", marks=needs_cv), "torch"]
 
 
 def _fundus(size: int, seed: int = 0) -> np.ndarray:
@@ -185,23 +191,42 @@ def crops_float() -> torch.Tensor:
     return x.contiguous()
 
 
+def _per_crop(fn, crops: torch.Tensor, *args) -> torch.Tensor:
+    """Apply an augment_cv op to each crop (CHW float tensor -> HWC array -> back)."""
+    out = []
+    for i in range(crops.shape[0]):
+        x = np.ascontiguousarray(crops[i].permute(1, 2, 0).numpy())
+        r = fn(x, *(a[i] if isinstance(a, np.ndarray) else a for a in args))
+        out.append(torch.from_numpy(r if r is not None else x).permute(2, 0, 1))
+    return torch.stack(out)
+
+
 def test_hue_matches_torchvision(crops_float):
     shift = np.array([-0.5, -0.1, 0.0, 0.05, 0.1, 0.45])
     y = crops_float.clone()
     adjust_hue_(y, shift)
     ref = torch.stack([F.adjust_hue(crops_float[i] / 255, float(shift[i])) for i in range(6)]) * 255
     assert (y - ref).abs().max() < 0.01
+    if augment_cv is not None:  # OpenCV's hexcone HSV: the same function, float32 rounding only
+        hsv = np.empty((48, 48, 3), np.float32)
+        y = _per_crop(lambda x, s: augment_cv.hue_(x, float(s), hsv), crops_float, shift)
+        assert (y - ref).abs().max() < 0.01
 
 
 def test_blends_match_torchvision_brightness_contrast_saturation(crops_float):
     factor = np.array([0.6, 1.4, 0.8, 1.2, 1.0, 0.5])
     fns = [F.adjust_saturation, F.adjust_contrast, F.adjust_brightness, F.adjust_saturation, F.adjust_contrast, F.adjust_brightness]
-    op = np.array([2, 1, 0, 2, 1, 0])
+    op = np.array([2, 1, 0, 2, 1, 0])  # saturation, contrast, brightness
     y = crops_float.clone()
     blend_(y, 1 - factor, op == 2, op == 1)
     ref = torch.stack([fns[i](crops_float[i] / 255, float(factor[i])).clamp(0, 1) for i in range(6)]) * 255
     assert (y - ref).abs().max() < 0.05  # luma weights 0.299 vs torchvision's 0.2989
     assert (luma(crops_float) - F.rgb_to_grayscale(crops_float / 255) * 255).abs().max() < 0.05
+    if augment_cv is not None:
+        y = _per_crop(lambda x, f, o: augment_cv.JITTER_FNS[o](x, float(f)), crops_float, factor, op)
+        assert (y - ref).abs().max() < 0.05
+        gray = _per_crop(augment_cv.grayscale_, crops_float)
+        assert (gray - F.rgb_to_grayscale(crops_float / 255, 3) * 255).abs().max() < 0.05
 
 
 def test_blur_matches_torchvision_gaussian_blur(crops_float):
@@ -213,15 +238,20 @@ def test_blur_matches_torchvision_gaussian_blur(crops_float):
         r = max(1, math.ceil(3 * sigma[i]))
         ref = F.gaussian_blur(crops_float[i], [2 * r + 1] * 2, [float(sigma[i])] * 2) if mask[i] else crops_float[i]
         assert (y[i] - ref).abs().max() < 1e-3, i
+        if augment_cv is not None and mask[i]:
+            assert augment_cv.blur_radius(sigma[i], 48) == r
+            z = _per_crop(lambda x: augment_cv.gaussian_blur(x, float(sigma[i]), np.empty_like(x)), crops_float[i:i + 1])
+            assert (z[0] - ref).abs().max() < 1e-3, i
 
 
-def test_pipeline_replays_dinos_order_of_ops():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pipeline_replays_dinos_order_of_ops(backend):
     """End to end: one crop per jitter order, pixels compared with torchvision ops applied in the
     sampled order to the same crop box (uint8 tensors, bicubic antialias, float ops)."""
     cfg = AugmentConfig(n_local_crops=0, global_crop_size=40, grayscale_p=0.0, blur_p_global1=0.0,
                         blur_p_global2=0.0, solarize_p_global2=0.0, jitter_p=1.0)
     img = torch.from_numpy(_fundus(120, seed=5)).permute(2, 0, 1).contiguous()
-    aug = MultiCropAugment(cfg)
+    aug = MultiCropAugment(cfg, backend=backend)
     p = aug.sample_params([(120, 120)] * 24, generator=0)
     p.jitter_order[:, 0] = np.arange(24)  # every order once
     out = aug.augment_tensors([img] * 24, params=p)["global_0"]
@@ -236,13 +266,14 @@ def test_pipeline_replays_dinos_order_of_ops():
         assert diff.max() <= 2 and diff.mean() < 0.1, (b, diff.max(), diff.mean())
 
 
-def test_solarize_grayscale_and_medical_artefacts():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solarize_grayscale_and_medical_artefacts(backend):
     plain = dict(n_local_crops=1, global_crop_size=32, local_crop_size=32, jitter_p=0, blur_p_global1=0,
                  blur_p_global2=0, blur_p_local=0, grayscale_p=0, flip_p=0, global_crop_scale=(1.0, 1.0),
                  local_crop_scale=(1.0, 1.0))
     cfg = AugmentConfig(**plain)
     img = torch.from_numpy(_fundus(32, seed=1)).permute(2, 0, 1).contiguous()
-    aug = MultiCropAugment(cfg)
+    aug = MultiCropAugment(cfg, backend=backend)
     p = aug.sample_params([(32, 32)], generator=0)
     p.solarize[:] = True
     out = {k: v[0] for k, v in aug.augment_tensors([img], params=p).items()}
@@ -252,7 +283,7 @@ def test_solarize_grayscale_and_medical_artefacts():
     g = aug.augment_tensors([img], params=p)["global_0"][0]
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
     med = AugmentConfig(preset="weak_med", **plain)
-    m = MultiCropAugment(med)
+    m = MultiCropAugment(med, backend=backend)
     p = m.sample_params([(32, 32)] * 200, generator=1)
     noisy = m.augment_tensors([img] * 200, params=p)["global_0"].float()
     change = (noisy - img.float()).abs().mean(dim=(1, 2, 3)).numpy()
@@ -288,9 +319,26 @@ def test_jpeg_draft_decode_keeps_the_crops():
         assert 10 * math.log10(255**2 / mse) > 30, k  # PSNR > 30 dB: the same crops
 
 
+@needs_cv
+@pytest.mark.parametrize("preset", ["strong", "weak_med"])
+def test_opencv_and_torch_backends_agree(jpeg256, preset):
+    """Same draws, same crops: the two CPU backends differ by float rounding only (+-1 grey level).
+    The Gaussian noise is drawn per crop (opencv) or per batch (torch), so it is off here."""
+    cfg = AugmentConfig(preset=preset, global_crop_size=64, local_crop_size=32, n_local_crops=4, noise_p=0.0)
+    fast, batched = MultiCropAugment(cfg, backend="opencv"), MultiCropAugment(cfg, backend="torch")
+    p = fast.sample_params([(256, 256)] * 24, generator=2)
+    a, b = fast.augment_tensors([jpeg256] * 24, params=p), batched.augment_tensors([jpeg256] * 24, params=p)
+    for k in a:
+        diff = (a[k].int() - b[k].int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-3, (k, diff.max(), diff.float().mean())
+    assert MultiCropAugment(cfg).backend == "opencv"  # auto picks OpenCV when it is installed
+    with pytest.raises(ValueError, match="backend='gpu'.*allowed"):
+        MultiCropAugment(cfg, backend="gpu")
+
+
 def test_device_pipeline_on_cpu_matches_and_normalizes(jpeg256):
     cfg = AugmentConfig(preset="weak_med", global_crop_size=48, local_crop_size=24, n_local_crops=3)
-    cpu, dev = MultiCropAugment(cfg), DeviceMultiCropAugment(cfg, device="cpu")
+    cpu, dev = MultiCropAugment(cfg, backend="torch"), DeviceMultiCropAugment(cfg, device="cpu")
     p = cpu.sample_params([(256, 256)] * 6, generator=4)
     a, b = cpu.augment_tensors([jpeg256] * 6, params=p), dev.augment_tensors([jpeg256] * 6, params=p)
     for k in a:
@@ -304,20 +352,3 @@ def test_device_pipeline_on_cpu_matches_and_normalizes(jpeg256):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="augment.device"):
             DeviceMultiCropAugment(cfg, device="cuda")
-
-
-# ------------------------------------------------------------------ bench CLI
-
-
-def test_bench_cli(tmp_path, capsys):
-    from raydino import bench
-
-    assert bench.main(["train"]) == 2 and bench.main(["data"]) == 2
-    out = tmp_path / "aug.json"
-    assert bench.main(["aug", "--images", "4", "--batch", "4", "--rounds", "1", "--size", "128", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    names = [r["pipeline"] for r in result["results"]]
-    assert names[0].startswith("decode") and any(n.startswith("reference") for n in names)
-    assert any(n.startswith("raydino augment_batch") for n in names)
-    assert out.with_suffix(".png").stat().st_size > 1000
-    assert "raydino / reference DINO" in capsys.readouterr().out

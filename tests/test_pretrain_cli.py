@@ -1,0 +1,142 @@
+"""`python -m raydino.pretrain` options and bad input that must fail before any training.
+
+Data and storage problems are found before Ray starts (checked here in-process, with a real moto S3
+server on loopback for the s3:// cases); more workers than a local machine can ever host is found
+right after the local Ray starts (checked in a subprocess, as a user would run it).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytest.importorskip("moto.server")
+from s3_fixture import KEY_ID, SECRET, LoopbackS3, dummy_aws_credentials  # noqa: E402
+
+from raydino.config import build_config, load_config  # noqa: E402
+from raydino.data.synth import synthetic_shards  # noqa: E402
+from raydino.pretrain import main  # noqa: E402
+
+BUCKET = "raydino-cli"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return synthetic_shards(96, 64, seed=5, cache_root=str(tmp_path_factory.mktemp("synth")), workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with dummy_aws_credentials():
+        server = LoopbackS3()
+        server.client().create_bucket(Bucket=BUCKET)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def fails_before_training(argv: list[str], capsys) -> str:
+    """Run the CLI in-process; it must exit 2 without ever starting Ray.  Returns its stderr."""
+    import ray
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not ray.is_initialized()
+    assert err.startswith("raydino.pretrain: error: ")
+    return err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--set", "--data", "--storage", "--workers", "--gpus-per-worker", "--name", "--resume",
+                   "--no-probe", "--print-config"):
+        assert option in out
+    assert "smoke" in out and "s3://" in out and "exit status" in out
+
+
+def test_print_config_applies_flags_and_overrides(capsys):
+    argv = ["--config", "smoke", "--set", "train.epochs=3", "--workers", "3", "--gpus-per-worker", "0.5",
+            "--name", "x1", "--print-config"]
+    assert main(argv) == 0
+    printed = build_config(yaml.safe_load(capsys.readouterr().out))
+    assert printed == load_config("smoke", ["train.epochs=3", "run.workers=3", "run.gpus_per_worker=0.5", "run.name=x1"])
+    assert (printed.train.epochs, printed.run.workers, printed.run.gpus_per_worker) == (3, 3, 0.5)
+
+
+def test_bad_override_names_the_key(capsys):
+    err = fails_before_training(["--config", "smoke", "--set", "train.epoch=3"], capsys)
+    assert "train.epoch" in err and "train.epochs" in err
+
+
+@pytest.mark.parametrize("case", ["missing", "no_manifest"])
+def test_local_data_without_shards(case, tmp_path, capsys):
+    data = tmp_path / "data"
+    if case == "no_manifest":
+        data.mkdir()
+        (data / "image.jpg").write_bytes(b"not shards")
+    err = fails_before_training(["--config", "smoke", "--data", str(data), "--storage", str(tmp_path / "runs"),
+                                 "--name", "d"], capsys)
+    assert f"data.uri='{data}'" in err and "manifest.json" in err and "python -m raydino.shard" in err
+    assert not (tmp_path / "runs" / "d" / "config.yaml").exists()
+
+
+def test_s3_data_without_manifest(s3, tmp_path, capsys):
+    err = fails_before_training(["--config", "smoke", "--data", f"s3://{BUCKET}/nothing-here", "--storage",
+                                 str(tmp_path / "runs"), "--set", f"data.s3_endpoint={s3.endpoint}"], capsys)
+    assert f"s3://{BUCKET}/nothing-here" in err and "manifest.json" in err
+    assert SECRET not in err and KEY_ID not in err
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "read_only_dir"])
+def test_local_storage_not_writable(case, shards, tmp_path, capsys):
+    if case == "under_a_file":
+        (tmp_path / "a-file").write_text("")
+        storage = tmp_path / "a-file" / "runs"  # no one can create a directory inside a regular file
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(stat.S_IRUSR | stat.S_IXUSR)
+        storage = tmp_path / "ro" / "runs"
+    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", str(storage), "--name", "w"], capsys)
+    assert "run.storage" in err and "not writable" in err and str(storage) in err
+
+
+def test_s3_storage_bucket_missing(s3, shards, capsys):
+    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", "s3://no-such-bucket-x/runs",
+                                 "--set", f"data.s3_endpoint={s3.endpoint}", "--name", "b"], capsys)
+    assert "s3://no-such-bucket-x/runs" in err and "not writable" in err and "bucket exist" in err
+    assert SECRET not in err and KEY_ID not in err
+
+
+def test_resume_needs_an_existing_run(shards, tmp_path, capsys):
+    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"),
+                                 "--resume"], capsys)
+    assert "--resume" in err and "no runs" in err
+    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"),
+                                 "--resume", "--name", "never-ran"], capsys)
+    assert "no run named 'never-ran'" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_more_workers_than_this_machine_can_host(shards, tmp_path):
+    """64 workers on a local Ray (capped at 2× the cores): refused once Ray is up, instead of waiting forever."""
+    done = subprocess.run(
+        [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--data", shards, "--storage",
+         str(tmp_path / "runs"), "--name", "many", "--workers", "64", "--set", "train.batch_size=1", "--no-probe"],
+        capture_output=True, text=True, timeout=170, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "run.workers=64" in done.stderr and "room for" in done.stderr and "Lower --workers" in done.stderr
+    assert not (tmp_path / "runs" / "many" / "workers").exists()

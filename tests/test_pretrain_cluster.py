@@ -1,0 +1,331 @@
+"""`raydino.pretrain` against a real Ray head started with `ray start --head` on this machine.
+
+One head per module (4 logical CPUs, token auth off, dashboard on 127.0.0.1, its own temp dir and
+ports, so other Ray users on the machine are untouched).  On it: a job submitted with
+`ray job submit --working-dir`, a training worker SIGKILLed mid-run, a driver killed mid-run and the
+same command rerun against S3 storage (a moto server on loopback), a non-finite loss, and resource
+requests the cluster can never satisfy.  No mocks: real Ray, real processes, real HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("moto.server")
+from s3_fixture import KEY_ID, SECRET, LoopbackS3, dummy_aws_credentials  # noqa: E402
+
+from raydino.config import load_config  # noqa: E402
+from raydino.data.synth import synthetic_shards  # noqa: E402
+from raydino.pretrain import main, run  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "raydino-pretrain"
+PLANNED_STEPS = 8  # smoke: 67 training rows // (2 workers × batch 8) = 4 steps/epoch × 2 epochs
+CKPT = re.compile(r"checkpoint_(\d{8})$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """`ray start --head --block` in its own process group, temp dir and ports; stop() ends exactly it."""
+
+    def __init__(self, num_cpus: int, env: dict[str, str]) -> None:
+        # A short temp dir: Ray's unix socket paths must stay under ~100 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="rdh-", dir="/tmp")
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # RAY_ADDRESS in the node's environment: Ray Train's placement-group cleaner looks the cluster up by
+        # "auto", which fails when several Ray instances run on one machine (as here, other tests' too).
+        self.env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}",
+                    "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        self.log = Path(self.temp_dir, "head.log")
+        self.proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"ray start --head failed:\n{self.log.read_text()[-3000:]}")
+                time.sleep(0.5)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def stop(self) -> None:
+        """SIGTERM the head's process group, SIGKILL what is left after a few seconds (never `ray stop`:
+        that would stop every Ray on the machine)."""
+        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                self.proc.poll()  # reap the leader
+                time.sleep(0.2)
+        self.proc.poll()
+
+
+def _group_alive(pgid: int) -> bool:
+    out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    return any(not s.startswith("Z") for s in out)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with dummy_aws_credentials():
+        server = LoopbackS3()
+        server.client().create_bucket(Bucket=BUCKET)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def head(s3):
+    """The head inherits the dummy AWS credentials: its nodes' credential chain, as an instance role would be."""
+    import ray
+
+    node = RayHead(num_cpus=4, env=dict(os.environ))
+    try:
+        ray.init(address=node.address, log_to_driver=True)
+        yield node
+    finally:
+        ray.shutdown()
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return synthetic_shards(96, 64, seed=3, cache_root=str(tmp_path_factory.mktemp("synth")), workers=1, progress=False)
+
+
+def smoke(shards: str, storage: str, name: str, *overrides: str):
+    return load_config("smoke", [f"data.uri={shards}", f"run.storage={storage}", f"run.name={name}", *overrides])
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in run_dir.iterdir() if (m := CKPT.match(p.name)))
+
+
+def latest_registered(snapshot_text: str | None) -> str | None:
+    """The newest checkpoint Ray Train has registered (read from its snapshot file), if any."""
+    try:
+        return json.loads(snapshot_text or "")["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (ValueError, KeyError, TypeError):
+        return None  # not written yet, or caught mid-write
+
+
+def _load_ckpt(path: Path) -> dict:
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------- job submission
+
+
+@pytest.mark.timeout(300)
+def test_job_submission_trains_and_checkpoints(head, shards, tmp_path):
+    storage = tmp_path / "runs"
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
+           "python", "-m", "raydino.pretrain", "--config", "smoke", "--set", "train.epochs=1", "--data", shards,
+           "--storage", str(storage), "--name", "job1", "--no-probe"]
+    done = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=280)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "succeeded" in out and "[raydino] done: job1" in out
+    assert checkpoint_steps(storage / "job1") == [4]
+    assert _load_ckpt(storage / "job1" / "checkpoint_00000004")["step"] == 4
+    assert (storage / "job1" / "logs" / "metrics.jsonl").exists() and (storage / "job1" / "logs" / "loss.png").exists()
+    # Each progress line once (Ray Train's print patch used to echo every line twice).
+    assert out.count("[raydino] finished 4 steps") == 1
+    # The working dir went up without the gitignored virtualenv.
+    packages = {p.resolve() for p in Path(head.temp_dir).glob("session_*/runtime_resources/working_dir_files/*")
+                if p.is_dir()}
+    assert packages and all((p / "raydino" / "pretrain.py").exists() for p in packages)
+    assert not any((p / ".venv").exists() for p in packages)
+
+
+# ---------------------------------------------------------------- a worker dies mid-run
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_is_replaced_and_run_completes(head, shards, tmp_path):
+    run_dir = tmp_path / "runs" / "fault"
+    killed: dict = {}
+    stop = threading.Event()
+
+    def kill_rank1_after_first_checkpoint() -> None:
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        while not stop.is_set():
+            at = latest_registered(snapshot.read_text() if snapshot.exists() else None)
+            rank1 = sorted((run_dir / "workers").glob("rank1-pid*.json")) if at else []
+            if rank1:
+                info = json.loads(rank1[0].read_text())
+                os.kill(info["pid"], signal.SIGKILL)  # a real worker process of the head's node
+                killed.update(info, after=at)
+                return
+            stop.wait(0.1)
+
+    killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        summary = run(smoke(shards, str(tmp_path / "runs"), "fault"), "smoke", probe=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the first checkpoint never appeared"
+    assert summary["final_metrics"]["step"] == PLANNED_STEPS
+    # Nothing lost: checkpoints at 4 (epoch end), 5 (every 5 steps), 8 (end); all kept (keep_checkpoints=3).
+    assert checkpoint_steps(run_dir) == [4, 5, 8]
+    assert _load_ckpt(run_dir / "checkpoint_00000008")["step"] == PLANNED_STEPS
+    # A new rank-1 process took over from the checkpoint registered before the kill (or a later one).
+    ranks1 = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank1-pid*.json")]
+    replacement = [w for w in ranks1 if w["pid"] != killed["pid"]]
+    assert len(replacement) == 1
+    assert replacement[0]["start_step"] >= int(CKPT.match(killed["after"]).group(1))
+    assert replacement[0]["end_step"] == PLANNED_STEPS
+    assert "end_step" not in next(w for w in ranks1 if w["pid"] == killed["pid"])
+
+
+# ---------------------------------------------------------------- S3 storage, interrupted driver, resume
+
+
+@pytest.mark.timeout(400)
+def test_s3_run_interrupted_then_resumed_by_the_same_command(head, s3, shards, tmp_path):
+    prefix = "runs/r1/"
+    env = {**head.env, "RAY_ADDRESS": head.address, "AWS_ENDPOINT_URL": s3.endpoint, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--data", shards,
+           "--storage", f"s3://{BUCKET}/runs", "--name", "r1", "--no-probe"]
+    log1 = (tmp_path / "first.log").open("w+")
+    first = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        interrupted_after = None
+        while first.poll() is None and time.monotonic() < deadline and interrupted_after is None:
+            if f"{prefix}checkpoint_manager_snapshot.json" in s3.keys(BUCKET, prefix):
+                body = s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}checkpoint_manager_snapshot.json")["Body"]
+                interrupted_after = latest_registered(body.read().decode())
+            time.sleep(0.2)
+        assert interrupted_after, "no checkpoint reached S3 before the driver ended"
+        first.kill()  # the driver dies without warning; the cluster ends its job
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    log1.seek(0)
+    first_out = log1.read()
+    assert f"[raydino] done: r1" not in first_out  # it really was interrupted
+    saved_at = int(CKPT.match(interrupted_after).group(1))
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    resumed = re.search(r"\[raydino\] resumed from step (\d+)", out)
+    assert resumed and int(resumed.group(1)) >= saved_at > 0
+    keys = s3.keys(BUCKET, prefix)
+    steps = sorted({int(m.group(1)) for k in keys if (m := re.search(r"checkpoint_(\d{8})/state\.pt$", k))})
+    assert steps == [4, 5, 8]  # the interrupted run's checkpoints are kept next to the new ones (keep 3)
+    state = s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}checkpoint_00000008/state.pt")["Body"].read()
+    (tmp_path / "state.pt").write_bytes(state)
+    assert torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=False)["step"] == PLANNED_STEPS
+    assert {f"{prefix}logs/metrics.jsonl", f"{prefix}logs/loss.png", f"{prefix}summary.json"} <= set(keys)
+    metrics = [json.loads(line) for line in s3.client().get_object(
+        Bucket=BUCKET, Key=f"{prefix}logs/metrics.jsonl")["Body"].read().decode().splitlines()]
+    logged_steps = [m["step"] for m in metrics]
+    assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == PLANNED_STEPS  # no step twice
+    stored = b"".join(s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys if not k.endswith(".pt"))
+    for text in (first_out, out, stored.decode("latin-1")):
+        assert SECRET not in text and KEY_ID not in text
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(head, shards, tmp_path, capsys):
+    """A teacher temperature of 1e-50 (after a one-epoch warm-up at 0.04) underflows to 0 in float32,
+    so the first step of epoch 2 divides by zero: an honest config mistake, no test-only code."""
+    run_dir = tmp_path / "runs" / "nan"
+    seen: dict[str, str] = {}
+    stop = threading.Event()
+
+    def hash_first_checkpoint() -> None:
+        while not stop.is_set():
+            f = run_dir / "checkpoint_00000004" / "state.pt"
+            snapshot = run_dir / "checkpoint_manager_snapshot.json"
+            if latest_registered(snapshot.read_text() if snapshot.exists() else None) and f.exists():
+                seen["sha"] = hashlib.sha256(f.read_bytes()).hexdigest()
+                return
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=hash_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        code = main(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "nan",
+                     "--set", "loss.teacher_temp=1e-50", "--set", "loss.warmup_teacher_temp_epochs=1",
+                     "--set", "train.checkpoint_every=100", "--no-probe"])
+    finally:
+        stop.set()
+        watcher.join()
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "stopped at step 4" in err and "checkpoint_00000004" in err
+    assert checkpoint_steps(run_dir) == [4]  # nothing written after the bad step
+    assert hashlib.sha256((run_dir / "checkpoint_00000004" / "state.pt").read_bytes()).hexdigest() == seen["sha"]
+    ckpt = _load_ckpt(run_dir / "checkpoint_00000004")
+    assert all(torch.isfinite(t).all() for part in ("student", "teacher") for t in ckpt[part].values())
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "non_finite_loss"
+
+
+# ---------------------------------------------------------------- requests this cluster can never satisfy
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "5"], "run.workers=5 "),
+    (["--gpus-per-worker", "1"], "1 GPU each cannot fit"),
+    (["--set", "data.node_labels={raydino/role: cpu-data}"], "no node carries these labels"),
+    (["--set", "run.cpus_per_worker=2"], "no CPU left for the data pipeline"),
+])
+def test_impossible_resources_fail_before_training(head, shards, tmp_path, capsys, flags, message):
+    code = main(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "big",
+                 "--no-probe", *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "no autoscaler" in err
+    assert not (tmp_path / "runs" / "big" / "workers").exists()  # no worker ever started (and no hang: timeout)

@@ -1,0 +1,113 @@
+"""`raydino.pretrain` on a three-node Ray cluster on this machine (`ray.cluster_utils.Cluster`).
+
+Two one-CPU nodes train, one DDP worker of 0.6 CPU each (so Ray Train cannot pack both onto one
+node), and a third one-CPU node labelled `raydino/role=cpu-data` does all the data work, as
+`data.node_labels` asks: the production layout of GPU training nodes plus CPU data nodes, in
+miniature.  The training nodes keep 0.4 CPU free, room for a 0.4-CPU data task, so only the label
+keeps the data work off them (without it, augmentation does land there).
+Checks: both training nodes trained, the data tasks ran only on the labelled node, the run took its
+planned steps with finite losses, and the final checkpoint restores to identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+
+from raydino.checkpoint import checkpoint_config, load_checkpoint, restore_state
+from raydino.config import load_config
+from raydino.data.synth import synthetic_shards
+from raydino.engine import build_train_state
+from raydino.pretrain import run
+
+pytestmark = pytest.mark.slow
+
+DATA_LABELS = {"raydino/role": "cpu-data"}
+PLANNED_STEPS = 8  # smoke: 67 training rows // (2 workers × batch 8) = 4 steps/epoch × 2 epochs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    gcs_port = free_port()
+    # Ray Train's placement-group cleaner finds the cluster by "auto", which fails when several Ray
+    # instances run on one machine; nodes started from here inherit this address instead.
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": free_port()})
+    try:
+        c.add_node(num_cpus=1)
+        data_node = c.add_node(num_cpus=1, labels=DATA_LABELS)
+        c.wait_for_nodes()
+        ray.init(address=c.address)
+        yield c, data_node.node_id
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return synthetic_shards(96, 64, seed=4, cache_root=str(tmp_path_factory.mktemp("synth")), workers=1, progress=False)
+
+
+@pytest.mark.timeout(400)
+def test_two_training_nodes_and_a_labelled_data_node(cluster, shards, tmp_path):
+    from ray.util.state import list_tasks
+
+    c, data_node_id = cluster
+    cfg = load_config("smoke", [f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", "run.name=multi",
+                                "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4",
+                                "run.cpus_per_worker=0.6", "train.threads=1"])
+    summary = run(cfg, "smoke", probe=False)
+    run_dir = tmp_path / "runs" / "multi"
+
+    # Both training nodes trained, each its share of every step; neither is the data node.
+    workers = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+    assert len({w["node_id"] for w in workers}) == 2 and data_node_id not in {w["node_id"] for w in workers}
+    assert all(w["start_step"] == 0 and w["end_step"] == PLANNED_STEPS for w in workers)
+
+    # Every data task (Parquet reads, augmentation) ran on the labelled node.
+    tasks = list_tasks(address=c.webui_url if c.webui_url.startswith("http") else f"http://{c.webui_url}",
+                       detail=True, limit=10000, raise_on_missing_output=False)
+    augment = [t for t in tasks if "augment_batch" in t.name]
+    data_tasks = [t for t in tasks if any(k in t.name for k in ("augment_batch", "ReadParquet"))]
+    assert augment and {t.node_id for t in data_tasks if t.node_id} == {data_node_id}
+
+    # The planned number of steps, every logged loss finite (DINO's loss need not fall on 8 steps).
+    metrics = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == summary["final_metrics"]["step"] == PLANNED_STEPS
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+
+    # The final checkpoint restores to identical weights (and training did move them).
+    ckpt = load_checkpoint(run_dir / "checkpoint_00000008")
+    state = build_train_state(checkpoint_config(ckpt), steps_per_epoch=4)
+    fresh = {k: v.clone() for k, v in state.teacher.state_dict().items()}
+    restore_state(state, ckpt)
+    assert state.step == PLANNED_STEPS and state.epoch == 2
+    for part, module in (("student", state.student_module), ("teacher", state.teacher)):
+        restored = module.state_dict()
+        assert restored.keys() == ckpt[part].keys()
+        for k, v in ckpt[part].items():
+            assert torch.equal(restored[k], v), f"{part}.{k} differs after restore"
+    assert any(not torch.equal(fresh[k], v) for k, v in ckpt["teacher"].items())
