@@ -586,6 +586,8 @@ class MultiCropAugment:
         the crop's jitter op order.
         """
         cfg, ws, size = self.cfg, self._workspace, crop.shape[0]
+        if not crop.flags.c_contiguous:  # OpenCV wants interleaved HWC (the channels-last resize gives it)
+            crop = np.ascontiguousarray(crop)
         if q.flip[b][k]:
             crop = _cv.cv2.flip(crop, 1, dst=ws.get("flip", size, np.uint8))
         jitter, gray, blur, med_blur, noise, bias = (q.jitter[b][k], q.grayscale[b][k], q.blur[b][k],

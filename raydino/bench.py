@@ -421,12 +421,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", type=Path, default=None, help="write results to this file and a PNG beside it")
         p.add_argument("--cache", default=".raydino", help="cache of synthetic datasets (default .raydino)")
     args = parser.parse_args(argv)
+    positive = ("images", "size", "threads", "batch", "rounds", "workers", "steps", "shard_mb", "interval")
     for name, value in vars(args).items():
-        bad = (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0) or \
-              (name.endswith(("images", "size", "threads", "batch", "rounds", "workers", "steps")) and value == 0) or \
-              (name.endswith("sizes") and min(value) < 1)
-        if bad:
-            parser.error(f"--{name.replace('_', '-')}={value}: must be >= 1 (rate, warmup, interval: >= 0)")
+        option = f"--{name.replace('_', '-')}={value}"
+        if name.endswith("sizes") and min(value) < 1:
+            parser.error(f"{option}: every dataset size must be >= 1")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name.endswith(positive) and value <= 0:
+            parser.error(f"{option}: must be > 0")
+        if value < 0:
+            parser.error(f"{option}: must be >= 0")
 
     def target(bench: str) -> Path | None:
         if args.out is not None:

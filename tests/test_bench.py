@@ -85,6 +85,7 @@ def test_data_wait_from_metrics_weights_windows_by_length():
     w = data_wait_from_metrics(rows, batch_size=4, workers=2)
     assert w["windows"] == 3 and w["train_seconds"] == pytest.approx(6.0)
     assert w["overall"] == pytest.approx(3.5 / 6.0)
+    assert w["after_start"] == pytest.approx(0.5 / 2.0)
     assert w["steady"] == pytest.approx(0.0)  # only step 4's window is not the first of its epoch
     assert data_wait_from_metrics([], 4, 2)["overall"] is None
 
