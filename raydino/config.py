@@ -196,8 +196,8 @@ class DataConfig(_Strict):
     s3_endpoint: str | None = None
     s3_region: str | None = None
     decode_batch_size: int = Field(32, ge=1)
-    augment_concurrency: int | None = Field(None, ge=1)  # augmentation actors; None: 1
-    augment_cpus: float = Field(1.0, gt=0)  # logical CPUs each augmentation actor reserves
+    augment_concurrency: int | None = Field(None, ge=1)  # cap on concurrent augmentation tasks; None: as many as free CPUs allow
+    augment_cpus: float = Field(1.0, gt=0)  # logical CPUs each data task (Parquet read, augmentation) reserves
     # Pin decoding/augmentation to labelled CPU nodes (e.g. {"raydino/role": "cpu-data"} on the
     # clusters in cluster/); None lets Ray place it anywhere (local runs).
     node_labels: dict[str, str] | None = None
@@ -250,7 +250,7 @@ def preset_names() -> list[str]:
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.exists():
             raise ConfigError(f"config file {name_or_path!r} does not exist")
         text = path.read_text()

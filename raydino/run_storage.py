@@ -6,7 +6,9 @@ Only the URI, endpoint and region travel to workers; credentials stay in each no
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,8 @@ class RunStorage:
     def local_log_dir(self, name: str) -> Path:
         """Rank 0 writes metrics here: the run directory itself when local, a staging dir otherwise."""
         if self.is_remote:
-            return Path(tempfile.gettempdir()) / "raydino-logs" / name
+            where = hashlib.sha256(self.location.uri_of(name).encode()).hexdigest()[:10]
+            return Path(tempfile.gettempdir()) / "raydino-logs" / f"{name}-{where}"
         return Path(self.location.join(name, "logs"))
 
     def upload_logs(self, name: str, local_dir: str | Path) -> None:
@@ -101,6 +104,8 @@ class RunStorage:
         the staging directory may be on a fresh node, so the stored metrics are fetched first.
         """
         local = Path(local_dir) / "metrics.jsonl"
+        if self.is_remote and resume_step == 0:
+            shutil.rmtree(local_dir, ignore_errors=True)  # staging left by an earlier run of this name
         text = self.read_text(name, "logs/metrics.jsonl") if self.is_remote else None
         if text is None and local.exists():
             text = local.read_text()

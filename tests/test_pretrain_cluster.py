@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,8 +74,9 @@ class RayHead:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = self.log.read_text()[-3000:]
                     self.stop()
-                    raise RuntimeError(f"ray start --head failed:\n{self.log.read_text()[-3000:]}")
+                    raise RuntimeError(f"ray start --head failed:\n{log}")
                 time.sleep(0.5)
 
     @property
@@ -98,6 +100,7 @@ class RayHead:
                 self.proc.poll()  # reap the leader
                 time.sleep(0.2)
         self.proc.poll()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -121,7 +124,10 @@ def head(s3):
     """The head inherits the dummy AWS credentials: its nodes' credential chain, as an instance role would be."""
     import ray
 
-    node = RayHead(num_cpus=4, env=dict(os.environ))
+    try:
+        node = RayHead(num_cpus=4, env=dict(os.environ))
+    except RuntimeError:  # e.g. a free port taken by another process meanwhile: once more, new ports
+        node = RayHead(num_cpus=4, env=dict(os.environ))
     try:
         ray.init(address=node.address, log_to_driver=True)
         yield node
