@@ -307,14 +307,19 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     except yaml.YAMLError:
         value = raw
     out = _deep_merge(data, {})
-    node = out
+    set_dotted(out, key, value)
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`data["a"]["b"] = value` for key "a.b", creating sections; shared by config and search specs."""
+    node = data
     parts = key.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")
     node[parts[-1]] = value
-    return out
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

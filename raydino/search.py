@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import Config, ConfigError, apply_override, load_config
+from .config import Config, ConfigError, apply_override, load_config, set_dotted
 
 METRIC = "val_auroc"  # what every trial reports and the search maximises
 TEST_METRICS = ("auroc", "aupr", "sensitivity", "specificity", "accuracy", "f1", "kappa")  # probe.METRICS
@@ -214,13 +214,7 @@ def parse_spec(data: dict[str, Any], source: str = "spec", sets: list[str] | tup
                 ov = [f"{k}={json.dumps(v)}" for k, v in ov.items()]
             data["overrides"] = [*ov, f"{key}={raw}"]
             continue
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        set_dotted(data, key, yaml.safe_load(raw))
     try:
         return SearchSpec.model_validate(data)
     except ValidationError as e:

@@ -59,3 +59,15 @@ def dummy_aws_credentials() -> Iterator[dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def loopback_bucket(bucket: str) -> Iterator[LoopbackS3]:
+    """Dummy credentials + a moto server on 127.0.0.1 holding `bucket`; stopped on exit, whatever happens."""
+    with dummy_aws_credentials():
+        server = LoopbackS3()
+        server.client().create_bucket(Bucket=bucket)
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 pytest.importorskip("moto.server")
-from s3_fixture import KEY_ID, SECRET, LoopbackS3, dummy_aws_credentials  # noqa: E402
+from s3_fixture import KEY_ID, SECRET, loopback_bucket  # noqa: E402
 
 from raydino.config import build_config, load_config  # noqa: E402
 from raydino.data.synth import synthetic_shards  # noqa: E402
@@ -32,13 +32,8 @@ def shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def s3():
-    with dummy_aws_credentials():
-        server = LoopbackS3()
-        server.client().create_bucket(Bucket=BUCKET)
-        try:
-            yield server
-        finally:
-            server.stop()
+    with loopback_bucket(BUCKET) as server:
+        yield server
 
 
 def fails_before_training(argv: list[str], capsys) -> str:

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 pytest.importorskip("moto.server")
-from s3_fixture import KEY_ID, SECRET, LoopbackS3, dummy_aws_credentials  # noqa: E402
+from s3_fixture import KEY_ID, SECRET, loopback_bucket  # noqa: E402
 
 from raydino.config import load_config  # noqa: E402
 from raydino.data.synth import synthetic_shards  # noqa: E402
@@ -110,13 +110,8 @@ def _group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def s3():
-    with dummy_aws_credentials():
-        server = LoopbackS3()
-        server.client().create_bucket(Bucket=BUCKET)
-        try:
-            yield server
-        finally:
-            server.stop()
+    with loopback_bucket(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
