@@ -4,6 +4,7 @@
     python -m raydino.bench train [--config demo] [--workers 2] [--steps 30] [--warmup 5] [--rounds 2] [--no-smoke]
     python -m raydino.bench data  [--config demo] [--sizes 1000 20000] [--image-size 96] [--rate 1000]
     python -m raydino.bench all   [--out DIR]
+    python -m raydino.bench gpu   [--config vits16-paper] [--steps 20] [--warmup 5]   (needs CUDA, not Ray)
 
 Every subcommand prints progress with an ETA and ends with its ratio line; `--out DIR` writes
 DIR/<bench>.json and a PNG beside it (`--json FILE` for one subcommand: FILE and FILE's .png).
@@ -21,7 +22,8 @@ real fundus photograph, at --size px), interleaved over --rounds rounds (best ro
 
 "Per core" = images / CPU seconds of this process (`time.process_time`), so a busy machine
 (other processes sharing the cores) distorts the ratios less; wall-clock rates are printed
-beside them.  `train` (raydino.bench_train) and `data` (raydino.bench_data) have their own docs.
+beside them.  `train` (raydino.bench_train), `data` (raydino.bench_data) and `gpu` (raydino.bench_gpu) have their
+own docs.
 """
 
 from __future__ import annotations
@@ -385,6 +387,15 @@ def _add_data_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="Ray Data's target_max_block_size for the run in MB (default 0: Ray's own, 128 MB)")
 
 
+def _add_gpu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="vits16-paper", help="config of the timed model and batch (default vits16-paper)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per precision (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--aug-images", type=int, default=1024, help="images through the GPU augmentation (default 1024)")
+    p.add_argument("--cpu-images", type=int, default=64, help="images through each CPU pipeline (default 64)")
+
+
 def _sub_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
     """The `all` subcommand's --train-x / --data-x options as a plain namespace for one bench."""
     sub = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
@@ -400,6 +411,7 @@ def _write(result: dict[str, Any], path: Path, plot: Callable[[dict[str, Any], P
 
 def main(argv: list[str] | None = None) -> int:
     from .bench_data import bench_data, plot_data
+    from .bench_gpu import bench_gpu, plot_gpu
     from .bench_train import bench_train, plot_train
 
     parser = argparse.ArgumentParser(prog="python -m raydino.bench", description=__doc__.split("\n\n")[0])
@@ -409,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         "train": sub.add_parser("train", help="Ray Train step time vs a plain PyTorch DDP loop; smoke data-wait"),
         "data": sub.add_parser("data", help="Ray Data stream: peak memory for two dataset sizes, images/s, data-wait"),
         "all": sub.add_parser("all", help="aug, train and data (options of train/data prefixed --train-/--data-)"),
+        "gpu": sub.add_parser("gpu", help="one CUDA GPU: bf16 vs fp32 DINO steps under DDP/NCCL, GPU augmentation"),
     }
+    _add_gpu_args(parsers["gpu"])
     _add_aug_args(parsers["aug"])
     _add_train_args(parsers["train"])
     _add_data_args(parsers["data"])
@@ -444,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "aug": (lambda: bench_aug(args), _plot),
         "train": (lambda: bench_train(args if args.cmd == "train" else _sub_args(args, "train_")), plot_train),
         "data": (lambda: bench_data(args if args.cmd == "data" else _sub_args(args, "data_")), plot_data),
+        "gpu": (lambda: bench_gpu(args), plot_gpu),
     }
     for bench in (["aug", "train", "data"] if args.cmd == "all" else [args.cmd]):
         run, plot = runs[bench]

@@ -102,7 +102,8 @@ class AugmentConfig(_Strict):
     noise_p: float = Field(0.0, ge=0, le=1)
     bias_field: float = Field(0.0, ge=0, le=1)
     bias_field_p: float = Field(0.0, ge=0, le=1)
-    # Where the augmentation runs: "cpu" (Ray Data workers) or "cuda" (on the training device).
+    # Where the crops are made: "cpu" (Ray Data tasks, on any node's CPUs: the default) or "cuda"
+    # (on each training worker's GPU, batched; Ray Data then only streams the encoded images).
     device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="before")
@@ -233,6 +234,14 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     probe: ProbeConfig = ProbeConfig()
+
+    @model_validator(mode="after")
+    def _gpu_augmentation_needs_gpus(self) -> "Config":
+        if self.augment.device == "cuda" and self.run.gpus_per_worker <= 0:
+            raise ValueError(
+                "augment.device='cuda' makes the crops on each training worker's GPU, but run.gpus_per_worker="
+                f"{self.run.gpus_per_worker:g}: set run.gpus_per_worker >= 1 (--gpus-per-worker), or augment.device=cpu")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -152,7 +152,10 @@ def init_ray(cfg: Config) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     # address="local": never join whatever /tmp/ray/ray_current_cluster points at (maybe long dead).
-    ray.init(address="local", num_cpus=local_cpu_tokens(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
+    # include_dashboard=None: the dashboard (with the State API that frees a failed worker group's
+    # placement group) wherever ray[default] is installed, as raydino's dependencies ask; where only
+    # minimal Ray is (a bare GPU image, say), Ray's minimal API server instead of a start-up error.
+    ray.init(address="local", num_cpus=local_cpu_tokens(cfg), include_dashboard=None, dashboard_host="127.0.0.1",
              runtime_env=runtime_env, log_to_driver=True)
 
 
@@ -278,7 +281,7 @@ def train_worker(conf: dict[str, Any]) -> None:
 
     from .checkpoint import load_checkpoint, restore_state, save_checkpoint
     from .engine import NonFiniteLossError, build_train_state
-    from .streaming import crop_keys
+    from .streaming import worker_epoch_batches
     from .tracking import RunTracker
     from .trainer import LoopHooks, fit
 
@@ -306,12 +309,9 @@ def train_worker(conf: dict[str, Any]) -> None:
     spe = state.schedules.steps_per_epoch
     tracker = RunTracker(conf["log_dir"] if rank == 0 else None, state.schedules.total_steps,
                          -(-state.schedules.total_steps // spe), printer=say)
-    shard = ray.train.get_dataset_shard("train")
-    keys = crop_keys(cfg.augment)
-
-    def epoch_batches(epoch: int):
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, dtypes=torch.uint8):
-            yield [batch[k] for k in keys]
+    # A seed of its own per rank and per (re)start, so a replaced worker does not replay its crops.
+    epoch_batches = worker_epoch_batches(cfg, ray.train.get_dataset_shard("train"), device,
+                                         seed=cfg.train.seed * 1_000_003 + rank * 10_007 + state.step)
 
     def on_log(state, metrics):
         if rank == 0:

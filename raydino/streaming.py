@@ -5,6 +5,8 @@ decode + multi-crop (uint8) ──streaming_split──▶ one stream per Ray Tr
 
 The augmentation runs in Ray Data tasks, so CPU-only nodes (labelled by the cluster configs) can
 do it while GPU nodes train; `map_batches` re-runs every epoch, so every epoch gets fresh crops.
+With `augment.device: cuda` the tasks only filter the rows and pass the encoded images on; each
+training worker then makes its crops on its own GPU (`worker_epoch_batches`).
 
 Why tasks and not an actor pool: Ray Data tears an actor pool down at the end of every epoch and
 starts new actors (a fresh Python process that imports torch) at the next one.  Tasks run in Ray's
@@ -48,6 +50,42 @@ def augment_batch(
     aug, keep_splits = _augmenter(augment, splits)
     keep = [i for i, s in enumerate(batch["split"]) if s in keep_splits]
     return aug.augment_batch([batch["image"][i] for i in keep])
+
+
+def encoded_batch(batch: dict[str, np.ndarray], splits: tuple[str, ...] = PRETRAIN_SPLITS) -> dict[str, np.ndarray]:
+    """`map_batches` function for `augment.device: cuda`: the pretraining rows' encoded images, as they are."""
+    keep = np.array([s in splits for s in batch["split"]], dtype=bool)
+    return {"image": batch["image"][keep]}
+
+
+def worker_epoch_batches(cfg: Config, shard: Any, device: Any, seed: int):
+    """`epoch -> iterator of crop lists` for a Ray Train worker reading its `get_dataset_shard`.
+
+    augment.device=cpu: the stream carries uint8 crops; they are only batched as tensors here.
+    augment.device=cuda: the stream carries encoded images; `DeviceMultiCropAugment` decodes them on
+    the CPU and makes every crop of the batch on this worker's GPU (uint8, already on the device).
+    """
+    import torch
+
+    keys = crop_keys(cfg.augment)
+    batch_size = cfg.train.batch_size
+    if cfg.augment.device == "cuda":
+        from .augment_gpu import DeviceMultiCropAugment
+
+        aug = DeviceMultiCropAugment(cfg.augment, device=device, seed=seed)
+
+        def on_device(epoch: int):
+            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+                out = aug.augment_tensors(list(batch["image"]))
+                yield [out[k] for k in keys]
+
+        return on_device
+
+    def from_stream(epoch: int):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.uint8):
+            yield [batch[k] for k in keys]
+
+    return from_stream
 
 
 def pretrain_shard_paths(shards: Any, splits: tuple[str, ...] = PRETRAIN_SPLITS) -> list[str]:
@@ -114,9 +152,10 @@ def build_pretrain_dataset(cfg: Config, shards: Any):
             num_cpus=cfg.data.augment_cpus,
             ray_remote_args=placement or None,
         )
+    on_gpu = cfg.augment.device == "cuda"
     return ds.map_batches(
-        augment_batch,
-        fn_kwargs={"augment": cfg.augment.model_dump(mode="json")},
+        encoded_batch if on_gpu else augment_batch,
+        fn_kwargs={} if on_gpu else {"augment": cfg.augment.model_dump(mode="json")},
         batch_size=cfg.data.decode_batch_size,
         batch_format="numpy",
         num_cpus=cfg.data.augment_cpus,

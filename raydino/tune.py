@@ -211,7 +211,7 @@ def _run_in_process(cfg: Config, spec: SearchSpec, ctx: dict[str, Any]) -> None:
         with resumed.as_directory() as d:
             restore_state(state, load_checkpoint(d), restore_rng=False)
     shards = open_dataset(ctx["data_uri"], cfg)
-    batches = local_epoch_batches(shards, cfg.augment, cfg.train.batch_size, seed=cfg.train.seed)
+    batches = local_epoch_batches(shards, cfg.augment, cfg.train.batch_size, seed=cfg.train.seed, device=device)
     timers = state.extra.setdefault("tune_timers", {"train": 0.0, "probe": 0.0, "checkpoint": 0.0})
     timers["train"] += time.perf_counter() - t0
     t = time.perf_counter()
@@ -237,7 +237,7 @@ def _worker_loop(conf: dict[str, Any]) -> None:
 
     from .checkpoint import load_checkpoint, restore_state
     from .engine import NonFiniteLossError, build_train_state
-    from .streaming import crop_keys
+    from .streaming import worker_epoch_batches
 
     cfg, ctx = build_config(conf["config"]), conf["ctx"]
     spec = SearchSpec.model_validate(ctx["spec"])
@@ -254,12 +254,8 @@ def _worker_loop(conf: dict[str, Any]) -> None:
         with resumed.as_directory() as d:
             restore_state(state, load_checkpoint(d), restore_rng=False)
     state.extra.setdefault("tune_timers", {"train": 0.0, "probe": 0.0, "checkpoint": 0.0})["train"] += time.perf_counter() - t0
-    shard = ray.train.get_dataset_shard("train")
-    keys = crop_keys(cfg.augment)
-
-    def epoch_batches(epoch: int):
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, dtypes=torch.uint8):
-            yield [batch[k] for k in keys]
+    epoch_batches = worker_epoch_batches(cfg, ray.train.get_dataset_shard("train"), device,
+                                         seed=cfg.train.seed * 1_000_003 + rank * 10_007 + state.step)
 
     evaluator = None
     if rank == 0:

@@ -5,6 +5,9 @@ ports, so other Ray users on the machine are untouched).  On it: a job submitted
 `ray job submit --working-dir`, a training worker SIGKILLed mid-run, a driver killed mid-run and the
 same command rerun against S3 storage (a moto server on loopback), a non-finite loss, and resource
 requests the cluster can never satisfy.  No mocks: real Ray, real processes, real HTTP.
+
+Every training run has a driver process of its own (`python -m raydino.pretrain`, as users run it);
+only the resource checks that fail before training run in this test's process.
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ import torch
 pytest.importorskip("moto.server")
 from s3_fixture import KEY_ID, SECRET, loopback_bucket  # noqa: E402
 
-from raydino.config import load_config  # noqa: E402
 from raydino.data.synth import synthetic_shards  # noqa: E402
-from raydino.pretrain import main, run  # noqa: E402
+from raydino.pretrain import main  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -136,8 +138,15 @@ def shards(tmp_path_factory) -> str:
     return synthetic_shards(96, 64, seed=3, cache_root=str(tmp_path_factory.mktemp("synth")), workers=1, progress=False)
 
 
-def smoke(shards: str, storage: str, name: str, *overrides: str):
-    return load_config("smoke", [f"data.uri={shards}", f"run.storage={storage}", f"run.name={name}", *overrides])
+def driver_env(head: RayHead, **extra: str) -> dict[str, str]:
+    return {**head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def pretrain_cmd(shards: str, storage: str, name: str, *flags: str) -> list[str]:
+    """`python -m raydino.pretrain` as its own driver process, as users run it (never this test's
+    process: a driver of its own per run keeps each test's Ray job separate)."""
+    return [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--data", shards, "--storage", storage,
+            "--name", name, "--no-probe", *flags]
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -205,10 +214,14 @@ def test_killed_worker_is_replaced_and_run_completes(head, shards, tmp_path):
     killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
     killer.start()
     try:
-        summary = run(smoke(shards, str(tmp_path / "runs"), "fault"), "smoke", probe=False)
+        done = subprocess.run(pretrain_cmd(shards, str(tmp_path / "runs"), "fault"), env=driver_env(head),
+                              capture_output=True, text=True, timeout=280, cwd=tmp_path)
     finally:
         stop.set()
         killer.join()
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert killed, "the first checkpoint never appeared"
     assert summary["final_metrics"]["step"] == PLANNED_STEPS
     # Nothing lost: checkpoints at 4 (epoch end), 5 (every 5 steps), 8 (end); all kept (keep_checkpoints=3).
@@ -229,9 +242,8 @@ def test_killed_worker_is_replaced_and_run_completes(head, shards, tmp_path):
 @pytest.mark.timeout(400)
 def test_s3_run_interrupted_then_resumed_by_the_same_command(head, s3, shards, tmp_path):
     prefix = "runs/r1/"
-    env = {**head.env, "RAY_ADDRESS": head.address, "AWS_ENDPOINT_URL": s3.endpoint, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--data", shards,
-           "--storage", f"s3://{BUCKET}/runs", "--name", "r1", "--no-probe"]
+    env = driver_env(head, AWS_ENDPOINT_URL=s3.endpoint)
+    cmd = pretrain_cmd(shards, f"s3://{BUCKET}/runs", "r1")
     log1 = (tmp_path / "first.log").open("w+")
     first = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
@@ -278,7 +290,7 @@ def test_s3_run_interrupted_then_resumed_by_the_same_command(head, s3, shards, t
 
 
 @pytest.mark.timeout(300)
-def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(head, shards, tmp_path, capsys):
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(head, shards, tmp_path):
     """A teacher temperature of 1e-50 (after a one-epoch warm-up at 0.04) underflows to 0 in float32,
     so the first step of epoch 2 divides by zero: an honest config mistake, no test-only code."""
     run_dir = tmp_path / "runs" / "nan"
@@ -297,14 +309,15 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(head, sh
     watcher = threading.Thread(target=hash_first_checkpoint, daemon=True)
     watcher.start()
     try:
-        code = main(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "nan",
-                     "--set", "loss.teacher_temp=1e-50", "--set", "loss.warmup_teacher_temp_epochs=1",
-                     "--set", "train.checkpoint_every=100", "--no-probe"])
+        done = subprocess.run(
+            pretrain_cmd(shards, str(tmp_path / "runs"), "nan", "--set", "loss.teacher_temp=1e-50",
+                         "--set", "loss.warmup_teacher_temp_epochs=1", "--set", "train.checkpoint_every=100"),
+            env=driver_env(head), capture_output=True, text=True, timeout=280, cwd=tmp_path)
     finally:
         stop.set()
         watcher.join()
-    err = capsys.readouterr().err
-    assert code == 3, err
+    err = done.stderr
+    assert done.returncode == 3, (done.stdout + err)[-4000:]
     assert "stopped at step 4" in err and "checkpoint_00000004" in err
     assert checkpoint_steps(run_dir) == [4]  # nothing written after the bad step
     assert hashlib.sha256((run_dir / "checkpoint_00000004" / "state.pt").read_bytes()).hexdigest() == seen["sha"]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from raydino.augment import MultiCropAugment
+from raydino.augment_gpu import build_augment
 from raydino.config import AugmentConfig
 from raydino.data.shards import ShardSet
 
@@ -34,9 +35,14 @@ def local_epoch_batches(
     seed: int = 0,
     splits: Sequence[str] = PRETRAIN_SPLITS,
     shuffle_buffer: int = 1024,
+    device: str | torch.device | None = None,
 ) -> Callable[[int], Iterator[list[torch.Tensor]]]:
-    """`epoch -> iterator of crop lists` (uint8 [B,3,S,S], globals first), reshuffled per epoch."""
-    aug = MultiCropAugment(augment, seed=seed)
+    """`epoch -> iterator of crop lists` (uint8 [B,3,S,S], globals first), reshuffled per epoch.
+
+    With `augment.device: cuda` the crops are made on `device` (default: the current CUDA device)
+    by the batched device pipeline, and arrive there; otherwise on the CPU.
+    """
+    aug = build_augment(augment, seed=seed, device=device) if augment.device == "cuda" else MultiCropAugment(augment, seed=seed)
     keys = crop_keys(augment)
     present = [s for s in splits if shards.rows(s) > 0]
 
