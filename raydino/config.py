@@ -211,6 +211,9 @@ class RunConfig(_Strict):
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(3, ge=-1)
+    # With an autoscaler: how long the run waits for nodes that can host its workers before failing
+    # (None: forever).  Without one, a run that cannot fit fails before training (check_resources).
+    max_node_wait_s: float | None = Field(3600, gt=0)
 
 
 class ProbeConfig(_Strict):

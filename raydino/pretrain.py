@@ -32,6 +32,8 @@ DEFAULT_CACHE = Path(".raydino")
 EXIT_BAD_INPUT = 2  # config, data, storage or cluster cannot work: nothing was trained
 EXIT_TRAINING_FAILED = 1  # Ray Train gave up (more failures than run.max_failures)
 EXIT_NON_FINITE = 3  # the loss became NaN/inf: stopped, the last good checkpoint is kept
+# Ray Train's time limit for one attempt to start the worker group, and its default (Ray 2.60).
+START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
 NON_FINITE_FILE = "non_finite.json"  # in the run directory: step and message of a non-finite stop
 
 
@@ -191,6 +193,22 @@ def autoscaler_present() -> bool:
         return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
     except Exception:
         return False
+
+
+def start_attempts(cfg: Config) -> int:
+    """How many worker-group start timeouts Ray Train may retry (its `controller_failure_limit`).
+
+    Without an autoscaler, a worker group that cannot be placed (fragmented nodes, a node lost for
+    good) will not become placeable by waiting: a few attempts, not forever.  With one, nodes may
+    come: wait about `run.max_node_wait_s` (one attempt lasts RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+    Ray's default 60 s), so a request no node type can ever satisfy ends instead of hanging.
+    """
+    if not autoscaler_present():
+        return 3
+    if cfg.run.max_node_wait_s is None:
+        return -1
+    per_attempt = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+    return max(1, math.ceil(cfg.run.max_node_wait_s / per_attempt))
 
 
 def _has_labels(node: dict[str, Any], labels: dict[str, str] | None) -> bool:
@@ -420,10 +438,8 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
             storage_path=storage.train_storage_path,
             storage_filesystem=storage.filesystem if storage.is_remote else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            # Without an autoscaler, a worker group that cannot be placed (fragmented nodes, a node lost for
-            # good) will not become placeable by waiting: give up after a few start timeouts, not never.
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
-                                                   controller_failure_limit=-1 if autoscaler_present() else 3),
+                                                   controller_failure_limit=start_attempts(cfg)),
         ),
         datasets={"train": build_pretrain_dataset(cfg, shards)},
         # Train replaces the dataset's execution options; this carries data.node_labels through.
@@ -493,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, ray.train.TrainingFailedError):
             raise
+        if "startup timed out" in str(e) or "StartupTimeout" in repr(e):  # Ray Train 2.60's wording
+            print(f"raydino.pretrain: the training workers never started: no room for run.workers="
+                  f"{cfg.run.workers} x (CPU {cfg.run.cpus_per_worker:g}, GPU {cfg.run.gpus_per_worker:g}) appeared "
+                  f"within run.max_node_wait_s={cfg.run.max_node_wait_s} s ({e}).\nCheck that the autoscaler has a "
+                  f"node type that fits one worker and room for all of them (ray status), or raise "
+                  f"run.max_node_wait_s; rerun the same command to resume.", file=sys.stderr)
+            return EXIT_TRAINING_FAILED
         print(f"raydino.pretrain: training failed more than run.max_failures times: {e}\n"
               f"Fix the cause above, then rerun the same command (same --name) to resume from the latest checkpoint.",
               file=sys.stderr)
