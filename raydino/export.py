@@ -3,15 +3,16 @@
 Writes the frozen teacher backbone with timm's own key names, so that plain timm loads it with
 nothing of raydino installed:
 
-    timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay=dict(file="backbone.safetensors"),
+    timm.create_model("vit_small_patch16_224", num_classes=0, checkpoint_path="backbone.safetensors",
                       img_size=224, dynamic_img_size=True)
 
 and a sidecar `backbone.json` (arch, img_size, step, the exact create_model call, the resolved
-pretraining config).  For ViTs pass the `img_size` the sidecar names: timm would otherwise build
-its default grid and resample the position embedding on load (timm's `checkpoint_filter_fn`),
-which loads but gives slightly different features.  The export checks itself: it rebuilds the
-model through that very call and compares features on a fixed input.
+pretraining config).  For ViTs pass the `img_size` the sidecar names: the position embedding is
+saved for that grid, and `checkpoint_path` loads strictly (no resampling).  `checkpoint_path`, not
+`pretrained=True` with `pretrained_cfg_overlay=dict(file=...)`: timm 1.0.29 routes a ViT's
+pretrained `file` to its JAX .npz loader and refuses a safetensors file there (1.0.31 accepts it),
+while `checkpoint_path` loads safetensors the same way in both (tests/test_export.py ran on both).  The export checks itself: it rebuilds the model through that very call and compares
+features on a fixed input.
 """
 
 from __future__ import annotations
@@ -35,15 +36,12 @@ FORMAT = "raydino-backbone"
 def create_model_call(arch: str, path: str | Path, img_size: int | None, vit: bool) -> str:
     """The one-line timm call that rebuilds the exported backbone."""
     extra = f", img_size={img_size}, dynamic_img_size=True" if vit and img_size else ""
-    return (
-        f'timm.create_model("{arch}", pretrained=True, num_classes=0, '
-        f'pretrained_cfg_overlay=dict(file="{path}"){extra})'
-    )
+    return f'timm.create_model("{arch}", num_classes=0, checkpoint_path="{path}"{extra})'
 
 
 def timm_model(arch: str, path: str | Path, img_size: int | None, vit: bool) -> torch.nn.Module:
     """What `create_model_call` says, executed (used by the self-check)."""
-    kwargs: dict[str, Any] = {"pretrained": True, "num_classes": 0, "pretrained_cfg_overlay": {"file": str(path)}}
+    kwargs: dict[str, Any] = {"num_classes": 0, "checkpoint_path": str(path)}
     if vit and img_size:
         kwargs.update(img_size=img_size, dynamic_img_size=True)
     return timm.create_model(arch, **kwargs)

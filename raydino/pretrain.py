@@ -290,36 +290,55 @@ def warn_about_locality(cfg: Config, storage: RunStorage, data_uri: str) -> None
             f"node mounts (else use s3://)")
 
 
-def train_worker(conf: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: build state, restore, stream crops, fit, report."""
+def worker_state(cfg: Config, steps_per_epoch: int) -> tuple[Any, int, int, Any, bool]:
+    """On a Ray Train worker: the DINO state on this worker's device (student in DDP when there are
+    several workers), restored from Ray Train's latest checkpoint if there is one.
+
+    Returns (state, rank, world size, device, whether it was restored).
+    """
     import ray.train
     import ray.train.torch
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from .checkpoint import load_checkpoint, restore_state, save_checkpoint
-    from .engine import NonFiniteLossError, build_train_state
+    from .checkpoint import load_checkpoint, restore_state
+    from .engine import build_train_state
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.run.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    state = build_train_state(cfg, steps_per_epoch, world, device)
+    if world > 1:
+        state.student = DistributedDataParallel(state.student, device_ids=[device] if device.type == "cuda" else None)
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            restore_state(state, load_checkpoint(d), restore_rng=False)
+    return state, rank, world, device, resumed is not None
+
+
+def worker_seed(cfg: Config, rank: int, step: int) -> int:
+    """A seed of its own per rank and per (re)start, so a replaced worker does not replay its crops."""
+    return cfg.train.seed * 1_000_003 + rank * 10_007 + step
+
+
+def train_worker(conf: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build state, restore, stream crops, fit, report."""
+    import ray.train
+
+    from .checkpoint import save_checkpoint
+    from .engine import NonFiniteLossError
     from .streaming import worker_epoch_batches
     from .tracking import RunTracker
     from .trainer import LoopHooks, fit
 
     cfg = build_config(conf["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.run.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    state = build_train_state(cfg, conf["steps_per_epoch"], world, device)
-    if world > 1:
-        state.student = DistributedDataParallel(state.student, device_ids=[device] if device.type == "cuda" else None)
-
+    state, rank, world, device, resumed = worker_state(cfg, conf["steps_per_epoch"])
     storage = RunStorage.from_dict(conf["storage"])
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            restore_state(state, load_checkpoint(d), restore_rng=False)
-        if rank == 0:
-            say(f"[raydino] resumed from step {state.step} (epoch {state.epoch})"
-                + (" — the run is already complete, nothing to train" if state.done else ""))
+    if resumed and rank == 0:
+        say(f"[raydino] resumed from step {state.step} (epoch {state.epoch})"
+            + (" — the run is already complete, nothing to train" if state.done else ""))
     if rank == 0:
         # Drop metrics logged after the checkpoint we resume from: they are trained again.
         storage.prepare_logs(cfg.run.name, conf["log_dir"], state.step)
@@ -327,9 +346,8 @@ def train_worker(conf: dict[str, Any]) -> None:
     spe = state.schedules.steps_per_epoch
     tracker = RunTracker(conf["log_dir"] if rank == 0 else None, state.schedules.total_steps,
                          -(-state.schedules.total_steps // spe), printer=say)
-    # A seed of its own per rank and per (re)start, so a replaced worker does not replay its crops.
     epoch_batches = worker_epoch_batches(cfg, ray.train.get_dataset_shard("train"), device,
-                                         seed=cfg.train.seed * 1_000_003 + rank * 10_007 + state.step)
+                                         seed=worker_seed(cfg, rank, state.step))
 
     def on_log(state, metrics):
         if rank == 0:

@@ -230,32 +230,20 @@ def _run_in_process(cfg: Config, spec: SearchSpec, ctx: dict[str, Any]) -> None:
 def _worker_loop(conf: dict[str, Any]) -> None:
     """Ray Train worker of a multi-worker trial: DDP DINO on the streamed crops, rank 0 evaluates."""
     import ray.train
-    import ray.train.torch
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    from .checkpoint import load_checkpoint, restore_state
-    from .engine import NonFiniteLossError, build_train_state
+    from .engine import NonFiniteLossError
+    from .pretrain import worker_seed, worker_state
     from .streaming import worker_epoch_batches
 
     cfg, ctx = build_config(conf["config"]), conf["ctx"]
     spec = SearchSpec.model_validate(ctx["spec"])
     t0 = time.perf_counter()
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.run.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    state = build_train_state(cfg, ctx["steps_per_epoch"], world, device)
-    if world > 1:
-        state.student = DistributedDataParallel(state.student, device_ids=[device] if device.type == "cuda" else None)
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            restore_state(state, load_checkpoint(d), restore_rng=False)
+    state, rank, world, device, _ = worker_state(cfg, ctx["steps_per_epoch"])
     state.extra.setdefault("tune_timers", {"train": 0.0, "probe": 0.0, "checkpoint": 0.0})["train"] += time.perf_counter() - t0
     epoch_batches = worker_epoch_batches(cfg, ray.train.get_dataset_shard("train"), device,
-                                         seed=cfg.train.seed * 1_000_003 + rank * 10_007 + state.step)
+                                         seed=worker_seed(cfg, rank, state.step))
 
     evaluator = None
     if rank == 0:
