@@ -18,7 +18,7 @@ pooled worker processes, which survive between epochs, and `augment_batch` keeps
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,7 +58,7 @@ def encoded_batch(batch: dict[str, np.ndarray], splits: tuple[str, ...] = PRETRA
     return {"image": batch["image"][keep]}
 
 
-def worker_epoch_batches(cfg: Config, shard: Any, device: Any, seed: int):
+def worker_epoch_batches(cfg: Config, shard: Any, device: Any, seed: int) -> Callable[[int], Iterator[list[Any]]]:
     """`epoch -> iterator of crop lists` for a Ray Train worker reading its `get_dataset_shard`.
 
     augment.device=cpu: the stream carries uint8 crops; they are only batched as tensors here.
