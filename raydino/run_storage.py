@@ -65,6 +65,12 @@ class RunStorage:
                 newest[run] = max(newest.get(run, 0.0), info.mtime.timestamp())
         return max(newest, key=newest.get) if newest else None
 
+    def folders(self, name: str) -> set[str]:
+        """Names of the folders directly inside run (or experiment) `name` that hold files."""
+        base = self.location.join(name)
+        return {info.path[len(base):].strip("/").split("/", 1)[0] for info in st.list_files(self.location, base)
+                if "/" in info.path[len(base):].strip("/")}
+
     def check_writable(self, name: str) -> None:
         try:
             st.check_writable(self.location.child(name))

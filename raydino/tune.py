@@ -595,12 +595,18 @@ def run_search(spec: SearchSpec, resume: bool = False, cache: Path = DEFAULT_CAC
         history = [] if df is None else [{k: v for k, v in row.items() if not str(k).startswith("config/")} for row in df.to_dict("records")]
         trials.append({"trial_id": Path(str(result.path)).name.removeprefix("trial_"), "params": dict(result.config or {}),
                        "history": history, "error": str(result.error) if result.error else None})
+    # A driver killed after Tune made a trial's folder but before it saved the experiment state leaves that
+    # trial unknown to the resumed search (which samples another in its place): name such folders.
+    known = {f"trial_{t['trial_id']}" for t in trials}
+    orphans = sorted(f for f in storage.folders(spec.name) if f.startswith("trial_") and f not in known)
     return write_report(spec, storage, trials, ctx["steps_per_epoch"], budget_epochs, seconds,
-                        progress.wall if progress else {}, hit_budget=bool(spec.time_budget_s and seconds >= spec.time_budget_s))
+                        progress.wall if progress else {}, hit_budget=bool(spec.time_budget_s and seconds >= spec.time_budget_s),
+                        orphans=orphans)
 
 
 def write_report(spec: SearchSpec, storage: RunStorage, trials: list[dict[str, Any]], steps_per_epoch: int,
-                 budget_epochs: int, seconds: float, wall: dict[str, float], hit_budget: bool = False) -> dict[str, Any]:
+                 budget_epochs: int, seconds: float, wall: dict[str, float], hit_budget: bool = False,
+                 orphans: list[str] | None = None) -> dict[str, Any]:
     """Tables, best config, plots and summary into the experiment directory (local or s3://)."""
     keys = list(spec.space)
     rows = search.results_table(trials, keys, budget_epochs, wall)
@@ -611,6 +617,10 @@ def write_report(spec: SearchSpec, storage: RunStorage, trials: list[dict[str, A
     paper = search.paper_report(rows)
     extra = {"search time": format_duration(seconds) + (" (stopped by time_budget_s)" if hit_budget else ""),
              "trial overhead (wall − pretraining − probe, over trials timed this session)": f"{overhead:.1%}" if overhead is not None else "–"}
+    if orphans:
+        extra["trial folders not in these results"] = (
+            f"{', '.join(orphans)}: started by a driver that was killed before Tune recorded them; the resumed "
+            "search ran other trials in their place. They can be deleted.")
     files: dict[str, bytes] = {
         "results.csv": search.table_bytes(rows, "csv"), "results.parquet": search.table_bytes(rows, "parquet"),
         "metrics.csv": search.table_bytes(search.history_table(trials), "csv"),
@@ -632,6 +642,7 @@ def write_report(spec: SearchSpec, storage: RunStorage, trials: list[dict[str, A
                 files[f"plots/{made.name}"] = made.read_bytes()
     summary = {"name": spec.name, "experiment": storage.location.uri_of(spec.name), "seconds": seconds, "hit_time_budget": hit_budget,
                "trial_overhead_fraction": overhead, "counts": {s: sum(r["status"] == s for r in rows) for s in search.STATUSES},
+               "orphaned_trial_folders": orphans or [],
                "best": best, "rows": rows}
     if paper:
         summary["presets"] = {"table": paper["table"], "paired": paper["paired"]}
