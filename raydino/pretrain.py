@@ -195,6 +195,51 @@ def autoscaler_present() -> bool:
         return False
 
 
+def autoscaler_node_groups() -> list[tuple[str, dict[str, float], int]] | None:
+    """The node types an autoscaler v2 (KubeRay's, with `autoscalerOptions.version: v2`) may launch:
+    (name, resources per node, max count; -1 = no limit).  None where Ray does not publish them (v1)."""
+    try:
+        from ray._private.state import state
+
+        return node_groups_of(state.get_cluster_config())
+    except Exception:
+        return None
+
+
+def node_groups_of(cluster_config: Any) -> list[tuple[str, dict[str, float], int]] | None:
+    """(name, resources, max count) of each node group of a Ray `autoscaler_pb2.ClusterConfig`."""
+    if cluster_config is None or not cluster_config.node_group_configs:
+        return None
+    return [(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+            for g in cluster_config.node_group_configs]
+
+
+def autoscaled_fit_problems(cfg: Config, groups: list[tuple[str, dict[str, float], int]]) -> list[str]:
+    """Why the node types an autoscaler may launch can never host the run's workers (empty: they can).
+
+    Counted generously (any group may host workers, labels aside), so a run is refused only when no
+    number of nodes would do: then waiting for the autoscaler is pointless.
+    """
+    per_worker = {"CPU": cfg.run.cpus_per_worker, "GPU": cfg.run.gpus_per_worker}
+
+    def per_node(resources: dict[str, float]) -> int:
+        return min(int(resources.get(k, 0) // v) if v else 10**9 for k, v in per_worker.items())
+
+    fitting = [(name, per_node(res), count) for name, res, count in groups if count != 0 and per_node(res) > 0]
+    types = "; ".join(f"{name}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU"))
+                      + f" x up to {'any' if count < 0 else count}" for name, res, count in groups)
+    want = f"{per_worker['CPU']:g} CPU and {per_worker['GPU']:g} GPU"
+    if not fitting:
+        return [f"no node type the autoscaler can launch fits one worker of {want} ({types}). Lower "
+                f"--gpus-per-worker / run.cpus_per_worker, or add such a node type to the cluster"]
+    if all(count >= 0 for _, _, count in fitting):
+        room = sum(n * count for _, n, count in fitting)
+        if room < cfg.run.workers:
+            return [f"run.workers={cfg.run.workers} with {want} each: the autoscaler's node types hold at most "
+                    f"{room} ({types}). Lower --workers, or raise the node types' max count"]
+    return []
+
+
 def start_attempts(cfg: Config) -> int:
     """How many worker-group start timeouts Ray Train may retry (its `controller_failure_limit`).
 
@@ -233,7 +278,9 @@ def training_label_selector(cfg: Config) -> dict[str, str] | None:
 
 
 def check_resources(cfg: Config, nodes: list[dict[str, Any]] | None = None) -> None:
-    """Fail before training when the cluster can never host the run (and no autoscaler can add nodes).
+    """Fail before training when the cluster can never host the run: its nodes cannot (and no
+    autoscaler can add nodes), or, under an autoscaler that publishes its node types (v2), no
+    number of those nodes could.
 
     Without this, Ray Train retries the worker-group start forever and Ray Data waits forever for a
     node to run its tasks: a run that can never start would just hang.
@@ -241,7 +288,11 @@ def check_resources(cfg: Config, nodes: list[dict[str, Any]] | None = None) -> N
     import ray
 
     if autoscaler_present():
-        return
+        groups = autoscaler_node_groups()
+        problems = autoscaled_fit_problems(cfg, groups) if groups else []
+        if problems:
+            raise ConfigError("the cluster's autoscaler can never add nodes for this job:\n  " + "\n  ".join(problems))
+        return  # it may add the nodes; run.max_node_wait_s bounds the wait
     nodes = [n for n in (nodes if nodes is not None else ray.nodes()) if n.get("Alive")]
     data_labels = cfg.data.node_labels
     per_worker = {"CPU": cfg.run.cpus_per_worker, "GPU": cfg.run.gpus_per_worker}

@@ -473,7 +473,7 @@ def _concurrency(spec: SearchSpec, base: Config) -> int:
     """max_concurrent_trials, or what the cluster holds now (GPUs first: they are what trials wait for)."""
     import ray
 
-    from .pretrain import autoscaler_present
+    from .pretrain import autoscaled_fit_problems, autoscaler_node_groups, autoscaler_present
 
     if spec.max_concurrent_trials:
         return spec.max_concurrent_trials
@@ -485,6 +485,13 @@ def _concurrency(spec: SearchSpec, base: Config) -> int:
         fit = int(have.get("CPU", 0) // trial_cpus(spec, base))
     if fit < 1:
         if autoscaler_present():
+            groups = autoscaler_node_groups()
+            one_trial = base.model_copy(update={"run": base.run.model_copy(update={
+                "workers": r.workers, "cpus_per_worker": r.cpus_per_worker, "gpus_per_worker": r.gpus_per_worker})})
+            problems = autoscaled_fit_problems(one_trial, groups) if groups else []
+            if problems:
+                raise ConfigError("resources: the cluster's autoscaler can never add nodes for one trial:\n  "
+                                  + "\n  ".join(problems))
             return 1
         raise ConfigError(f"resources: a trial needs {r.workers} worker(s) × {r.cpus_per_worker:g} CPU × {r.gpus_per_worker:g} GPU "
                           f"but the cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU and no autoscaler")

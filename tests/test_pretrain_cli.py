@@ -152,3 +152,38 @@ def test_with_an_autoscaler_a_run_that_never_fits_gives_up_after_max_node_wait(s
     assert "the training workers never started" in done.stderr and "run.max_node_wait_s=6.0" in done.stderr
     assert "run.workers=64" in done.stderr
     assert not (tmp_path / "runs" / "wait" / "workers").exists()
+
+
+def kuberay_v2_cluster_config():
+    """What KubeRay's autoscaler v2 publishes for cluster/kuberay/raycluster.yaml (Ray's own protobuf)."""
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, max_count in (("headgroup", {"CPU": 0}, 1),
+                                       ("gpu-train", {"CPU": 90, "GPU": 8}, 4),
+                                       ("cpu-data", {"CPU": 30}, 8)):
+        group = config.node_group_configs.add(name=name, max_count=max_count)
+        for k, v in resources.items():
+            group.resources[k] = int(v)
+    return config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["run.workers=32", "run.gpus_per_worker=1", "run.cpus_per_worker=8"], None),  # the paper's 4 nodes x 8 GPUs
+    (["run.workers=33", "run.gpus_per_worker=1", "run.cpus_per_worker=8"], "hold at most 32"),
+    (["run.workers=2", "run.gpus_per_worker=16"], "no node type the autoscaler can launch fits one worker of 8 CPU and 16 GPU"),
+    (["run.workers=8", "run.cpus_per_worker=100"], "fits one worker of 100 CPU"),
+])
+def test_autoscaled_cluster_that_can_never_fit_is_refused(overrides, message):
+    from raydino.pretrain import autoscaled_fit_problems, node_groups_of
+
+    groups = node_groups_of(kuberay_v2_cluster_config())
+    assert [g[0] for g in groups] == ["headgroup", "gpu-train", "cpu-data"] and groups[1][1] == {"CPU": 90.0, "GPU": 8.0}
+    problems = autoscaled_fit_problems(load_config("vits16-paper", overrides), groups)
+    if message is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and message in problems[0] and "gpu-train: CPU 90, GPU 8 x up to 4" in problems[0]
+    from ray.core.generated import autoscaler_pb2
+
+    assert node_groups_of(None) is None and node_groups_of(autoscaler_pb2.ClusterConfig()) is None  # v1: unknown
