@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from .cli import USER_ERRORS, user_error
 from .backbones import add_backbone_arguments, load_teacher_backbone, resolve_device
 from .config import AUGMENT_PRESETS, AugmentConfig, ConfigError
 from .data.labelled import IMAGE_SUFFIXES, DataError, decode_image, load_labelled
@@ -104,7 +105,7 @@ def analyze(
     arch: str | None = None,
     device: str | None = None,
     seed: int = 0,
-    progress=print,
+    progress: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     loaded = load_teacher_backbone(checkpoint, arch=arch)
     size = loaded.image_size or 224
@@ -115,6 +116,8 @@ def analyze(
         raise ConfigError(f"--preset {','.join(bad)}: unknown; allowed: {', '.join(AUGMENT_PRESETS)}")
     if views < 2:
         raise ConfigError(f"--views {views}: need at least 2 views per image for positive pairs")
+    if n_images < 2:
+        raise ConfigError(f"--n-images {n_images}: need at least 2 images for negative pairs")
     dev = resolve_device(device)
     backbone = loaded.backbone.to(dev)
     items = list_images(data, split, n_images, seed)
@@ -175,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of a labelled set (default test)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.n_images < 2:
-        p.error(f"--n-images {args.n_images}: need at least 2 images for negative pairs")
     try:
         analyze(
             args.checkpoint,
@@ -190,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             seed=args.seed,
         )
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"raydino.analyze: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return user_error("raydino.analyze", e)
     return 0
 
 

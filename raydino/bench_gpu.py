@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -126,7 +127,9 @@ def bench_gpu(args: Any) -> dict[str, Any]:
     from .data.loader import crop_keys
 
     if not torch.cuda.is_available():
-        raise SystemExit("python -m raydino.bench gpu: no CUDA device is visible here (run it on a GPU node)")
+        print("python -m raydino.bench gpu: error: no CUDA device is visible here (torch.cuda.is_available() is "
+              "False); run it on a GPU node", file=sys.stderr)
+        raise SystemExit(2)
     cfg = load_config(args.config, list(args.set))
     progress = Progress("bench gpu", 4)
     _nccl_group()

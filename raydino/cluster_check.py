@@ -13,7 +13,9 @@ What it checks, without a cloud account or a Kubernetes cluster:
   * consistency: every `python -m raydino.X` in `cluster/` exists and parses, every `--config` is a
     preset, and each pretraining command's workers (run.workers x GPUs/CPUs each) fit a node type.
 
-Ray is imported only inside `ray_view` (Ray's schema code); everything else reads YAML.
+Ray's autoscaler schema code is imported only inside `ray_view` (`--no-ray` skips it); the cluster
+files themselves are read as YAML.  Checking a `python -m raydino.tune` command imports
+`raydino.tune` to parse its arguments with the recipe's own parser, and that imports Ray Tune.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ ROLE_LABEL = "raydino/role"
 TRAIN_ROLE, DATA_ROLE = "gpu-train", "cpu-data"
 DATA_NODE_SELECTOR = {ROLE_LABEL: DATA_ROLE}  # e.g. map_batches(..., label_selector=DATA_NODE_SELECTOR)
 
-# Recipes the design plans; a command naming one that is not written yet is "pending", not an error.
-PLANNED_RECIPES = {"pretrain", "tune", "evaluate", "shard", "export", "bench", "analyze"}
 DEFAULT_CRD_DIR = Path("../shared/schemas/kuberay")  # relative to the repository root
 
 # (vCPUs, GPUs) of the machine types the configs and their comments mention, so a changed
@@ -423,7 +423,6 @@ def _strings(node: Any) -> list[str]:
 @dataclass
 class Report:
     errors: list[str] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)  # things not written yet (recipes, tuning files)
     fits: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -435,7 +434,7 @@ def check_commands(commands: list[Command], clusters: list[ClusterSpec], root: P
         where = f"{cmd.source}: python -m {cmd.module} {' '.join(cmd.args)}".strip()
         short = cmd.module.removeprefix("raydino.")
         if importlib.util.find_spec(cmd.module) is None:
-            (rep.pending if short in PLANNED_RECIPES else rep.errors).append(f"{where}: module {cmd.module} does not exist")
+            rep.errors.append(f"{where}: module {cmd.module} does not exist")
             continue
         if short == "tune":
             _check_tuning_files(cmd, root, rep, where)
@@ -483,7 +482,7 @@ def _check_tuning_files(cmd: Command, root: Path, rep: Report, where: str) -> No
             continue
         path = root / arg
         if not path.exists():
-            (rep.pending if not path.parent.exists() else rep.errors).append(f"{where}: tuning file {arg} does not exist")
+            rep.errors.append(f"{where}: tuning file {arg} does not exist")
             continue
         try:
             spec = yaml.safe_load(path.read_text())
@@ -639,7 +638,7 @@ def run_checks(args: argparse.Namespace, root: Path) -> Report:
     else:
         texts = [*files, *default_docs(root)] if not args.files else files
         found = check_commands(find_commands([Path(t) for t in texts]), clusters, root)
-        for k in ("errors", "pending", "fits", "notes"):
+        for k in ("errors", "fits", "notes"):
             getattr(rep, k).extend(getattr(found, k))
     return rep
 
@@ -648,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rep = run_checks(args, repo_root())
     sections = (("fits", list(dict.fromkeys(rep.fits))), ("notes", rep.notes),
-                ("pending (not written yet)", rep.pending), ("ERRORS", rep.errors))
+                ("ERRORS", rep.errors))
     for title, items in sections:
         if items:
             print(f"{title}:")

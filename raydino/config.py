@@ -350,6 +350,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(str(e["loc"][-1]), names, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; allowed: {', '.join(names)}"
             lines.append(f"  {loc}: unknown key{hint}")
+        elif not loc:  # a check across sections: its message names the fields itself
+            lines.append(f"  {msg}")
         elif isinstance(value, (dict, list)) and e["type"] != "literal_error":
             lines.append(f"  {loc}: {msg}")
         else:

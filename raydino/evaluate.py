@@ -17,13 +17,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from .cli import USER_ERRORS, user_error
 from .backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone, resolve_device
 from .config import ConfigError, ProbeConfig
-from .data.labelled import CROP_PCT, DataError, load_labelled
+from .data.labelled import CROP_PCT, load_labelled
 from .probe import C_GRID, parse_seeds, probe_backbone
 from .report import markdown_report, markdown_table, plot_roc
 
@@ -48,10 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knn-temperature", type=float, help="kNN temperature (default: probe.knn_temperature = 0.07)")
     p.add_argument("--crop-pct", type=float, default=CROP_PCT, help="evaluation view: resize to size/crop_pct, centre-crop (default 0.875)")
     args = p.parse_args(argv)
-    for name in ("image_size", "batch_size", "epochs", "knn_k"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} {v}: must be a positive integer")
     if not 0 < args.crop_pct <= 1:
         p.error(f"--crop-pct {args.crop_pct}: must lie in (0, 1]")
     if args.bootstrap < 0:
@@ -59,10 +58,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _probe_config(loaded: LoadedBackbone) -> ProbeConfig:
+def probe_overrides(image_size: int | None = None, batch_size: int | None = None, epochs: int | None = None,
+                    lr: float | None = None, knn_k: int | None = None, knn_temperature: float | None = None,
+                    base: ProbeConfig | None = None) -> ProbeConfig:
+    """`base` (default: ProbeConfig()) with the options given on the command line, checked by ProbeConfig."""
+    given = {k: v for k, v in dict(image_size=image_size, batch_size=batch_size, epochs=epochs, lr=lr, knn_k=knn_k,
+                                   knn_temperature=knn_temperature).items() if v is not None}
+    try:
+        return ProbeConfig.model_validate({**(base or ProbeConfig()).model_dump(), **given})
+    except ValidationError as e:
+        raise ConfigError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')} {err['input']!r}: "
+                                    f"{err['msg']}" for err in e.errors())) from None
+
+
+def _probe_config(loaded: LoadedBackbone, progress: Callable[[str], Any]) -> ProbeConfig:
     try:
         return ProbeConfig.model_validate((loaded.config or {}).get("probe") or {})
-    except Exception:  # an older or foreign sidecar: the defaults are the paper's anyway
+    except ValidationError as e:  # an older or foreign sidecar: the defaults are the paper's anyway
+        progress(f"[raydino.evaluate] warning: the checkpoint's probe settings are not valid here ({e.error_count()} "
+                 f"problems); using the defaults")
         return ProbeConfig()
 
 
@@ -93,14 +107,16 @@ def evaluate(
     knn_k: int | None = None,
     knn_temperature: float | None = None,
     crop_pct: float = CROP_PCT,
-    progress=print,
+    progress: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Probe a checkpoint (and optionally a random baseline) on a labelled set; writes the report files."""
     seeds = seeds if seeds is not None else [0]
+    # The probe options are ProbeConfig fields, checked by its rules before anything is loaded.
+    probe_overrides(image_size, batch_size, epochs, lr, knn_k, knn_temperature)
     dev = resolve_device(device)
     loaded = load_teacher_backbone(checkpoint, arch=arch)
-    pcfg = _probe_config(loaded)
-    size = image_size or pcfg.image_size or loaded.image_size or 224
+    pcfg = probe_overrides(image_size, batch_size, epochs, lr, knn_k, knn_temperature, base=_probe_config(loaded, progress))
+    size = pcfg.image_size or loaded.image_size or 224
     data = load_labelled(data_uri, dataset)
     name = data.name
     out_dir = Path(out) if out else Path("eval") / f"{Path(loaded.source).name}-{name}"
@@ -129,14 +145,14 @@ def evaluate(
                 kind,
                 seeds,
                 image_size=size,
-                batch_size=batch_size or pcfg.batch_size,
+                batch_size=pcfg.batch_size,
                 crop_pct=crop_pct,
                 cache_dir=out_dir / "features",
                 n_bootstrap=n_bootstrap,
-                epochs=epochs or pcfg.epochs,
-                lr=lr or pcfg.lr,
-                knn_k=knn_k or pcfg.knn_k,
-                knn_temperature=knn_temperature or pcfg.knn_temperature,
+                epochs=pcfg.epochs,
+                lr=pcfg.lr,
+                knn_k=pcfg.knn_k,
+                knn_temperature=pcfg.knn_temperature,
                 c_grid=C_GRID,
                 return_scores=True,
                 progress=progress,
@@ -189,9 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             knn_temperature=args.knn_temperature,
             crop_pct=args.crop_pct,
         )
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"raydino.evaluate: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return user_error("raydino.evaluate", e)
     undefined = {k: r["undefined"] for k, r in report["results"].items() if r["undefined"]}
     for k, u in undefined.items():
         print(f"raydino.evaluate: {k}: undefined metrics: {u}", file=sys.stderr)

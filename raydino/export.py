@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,16 @@ from typing import Any
 import timm
 import torch
 
+from .cli import USER_ERRORS, user_error
 from .backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone
 from .config import ConfigError
 from .model import is_vit
 
 FORMAT = "raydino-backbone"
+
+
+class ExportCheckFailed(RuntimeError):
+    """timm alone did not rebuild the exported teacher: nothing is left at the output path."""
 
 
 def create_model_call(arch: str, path: str | Path, img_size: int | None, vit: bool) -> str:
@@ -50,15 +56,18 @@ def timm_model(arch: str, path: str | Path, img_size: int | None, vit: bool) -> 
 def verify_export(loaded: LoadedBackbone, path: Path, atol: float = 1e-5) -> float:
     """Rebuild through timm alone and compare pooled features on a fixed input; returns the max difference."""
     size = loaded.image_size or 224
-    model = timm_model(loaded.arch, path, loaded.image_size, is_vit(loaded.backbone)).eval()
+    try:
+        model = timm_model(loaded.arch, path, loaded.image_size, is_vit(loaded.backbone)).eval()
+    except (RuntimeError, ValueError) as e:  # missing/unexpected keys, shape mismatches, a refused file
+        raise ExportCheckFailed(f"export check failed: timm could not load the exported {loaded.arch}: {e}") from None
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = loaded.backbone.eval()(x)
         theirs = model(x)
     diff = float((ours - theirs).abs().max())
     if ours.shape != theirs.shape or diff > atol:
-        raise RuntimeError(
-            f"export check failed: timm's {loaded.arch} loaded from {path} differs from the teacher "
+        raise ExportCheckFailed(
+            f"export check failed: timm's {loaded.arch} built from the exported weights differs from the teacher "
             f"(shapes {tuple(ours.shape)} / {tuple(theirs.shape)}, max |diff| {diff:.2e})"
         )
     return diff
@@ -77,7 +86,10 @@ def export_backbone(source: str, out: str | Path, arch: str | None = None, verif
     out.parent.mkdir(parents=True, exist_ok=True)
     vit = is_vit(loaded.backbone)
     meta = {"format": FORMAT, "arch": loaded.arch, "img_size": str(loaded.image_size), "step": str(loaded.step)}
-    save_file(state, str(out), metadata=meta)
+    # Written beside the target and moved into place only once checked, so a failed check leaves no
+    # new weights next to an older sidecar (and an older export, if any, stays whole).
+    tmp = out.with_name(f".{out.name}.partial.safetensors")
+    save_file(state, str(tmp), metadata=meta)
     sidecar = {
         "format": FORMAT,
         "arch": loaded.arch,
@@ -92,9 +104,16 @@ def export_backbone(source: str, out: str | Path, arch: str | None = None, verif
         "torch_version": torch.__version__,
         "config": loaded.config,
     }
-    if verify:
-        sidecar["verified_max_abs_diff"] = verify_export(loaded, out)
-    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    try:
+        if verify:
+            sidecar["verified_max_abs_diff"] = verify_export(loaded, tmp)
+        tmp_json = tmp.with_suffix(".json")
+        tmp_json.write_text(json.dumps(sidecar, indent=2) + "\n")
+        os.replace(tmp, out)
+        os.replace(tmp_json, out.with_suffix(".json"))
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".json").unlink(missing_ok=True)
     return sidecar
 
 
@@ -106,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         info = export_backbone(args.checkpoint, args.out, arch=args.arch, verify=not args.no_verify)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"raydino.export: error: {e}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, ExportCheckFailed) as e:
+        return user_error("raydino.export", e)
     print(f"[raydino.export] {info['arch']} teacher backbone (step {info['step']}) → {args.out} (+ .json sidecar)")
     if "verified_max_abs_diff" in info:
         print(f"[raydino.export] checked: timm alone reproduces the features (max |diff| {info['verified_max_abs_diff']:.1e})")

@@ -59,6 +59,9 @@ def compute_metrics(y_true: Sequence[int], scores: np.ndarray, n_classes: int) -
     s = np.asarray(scores, dtype=np.float64)
     if y.size == 0:
         raise ValueError("compute_metrics: no test cases")
+    if not np.isfinite(s).all():
+        raise ValueError(f"compute_metrics: {int((~np.isfinite(s)).sum())} non-finite scores "
+                         "(a diverged probe? lower --lr)")
     if s.shape != (len(y), n_classes):
         raise ValueError(f"compute_metrics: scores shape {s.shape}, expected ({len(y)}, {n_classes})")
     if y.min() < 0 or y.max() >= n_classes:

@@ -256,6 +256,19 @@ def start_attempts(cfg: Config) -> int:
     return max(1, math.ceil(cfg.run.max_node_wait_s / per_attempt))
 
 
+def never_started(cfg: Config) -> str:
+    """What to tell a user whose worker group never got placed (Ray Train gave up starting it)."""
+    need = (f"the training workers never started: no room for run.workers={cfg.run.workers} x "
+            f"(CPU {cfg.run.cpus_per_worker:g}, GPU {cfg.run.gpus_per_worker:g})")
+    if autoscaler_present():
+        return (f"{need} appeared within run.max_node_wait_s={cfg.run.max_node_wait_s} s. Check that the autoscaler has "
+                f"a node type that fits one worker and room for all of them (`ray status`), or raise "
+                f"run.max_node_wait_s; rerun the same command to resume")
+    return (f"{need} after {start_attempts(cfg)} attempts, although the nodes' totals fit (CPUs or GPUs spread over "
+            f"nodes, or a node lost). Lower --workers / run.cpus_per_worker, or free the cluster; rerun the same "
+            f"command to resume")
+
+
 def _has_labels(node: dict[str, Any], labels: dict[str, str] | None) -> bool:
     node_labels = node.get("Labels") or {}
     return bool(labels) and all(node_labels.get(k) == v for k, v in labels.items())
@@ -579,11 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, ray.train.TrainingFailedError):
             raise
         if "startup timed out" in str(e) or "StartupTimeout" in repr(e):  # Ray Train 2.60's wording
-            print(f"raydino.pretrain: the training workers never started: no room for run.workers="
-                  f"{cfg.run.workers} x (CPU {cfg.run.cpus_per_worker:g}, GPU {cfg.run.gpus_per_worker:g}) appeared "
-                  f"within run.max_node_wait_s={cfg.run.max_node_wait_s} s ({e}).\nCheck that the autoscaler has a "
-                  f"node type that fits one worker and room for all of them (ray status), or raise "
-                  f"run.max_node_wait_s; rerun the same command to resume.", file=sys.stderr)
+            print(f"raydino.pretrain: {never_started(cfg)} ({e})", file=sys.stderr)
             return EXIT_TRAINING_FAILED
         print(f"raydino.pretrain: training failed more than run.max_failures times: {e}\n"
               f"Fix the cause above, then rerun the same command (same --name) to resume from the latest checkpoint.",

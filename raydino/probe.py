@@ -170,7 +170,7 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
     h = hashlib.sha1(type(backbone).__name__.encode())
     for k, v in backbone.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too (BN counters)
     return h.hexdigest()[:16]
 
 
@@ -461,6 +461,8 @@ def probe_backbone(
     """
     if kind not in ("fast", "paper", "knn"):
         raise ValueError(f"probe kind {kind!r}: allowed fast, paper, knn")
+    if not seeds:
+        raise ValueError("seeds: at least one seed is needed (e.g. --seeds 0)")
     if feats is None:
         feats = split_features(
             backbone, data, image_size, batch_size=batch_size, crop_pct=crop_pct, cache_dir=cache_dir, progress=progress
@@ -499,7 +501,9 @@ def probe_backbone(
         "mean": mean,
         "std": std,
         "val_mean": val_mean,
-        "undefined": {m: runs[0].test["undefined"][m] for m in METRICS if mean[m] is None and m in runs[0].test["undefined"]},
+        # A metric can be undefined in one seed only (kappa with one predicted class): the first reason found.
+        "undefined": {m: next((r.test["undefined"][m] for r in runs if m in r.test["undefined"]), "undefined in some seed")
+                      for m in METRICS if mean[m] is None},
         "warnings": list(data.warnings),
         "probe_seconds": round(time.perf_counter() - started, 2),
     }

@@ -97,3 +97,11 @@ def test_bad_arguments_name_the_option(capsys):
     with pytest.raises(SystemExit):
         bench.main(["data", "--sizes", "0"])
     assert "--sizes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_bench_without_cuda_says_so(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["gpu", "--steps", "1"])
+    assert exit_.value.code == 2
+    assert "no CUDA device is visible here" in capsys.readouterr().err

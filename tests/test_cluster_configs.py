@@ -205,11 +205,6 @@ def test_commands_in_cluster_files_exist_parse_and_fit(command_report):
     assert {f.split(":")[0] for f in command_report.fits} == {str(p) for p in LAUNCHER + KUBERAY}
 
 
-def test_no_command_in_cluster_files_is_waiting_for_unwritten_code(command_report):
-    if command_report.pending:
-        pytest.skip("not written yet: " + "; ".join(command_report.pending))
-
-
 def test_command_parsing_follows_shell_lines(tmp_path):
     doc = tmp_path / "runbook.md"
     doc.write_text(

@@ -50,6 +50,10 @@ def test_s3_uris_endpoints_and_regions(monkeypatch):
         ("s3://Bad_Bucket/x", "not a valid S3 bucket name"),
         ("s3://AKIAEXAMPLE:hunter2secret@bucket/x", "embeds credentials"),
         ("", "expected a path"),
+        ("s3://MyBucket/x", "'MyBucket' is not a valid S3 bucket name"),  # was silently lower-cased
+        ("s3://bucket:9000/x", "'bucket:9000' is not a valid S3 bucket name.*endpoint_override"),  # port was dropped
+        ("s3://bucket/x?endpoint_overide=http://127.0.0.1:9000", r"unknown query key\(s\) \['endpoint_overide'\]"),
+        ("file://data/shards", "'data' would be read as a host name"),  # was silently /shards
     ],
 )
 def test_bad_uris_are_explained(uri, message):

@@ -117,6 +117,18 @@ def test_synthetic_shards_are_built_once_and_cached(tmp_path):
     assert synth.synthetic_shards(24, 32, seed=1, cache_root=str(tmp_path), workers=1, progress=False) != uri
 
 
+def test_an_interrupted_cache_build_is_started_again(tmp_path):
+    """Images written, synth.json (written last) not: the state a Ctrl-C during generation leaves."""
+    from raydino.data.shards import open_shards
+
+    first = synth.synthetic_shards(12, 32, seed=2, cache_root=str(tmp_path / "a"), workers=1, progress=False)
+    images = tmp_path / "b" / Path(first).parent.name / "images"
+    (images / "train" / "anodr").mkdir(parents=True)
+    (images / "train" / "anodr" / "half-written.jpg").write_bytes(b"\xff\xd8 cut off")
+    uri = synth.synthetic_shards(12, 32, seed=2, cache_root=str(tmp_path / "b"), workers=1, progress=False)
+    assert len(open_shards(uri)) == 12 and not (images / "train" / "anodr" / "half-written.jpg").exists()
+
+
 def test_rerun_replaces_an_earlier_set_but_never_foreign_files(tmp_path):
     out = tmp_path / "ds"
     generate_dataset(str(out), 30, 32, seed=0, workers=1, progress=False)

@@ -99,6 +99,8 @@ def test_bad_inputs_get_clear_messages(tmp_path, run_dir, capsys):
         (["--checkpoint", "random"], "needs --arch"),
         (["--checkpoint", str(tmp_path / "nowhere")], "no such file or directory"),
         (["--checkpoint", str(run_dir), "--seeds", "3-1"], "--seeds '3-1'"),
+        (["--checkpoint", str(run_dir), "--lr", "0"], "--lr 0.0: Input should be greater than 0"),
+        (["--checkpoint", str(run_dir), "--knn-temperature", "-1"], "--knn-temperature -1.0"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--checkpoint", str(run_dir), "--device", "cuda"], "no CUDA device"))
@@ -120,7 +122,7 @@ def test_pair_distances_and_summary():
     assert s["p_positive_closer"] == 1.0 and s["silhouette"] > 0.8
 
 
-def test_analyze_cli(tmp_path, run_dir):
+def test_analyze_cli(tmp_path, run_dir, capsys):
     tree = make_tree(tmp_path / "tree", per_split=(2, 1, 2))
     out = tmp_path / "an"
     args = ["--checkpoint", str(run_dir), "--data", str(tree), "--preset", "strong,weak", "--views", "3", "--out", str(out)]
@@ -133,7 +135,11 @@ def test_analyze_cli(tmp_path, run_dir):
     assert report["presets"]["weak"]["global_crop_scale"] == [0.5, 1.0]
     assert "MultiCropAugment" in report["presets"]["weak"]["augmentation"]  # the training augmentation itself
     assert (out / "distances.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
     assert analyze.main(args[:4] + ["--preset", "medium", "--out", str(out)]) == 2
+    assert "raydino.analyze: error: --preset medium: unknown; allowed: strong, weak, weak_med" in capsys.readouterr().err
+    assert analyze.main(args[:4] + ["--n-images", "1", "--out", str(out)]) == 2
+    assert "--n-images 1: need at least 2 images" in capsys.readouterr().err
 
 
 def test_checkpoint_from_s3(tmp_path, run_dir, monkeypatch, capsys):

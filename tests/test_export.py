@@ -132,3 +132,25 @@ def test_model_init_resamples_pos_embed_of_another_grid(tmp_path):
     path, _ = _dino_vit_at(tmp_path, 64)  # e.g. official 224-px weights into a 32-px run
     student, _ = build_student_teacher(load_config("smoke", [f"model.init={path}"]))
     assert student.backbone.state_dict()["pos_embed"].shape == (1, 5, 192)
+
+
+def test_failed_check_leaves_the_earlier_export_whole(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    make_run(run, ["model.arch=vit_tiny_patch16_224", "augment.global_crop_size=32"])
+    out = tmp_path / "export" / "backbone.safetensors"
+    assert export.main([str(run), "--out", str(out)]) == 0
+    before = out.read_bytes(), out.with_suffix(".json").read_text()
+
+    real = export.timm_model
+
+    def drifted(*args, **kwargs):  # what a timm that loads the file differently would give
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            model.patch_embed.proj.weight.mul_(1.01)  # (a uniform shift of cls_token would vanish in LayerNorm)
+        return model
+
+    monkeypatch.setattr(export, "timm_model", drifted)
+    assert export.main([str(run), "--out", str(out)]) == 2
+    assert "raydino.export: error: export check failed" in capsys.readouterr().err
+    assert (out.read_bytes(), out.with_suffix(".json").read_text()) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.json", "backbone.safetensors"]  # no leftovers

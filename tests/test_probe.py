@@ -90,6 +90,10 @@ def test_undefined_metrics_are_none_with_a_reason():
     assert one["auroc"] is None and "one of the two classes" in one["undefined"]["auroc"]
     with pytest.raises(ValueError, match="labels must lie"):
         metrics.compute_metrics([0, 3], probs(rng, 2, 3), 3)
+    diverged = probs(rng, 6, 3)
+    diverged[2, 1] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite scores"):
+        metrics.compute_metrics(y, diverged, 3)
 
 
 def test_separable_features_give_auroc_one_for_every_probe():
@@ -181,6 +185,22 @@ def test_features_are_cached_per_weights(tmp_path):
     changed = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
     assert not any("from cache" in s for s in lines)
     assert not np.allclose(changed["test"], first["test"])
+
+
+def test_cnn_with_batchnorm_features_are_cached_too(tmp_path):
+    """BatchNorm's 0-d `num_batches_tracked` is part of the weights' fingerprint (it once crashed evaluate)."""
+    data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(3, 2, 2)))
+    cnn = backbones.new_backbone("resnet18", 32)
+    assert any(v.dim() == 0 for v in cnn.state_dict().values())
+    key = probe.backbone_fingerprint(cnn)
+    lines: list[str] = []
+    first = probe.split_features(cnn, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    again = probe.split_features(cnn, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    assert sum("from cache" in s for s in lines) == 3
+    np.testing.assert_array_equal(first["test"], again["test"])
+    with torch.no_grad():
+        cnn.bn1.num_batches_tracked.add_(1)
+    assert probe.backbone_fingerprint(cnn) != key
 
 
 # ---------------------------------------------------------------- probes on images

@@ -76,5 +76,6 @@ def test_gpu_mode_streams_encoded_images_and_the_worker_makes_the_crops(shards):
 
 
 def test_gpu_augmentation_without_gpus_is_refused():
-    with pytest.raises(ConfigError, match=r"augment.device='cuda'.*run.gpus_per_worker=0"):
+    with pytest.raises(ConfigError, match=r"augment.device='cuda'.*run.gpus_per_worker=0") as err:
         cfg_for("augment.device=cuda")
+    assert "\n  augment.device='cuda' makes" in str(err.value)  # one readable line, no empty field prefix

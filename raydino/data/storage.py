@@ -133,6 +133,9 @@ def _s3_filesystem(opts: StorageOptions) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+S3_URI_QUERY_KEYS = ("endpoint_override", "scheme", "region")
+
+
 def resolve(uri: str, options: StorageOptions | None = None) -> Location:
     """Turn a path or ``file://`` / ``s3://`` URI into a `Location`."""
     if not isinstance(uri, str) or not uri.strip():
@@ -144,6 +147,9 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
+        if parts.netloc not in ("", "localhost"):  # file://data/x would silently mean /x
+            raise StorageError(f"storage URI {uri!r}: {parts.netloc!r} would be read as a host name; use "
+                               f"file:///absolute/path or a plain (relative) path")
         return Location(pafs.LocalFileSystem(), os.path.abspath(unquote(parts.path)), "file", opts)
     if scheme in ("s3", "s3a"):
         if parts.username or parts.password:
@@ -151,10 +157,17 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
                 f"storage URI {display_uri(uri)!r} embeds credentials; remove them and use the AWS "
                 "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role)"
             )
-        bucket = parts.hostname or ""
+        bucket = parts.netloc  # not .hostname: that lower-cases and drops a port, hiding a typo
         if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-            raise StorageError(f"storage URI {display_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items() if k in ("endpoint_override", "scheme", "region")}
+            raise StorageError(f"storage URI {display_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name "
+                               "(3-63 lower-case letters, digits, dots and hyphens; an endpoint goes in "
+                               "?endpoint_override= or AWS_ENDPOINT_URL)")
+        given = parse_qs(parts.query, keep_blank_values=True)
+        unknown = sorted(set(given) - set(S3_URI_QUERY_KEYS))
+        if unknown:
+            raise StorageError(f"storage URI {display_uri(uri)!r}: unknown query key(s) {unknown}; allowed: "
+                               f"{', '.join(S3_URI_QUERY_KEYS)}")
+        query = {k: v[-1] for k, v in given.items()}
         if query:
             opts = replace(opts, extra=tuple(sorted({**dict(opts.extra), **query}.items())))
         path = f"{bucket}/{parts.path.strip('/')}".rstrip("/")

@@ -541,7 +541,8 @@ def synthetic_shards(
     if os.path.exists(os.path.join(shards, MANIFEST_NAME)):
         return shards
     images = os.path.join(root, "images")
-    if not os.path.exists(os.path.join(images, "synth.json")):
+    if not os.path.exists(os.path.join(images, "synth.json")):  # written last: absent = never made, or interrupted
+        shutil.rmtree(images, ignore_errors=True)  # the cache's own folder: a half-made set is started again
         generate_dataset(images, n, size, seed, workers=workers, progress=progress)
     est_mb = sum(f.stat().st_size for f in Path(images).rglob("*.jpg")) / 2**20
     # Several shards even for a small set, so Ray Data can read them in parallel.
