@@ -19,6 +19,7 @@ Search-space keys are config keys (`augment.n_local_crops`), one end of a range-
 from __future__ import annotations
 
 import difflib
+import typing
 import io
 import json
 import math
@@ -185,9 +186,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent: type[BaseModel] = SearchSpec
+            dict_value = False  # the previous part named a dict field: this part is one of its keys
             for part in e["loc"][:-1]:
-                ann = parent.model_fields.get(str(part))
-                parent = ann.annotation if ann and isinstance(ann.annotation, type) and issubclass(ann.annotation, BaseModel) else parent
+                if dict_value:
+                    dict_value = False
+                    continue
+                field_info = parent.model_fields.get(str(part))
+                ann = field_info.annotation if field_info else None
+                if typing.get_origin(ann) is dict:  # e.g. space: dict[str, ParamSpec]
+                    ann, dict_value = typing.get_args(ann)[1], True
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
             names = list(parent.model_fields)
             close = difflib.get_close_matches(str(e["loc"][-1]), names, n=3, cutoff=0.6)
             lines.append(f"  {loc}: unknown key; " + (f"did you mean {', '.join(close)}?" if close else f"allowed: {', '.join(names)}"))

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raydino.cli import user_error
 from raydino.data import catalog
 from raydino.data.shards import ShardError, open_shards
-from raydino.data.sources import SourceError
-from raydino.data.storage import StorageError, StorageOptions, redact
+from raydino.data.storage import StorageError, StorageOptions
 from raydino.data.writer import NothingReadableError, ShardingError, ShardJobOptions, shard_dataset
 
 
@@ -84,15 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             src, dest, labels_csv=args.labels, options=opts, storage_options=storage_options,
             on_warning=lambda w: print(f"warning: {w}", file=sys.stderr, flush=True),
         )  # fmt: skip
-    except ValueError as e:  # bad option values (ShardJobOptions), SourceError
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
-    except NothingReadableError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 1
-    except (ShardingError, StorageError, ShardError, SourceError) as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
+    except NothingReadableError as e:  # before ValueError/OSError: the one failure with its own status
+        return user_error("raydino.shard", e, code=1)
+    except (ValueError, ShardingError, StorageError, ShardError) as e:  # bad options, SourceError, storage, shards
+        return user_error("raydino.shard", e)
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130

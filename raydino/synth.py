@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raydino.cli import user_error
 from raydino.data.synth import TASKS, generate_dataset
 
 
@@ -41,22 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.n < 1:
-        print(f"error: --n {args.n}: need at least 1 image", file=sys.stderr)
-        return 2
+        return user_error("raydino.synth", f"--n {args.n}: need at least 1 image")
     if args.size < 16:
-        print(f"error: --size {args.size}: need at least 16 px", file=sys.stderr)
-        return 2
+        return user_error("raydino.synth", f"--size {args.size}: need at least 16 px")
     if args.workers is not None and args.workers < 1:
-        print(f"error: --workers {args.workers}: need at least 1", file=sys.stderr)
-        return 2
+        return user_error("raydino.synth", f"--workers {args.workers}: need at least 1")
     try:
         s = generate_dataset(
             args.out, args.n, args.size, args.seed, fmt=args.format, task=args.task, split_fractions=args.splits,
             workers=args.workers, preview=args.preview, progress=not args.quiet,
         )  # fmt: skip
     except (FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error("raydino.synth", e)
     print(
         f"{s.n} synthetic fundus images ({s.size} px, {s.format}, seed {s.seed}) in {s.out}: "
         f"{s.elapsed_s:.1f} s, {s.images_per_s:.0f} images/s on {s.workers} processes"

@@ -60,6 +60,7 @@ def test_smoke_spec_fits_a_small_machine():
         ({"evaluation": {"intermediate": "none"}}, ["asha needs an intermediate signal"]),
         ({"name": "has space"}, ["name"]),
         ({"space": {}}, ["at least one parameter"]),
+        ({"space": {"augment.noise_p": {"unifrom": [0, 0.5]}}}, ["augment.noise_p.unifrom", "did you mean uniform"]),
     ],
 )
 def test_bad_specs_name_the_field(changes, words):
