@@ -113,10 +113,12 @@ def teacher_backbone_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)}
 
 
-def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "backbone."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+def backbone_keys_only(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DDP's `module.` dropped; where keys say `backbone.` (DINO's and raydino's student/teacher), the
+    backbone's weights alone, without it (a DINO head beside them is left out).  Same for every format."""
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 
@@ -128,7 +130,7 @@ def read_backbone_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _strip_prefixes(load_file(str(path)))
+        return backbone_keys_only(load_file(str(path)))
     obj = load_checkpoint(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and "teacher" in obj:  # raydino or official DINO (teacher preferred)
         sd = obj["teacher"]
@@ -138,11 +140,7 @@ def read_backbone_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd = obj["state_dict"]
     else:
         sd = obj
-    # DINO's checkpoints prefix keys with module.backbone. / module.head.; keep the backbone only.
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if any(k.startswith("backbone.") for k in sd):
-        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
-    return sd
+    return backbone_keys_only(sd)  # DINO's checkpoints prefix keys with module.backbone. / module.head.
 
 
 def fit_pos_embed(sd: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:

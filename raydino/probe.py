@@ -147,7 +147,7 @@ def extract_features(
         if num_workers is None:  # decoding is the bottleneck in front of a GPU; on CPU it competes
             num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
         batches = torch.utils.data.DataLoader(
-            DecodedImages(images.items, eval_transform(image_size, crop_pct)),
+            DecodedImages(images.items, eval_transform(image_size, crop_pct), images.ids),
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
@@ -408,7 +408,7 @@ def paper_probe(
 def decode_train_images(split: LabelledSplit, image_size: int, crop_pct: float = CROP_PCT) -> list[torch.Tensor]:
     """Training images decoded once, short side resized to size/crop_pct; random crops come per epoch."""
     resize = resize_short_side(image_size, crop_pct)
-    return [resize(decode_image(x)) for x in split.items]
+    return [resize(decode_image(x, name)) for x, name in zip(split.items, split.ids)]
 
 
 def parse_seeds(text: str | Sequence[int]) -> list[int]:

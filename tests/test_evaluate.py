@@ -107,6 +107,12 @@ def test_bad_inputs_get_clear_messages(tmp_path, run_dir, capsys):
     for extra, message in cases:
         assert evaluate.main(extra + base) == 2, extra
         assert message in capsys.readouterr().err
+    broken = sorted((tree / "test").rglob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated file in the tree
+    assert evaluate.main(["--checkpoint", str(run_dir)] + base) == 2
+    err = capsys.readouterr().err
+    assert "raydino.evaluate: error: image" in err and broken.name in err and "cannot be decoded" in err
+    broken.unlink()
     (tree / "val" / "grade5").mkdir()
     assert evaluate.main(["--checkpoint", str(run_dir)] + base) == 2
     assert "class folders of val disagree with train" in capsys.readouterr().err

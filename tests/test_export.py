@@ -154,3 +154,18 @@ def test_failed_check_leaves_the_earlier_export_whole(tmp_path, monkeypatch, cap
     assert "raydino.export: error: export check failed" in capsys.readouterr().err
     assert (out.read_bytes(), out.with_suffix(".json").read_text()) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.json", "backbone.safetensors"]  # no leftovers
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_backbone_weights_are_found_the_same_way_in_every_format(tmp_path, fmt):
+    """`module.backbone.*` next to `module.head.*` (DINO's layout): the backbone alone, in either file format."""
+    from safetensors.torch import save_file
+
+    from raydino.checkpoint import read_backbone_weights
+
+    backbone = {"blocks.0.w": torch.ones(2), "norm.b": torch.zeros(3)}
+    sd = {f"module.backbone.{k}": v for k, v in backbone.items()} | {"module.head.last_layer.w": torch.ones(4)}
+    path = tmp_path / f"w.{fmt}"
+    save_file(sd, str(path)) if fmt == "safetensors" else torch.save({"teacher": sd}, path)
+    got = read_backbone_weights(path)
+    assert got.keys() == backbone.keys() and all(torch.equal(got[k], v) for k, v in backbone.items())

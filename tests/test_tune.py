@@ -97,6 +97,9 @@ def test_cli_refuses_bad_input_without_starting_ray(cache, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert tune.main([str(SMOKE), "--set", "budget.epoch=2"]) == 2
     assert "budget.epoch" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()  # every refusal came before Ray started
 
 
 # ---------------------------------------------------------------- resume (its own Ray, before the module's)

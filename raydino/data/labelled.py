@@ -228,10 +228,15 @@ def check_labelled(data: LabelledData) -> list[str]:
 # ---------------------------------------------------------------- images
 
 
-def decode_image(item: str | bytes) -> torch.Tensor:
-    """An image file or encoded bytes → uint8 RGB CHW tensor."""
-    with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as im:
-        return v2.functional.pil_to_tensor(im.convert("RGB"))
+def decode_image(item: str | bytes, name: str | None = None) -> torch.Tensor:
+    """An image file or encoded bytes → uint8 RGB CHW tensor; a file that cannot be decoded is a
+    DataError naming it (`name`, else the path), not PIL's message about an anonymous buffer."""
+    try:
+        with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as im:
+            return v2.functional.pil_to_tensor(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        what = name or (item if isinstance(item, str) else f"{len(item)} encoded bytes")
+        raise DataError(f"image {what} cannot be decoded ({e}); remove or replace it") from None
 
 
 def resize_short_side(image_size: int, crop_pct: float = CROP_PCT) -> v2.Transform:
@@ -247,18 +252,19 @@ def eval_transform(image_size: int, crop_pct: float = CROP_PCT) -> v2.Transform:
 class DecodedImages(torch.utils.data.Dataset):
     """Items (paths or bytes) decoded, and transformed when a transform is given, for a DataLoader."""
 
-    def __init__(self, items: Sequence[str | bytes], transform: Callable | None) -> None:
-        self.items, self.transform = items, transform
+    def __init__(self, items: Sequence[str | bytes], transform: Callable | None,
+                 ids: Sequence[str] | None = None) -> None:
+        self.items, self.transform, self.ids = items, transform, ids
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = decode_image(self.items[i])
+        img = decode_image(self.items[i], self.ids[i] if self.ids is not None else None)
         return self.transform(img) if self.transform else img
 
 
 def decode_split(split: LabelledSplit, image_size: int, crop_pct: float = CROP_PCT) -> torch.Tensor:
     """All of a split's evaluation views as one uint8 NCHW tensor (for repeated kNN during training)."""
     tf = eval_transform(image_size, crop_pct)
-    return torch.stack([tf(decode_image(x)) for x in split.items])
+    return torch.stack([tf(decode_image(x, name)) for x, name in zip(split.items, split.ids)])
