@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import Config, ConfigError, apply_override, load_config, set_dotted
 
-METRIC = "val_auroc"  # what every trial reports and the search maximises
+METRIC = "val_auroc"  # the objective probe's validation AUROC: every report carries it, the search maximises it
 TEST_METRICS = ("auroc", "aupr", "sensitivity", "specificity", "accuracy", "f1", "kappa")  # probe.METRICS
 METRIC_RANGE = {"kappa": (-1.0, 1.0)}  # every other test metric lies in [0, 1]
 STATUSES = ("finished", "stopped", "collapsed", "errored")
@@ -105,11 +105,36 @@ class Budget(_Strict):
 
 
 class Evaluation(_Strict):
+    """How a trial is scored.
+
+    One number drives every choice: `val_auroc` (METRIC) is the validation macro AUROC of the
+    `objective` probe, computed the same way at every report, intermediate and final, so ASHA's
+    rung comparisons, the searcher's observations (finished or stopped trials alike) and the best
+    trial are all ranked by the same quantity.  The `kind` probe runs once, at the end, for the
+    reported test metrics (`test_*`) and its own validation AUROC (`final_val_auroc`); when it is
+    the same probe as `objective` it is computed once.  Test metrics never rank anything.
+    """
+
     data: str | None = None  # labelled shards or RETFound tree; None: the synthetic set's labels
     dataset: str | None = None  # catalog name (checks the class count) or subfolder of `data`
-    kind: Literal["fast", "paper", "knn"] = "fast"  # the final probe; its val AUROC is the objective
-    intermediate: Literal["knn", "fast", "none"] = "knn"  # the between-epoch signal ASHA compares
+    # The search objective's probe.  `fast` (logistic regression on frozen features) by default: it is
+    # deterministic given the features and cheap enough for every report; kNN is noisier on small
+    # validation sets; `paper` (the authors' SGD probe) costs about a pretraining epoch per report.
+    objective: Literal["fast", "knn", "paper"] = "fast"
+    kind: Literal["fast", "paper", "knn"] = "fast"  # the final probe: test metrics and final_val_auroc
+    intermediate: bool = True  # report (and score) every budget.report_every epochs; false: only at the end
     bootstrap: int = Field(200, ge=0)  # test-set resamples for the 95% intervals of the final probe
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_intermediate(cls, data: Any) -> Any:
+        # Specs written before the objective was one probe said `intermediate: knn|fast|none`.
+        old = data.get("intermediate") if isinstance(data, dict) else None
+        if isinstance(old, str):
+            hint = "intermediate: false" if old == "none" else f"objective: {old}"
+            raise ValueError(f"intermediate={old!r}: the between-epoch probe is now the search objective for every report; "
+                             f"write `{hint}` (allowed: intermediate true|false, objective fast|knn|paper)")
+        return data
 
 
 class Searcher(_Strict):
@@ -159,8 +184,8 @@ class SearchSpec(_Strict):
         grid = [k for k, v in kinds.items() if v == "grid"]
         if self.searcher.kind == "optuna" and grid:
             raise ValueError(f"searcher.kind=optuna cannot search grid parameters {grid}; use choice, or searcher.kind grid/random")
-        if self.scheduler.kind == "asha" and self.evaluation.intermediate == "none":
-            raise ValueError("scheduler.kind=asha needs an intermediate signal: evaluation.intermediate knn or fast (or scheduler.kind fifo)")
+        if self.scheduler.kind == "asha" and not self.evaluation.intermediate:
+            raise ValueError("scheduler.kind=asha needs intermediate reports: evaluation.intermediate true (or scheduler.kind fifo)")
         if self.searcher.kind == "grid" and len(grid) != len(kinds):
             other = [k for k in kinds if k not in grid]
             raise ValueError(f"searcher.kind=grid needs every parameter as grid; not grid: {other}")
@@ -372,9 +397,10 @@ def results_table(
         row.update({k: t["params"].get(k) for k in param_keys})
         row[METRIC] = _num(last.get(METRIC))
         row["epoch"] = last.get("epoch")
-        row["knn_val_auroc"] = _num(last.get("knn_val_auroc"))
+        row["final_val_auroc"] = _num(last.get("final_val_auroc"))
+        row["probe_seeds"] = last.get("probe_seeds")
         for m in TEST_METRICS:
-            for suffix in ("", "_low", "_high"):
+            for suffix in ("", "_low", "_high", "_std"):
                 row[f"test_{m}{suffix}"] = _num(last.get(f"test_{m}{suffix}"))
         for k in ("train_seconds", "probe_seconds", "checkpoint_seconds", "setup_seconds"):
             row[k] = _num(last.get(k))
@@ -403,8 +429,9 @@ def _num(v: Any) -> float | None:
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Highest val AUROC among finished trials (a stopped trial's AUROC is an intermediate kNN value);
-    falls back to the best stopped trial, never a collapsed or errored one."""
+    """Highest `val_auroc` (the search objective) among finished trials; falls back to the best stopped
+    trial (its value is the same probe at an earlier epoch), never a collapsed or errored one.
+    Test metrics play no part."""
     for wanted in ("finished", "stopped"):
         pool = sorted((r for r in rows if r["status"] == wanted and r[METRIC] is not None), key=lambda r: str(r["trial_id"]))
         if pool:
@@ -452,8 +479,14 @@ def best_config_yaml(spec: SearchSpec, params: dict[str, Any], steps_per_epoch: 
 
 
 def preset_table(rows: list[dict[str, Any]], group_key: str = "augment.preset", level: float = 0.95) -> list[dict[str, Any]]:
-    """Per preset: n finished trials, and per test metric the mean with a 95% t-interval over the seeds
-    (clipped to the metric's range); the seeds are the independent replicates, as in the paper's Table 3."""
+    """Per preset, the two axes of replication kept apart.
+
+    - over pretraining seeds (one finished trial each): n, and per test metric the mean with a 95%
+      t-interval (clipped to the metric's range) -- independent pretrainings;
+    - over probe seeds (the paper's replicates: one checkpoint probed with seeds 0-4): `{m}_probe_std`,
+      the mean over checkpoints of the std across probe seeds, and `probe_seeds`.  Cheng et al.'s
+      Table 3 reports mean ± std over probe seeds of a single pretraining, i.e. only the second axis.
+    """
     from scipy import stats
 
     out = []
@@ -471,6 +504,10 @@ def preset_table(rows: list[dict[str, Any]], group_key: str = "augment.preset", 
             entry[m] = mean
             entry[f"{m}_low"] = max(lo, mean - half) if half is not None else None
             entry[f"{m}_high"] = min(hi, mean + half) if half is not None else None
+            probe_std = [r[f"test_{m}_std"] for r in members if r.get(f"test_{m}_std") is not None]
+            entry[f"{m}_probe_std"] = float(np.mean(probe_std)) if probe_std else None
+        seeds = {r.get("probe_seeds") for r in members if r.get("probe_seeds")}
+        entry["probe_seeds"] = seeds.pop() if len(seeds) == 1 else (sorted(seeds) or None)
         out.append(entry)
     return out
 
@@ -610,13 +647,15 @@ def _md_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def preset_table_markdown(table: list[dict[str, Any]], group_key: str = "augment.preset") -> str:
-    cols = ["preset", "n"] + [m.upper() if m in ("auroc", "aupr") else m for m in TEST_METRICS]
+    """Mean [95% t-interval over pretraining seeds] and, after ±, the mean std over probe seeds."""
+    cols = ["preset", "pretraining seeds", "probe seeds"] + [m.upper() if m in ("auroc", "aupr") else m for m in TEST_METRICS]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for e in table:
-        cells = [str(e[group_key]), str(e["n"])]
+        cells = [str(e[group_key]), str(e["n"]), _fmt(e.get("probe_seeds"))]
         for m in TEST_METRICS:
-            lo, hi = e.get(f"{m}_low"), e.get(f"{m}_high")
-            cells.append(f"{_fmt(e[m])} [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else _fmt(e[m]))
+            lo, hi, sd = e.get(f"{m}_low"), e.get(f"{m}_high"), e.get(f"{m}_probe_std")
+            cell = f"{_fmt(e[m])} [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else _fmt(e[m])
+            cells.append(cell + (f" ± {_fmt(sd)}" if sd is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -640,7 +679,9 @@ def summary_markdown(
         f"- base config `{spec.base}`, budget {budget} per trial, report every {spec.budget.report_every} epoch(s)",
         f"- searcher {spec.searcher.kind}, scheduler {spec.scheduler.kind}, {len(rows)} trials "
         f"({', '.join(f'{counts.get(s, 0)} {s}' for s in STATUSES)})",
-        f"- objective: {METRIC} of the `{spec.evaluation.kind}` probe (intermediate: {spec.evaluation.intermediate})",
+        f"- objective: `{METRIC}` = validation macro AUROC of the `{spec.evaluation.objective}` probe at every report "
+        f"({'every ' + str(spec.budget.report_every) + ' epoch(s) and ' if spec.evaluation.intermediate else ''}at the end); "
+        f"test metrics: the `{spec.evaluation.kind}` probe at the end, never used to choose",
         f"- resources per trial: {spec.resources.workers} worker(s) × {spec.resources.gpus_per_worker:g} GPU × "
         f"{spec.resources.cpus_per_worker:g} CPU",
     ]
@@ -659,7 +700,9 @@ def summary_markdown(
     ranked = sorted(rows, key=lambda r: (r["status"] != "finished", -(r[METRIC] if r[METRIC] is not None else -1)))
     out += ["## Trials", "", _md_table(ranked, ["trial_id", "status", *param_keys, METRIC, "test_auroc", "epoch", "reason"]), ""]
     if paper:
-        out += ["## Presets (Table 3 shape): test metrics, mean [95% t-interval over seeds]", "", paper["table_md"], ""]
+        out += ["## Presets (Table 3 shape)", "",
+                "Test metrics: mean [95% t-interval over pretraining seeds] ± mean std over probe seeds "
+                "(the paper's ± is over probe seeds of one checkpoint).", "", paper["table_md"], ""]
         for test in paper.get("paired", []):
             r = test["metrics"]["auroc"]
             out.append(f"Paired {test['a']} vs {test['b']} over seeds {test['pairs']}: AUROC difference "

@@ -1,9 +1,10 @@
 """`python -m raydino.tune tuning/FILE.yaml`: search augmentation scales with Ray Tune, scored by probe AUROC.
 
 Every trial pretrains DINO with one augmentation setting and scores the teacher with a probe on
-labelled data: an intermediate kNN (or fast-probe) validation AUROC every `budget.report_every`
-epochs (ASHA's signal) and the final probe's validation AUROC (the objective; test metrics are
-reported beside it).  A one-worker trial trains in the trial process; a multi-worker trial runs a
+labelled data.  Every report (each `budget.report_every` epochs and the end) carries `val_auroc`,
+the validation AUROC of `evaluation.objective`'s probe: ASHA, the searcher and the choice of the
+best trial all see that one number.  The final report adds the `evaluation.kind` probe's test
+metrics (never compared) and its own validation AUROC as `final_val_auroc`.  A one-worker trial trains in the trial process; a multi-worker trial runs a
 `TorchTrainer` inside the trial and forwards rank 0's reports with `TuneReportCallback`.
 
 Hang guards (see RAY_NOTES "Tune with Train inside"): a local Ray runs with the dashboard on and
@@ -75,13 +76,6 @@ class TrialEvaluator:
 
         return {s: extract_features(backbone, self.images[s], self.size, self.cfg.probe.batch_size, progress=None) for s in splits}
 
-    def _knn(self, feats: dict[str, Any]) -> float:
-        from .probe import compute_metrics, knn_scores, selection_auroc
-
-        labels = self.data.splits["train"].labels
-        scores = knn_scores(feats["train"], labels, feats["val"], self.data.n_classes, self.cfg.probe.knn_k, self.cfg.probe.knn_temperature)
-        return selection_auroc(compute_metrics(self.data.splits["val"].labels, scores, self.data.n_classes))
-
     def _probe(self, backbone: Any, feats: dict[str, Any], kind: str, bootstrap: int) -> dict[str, Any]:
         from .probe import probe_backbone
 
@@ -91,23 +85,29 @@ class TrialEvaluator:
                               feats=feats, progress=None)
 
     def evaluate(self, backbone: Any, final: bool) -> dict[str, Any]:
-        """Metrics of the frozen backbone: `val_auroc` (+ `knn_val_auroc`; `test_*` when final)."""
+        """Metrics of the frozen backbone.
+
+        Every call: `val_auroc` (METRIC), the objective probe's validation AUROC, the same probe at
+        every report.  Final call also: the `kind` probe's `final_val_auroc` and `test_*` (mean over
+        probe seeds, 95% bootstrap interval, std over probe seeds).  The test split's features are
+        only extracted for the final call, and nothing computed on them is compared by the search.
+        """
         was_training = backbone.training
         backbone.eval()
         try:
-            intermediate = self.evaluation.intermediate
-            splits = ("train", "val") if not final and intermediate == "knn" else ("train", "val", "test")
-            feats = self._features(backbone, splits)
-            out: dict[str, Any] = {}
-            if intermediate == "knn" or (final and self.evaluation.kind == "knn"):
-                out["knn_val_auroc"] = self._knn(feats)
+            ev = self.evaluation
+            feats = self._features(backbone, ("train", "val", "test"))
+            same = ev.kind == ev.objective  # then the final probe is the objective's own run, computed once
+            objective = self._probe(backbone, feats, ev.objective, ev.bootstrap if final and same else 0)
+            out: dict[str, Any] = {METRIC: self._val(objective)}
             if not final:
-                out[METRIC] = out["knn_val_auroc"] if intermediate == "knn" else self._val(self._probe(backbone, feats, "fast", 0))
                 return out
-            result = self._probe(backbone, feats, self.evaluation.kind, self.evaluation.bootstrap)
-            out[METRIC] = self._val(result)
+            result = objective if same else self._probe(backbone, feats, ev.kind, ev.bootstrap)
+            out["final_val_auroc"] = self._val(result)
+            out["probe_seeds"] = len(result["per_seed"])
             for m in search.TEST_METRICS:
                 out[f"test_{m}"] = result["mean"].get(m)
+                out[f"test_{m}_std"] = (result.get("std") or {}).get(m)
                 ci = (result.get("ci95") or {}).get(m) or {}
                 out[f"test_{m}_low"], out[f"test_{m}_high"] = ci.get("low"), ci.get("high")
             return out
@@ -154,7 +154,7 @@ def train_and_report(
         now = time.perf_counter()
         timers["train"] += now - mark[0]
         collapsed = agree(spec.stop_on_collapse and len(recent) == recent.maxlen and all(recent))
-        due = s.epoch % spec.budget.report_every == 0 and spec.evaluation.intermediate != "none"
+        due = s.epoch % spec.budget.report_every == 0 and spec.evaluation.intermediate
         if not (collapsed or s.done or due):
             mark[0] = time.perf_counter()
             return

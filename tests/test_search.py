@@ -57,7 +57,7 @@ def test_smoke_spec_fits_a_small_machine():
         ({"space": {"augment.noise_p": {"uniform": [0, 1], "choice": [0.1]}}}, ["exactly one of"]),
         ({"space": {"augment.preset": {"grid": ["weak", "strong"]}}}, ["optuna cannot search grid", "augment.preset"]),
         ({"searcher": {"kind": "grid"}}, ["every parameter as grid", "augment.global_crop_scale.min"]),
-        ({"evaluation": {"intermediate": "none"}}, ["asha needs an intermediate signal"]),
+        ({"evaluation": {"intermediate": False}}, ["asha needs intermediate reports"]),
         ({"name": "has space"}, ["name"]),
         ({"space": {}}, ["at least one parameter"]),
         ({"space": {"augment.noise_p": {"unifrom": [0, 0.5]}}}, ["augment.noise_p.unifrom", "did you mean uniform"]),
@@ -136,7 +136,7 @@ def test_statuses_reasons_and_best_is_a_finished_trial():
     assert "epoch 1 of 2" in by["b"]["reason"]
     assert "uniform" in by["c"]["reason"]
     assert "loss became nan at step 3" in by["d"]["reason"] and by["d"]["val_auroc"] is None
-    # b's 0.9 is an intermediate kNN value; the best is the best *finished* trial
+    # b's 0.9 is from an earlier report (a stopped trial); the best is the best *finished* trial
     assert search.best_row(rows)["trial_id"] == "a"
     assert by["a"]["overhead_fraction"] == pytest.approx((10.0 - 9.0) / 10.0)
     assert search.best_row([r for r in rows if r["trial_id"] != "a"])["trial_id"] == "b"
@@ -174,8 +174,9 @@ def preset_rows(values):
     rows = []
     for preset, aurocs in values.items():
         for seed, a in enumerate(aurocs):
-            rows.append({"status": "finished", "augment.preset": preset, "train.seed": seed,
-                         **{f"test_{m}": a - 0.1 for m in search.TEST_METRICS}, "test_auroc": a})
+            rows.append({"status": "finished", "augment.preset": preset, "train.seed": seed, "probe_seeds": 5,
+                         **{f"test_{m}": a - 0.1 for m in search.TEST_METRICS}, "test_auroc": a,
+                         "test_auroc_std": 0.01 * (seed + 1)})
     return rows
 
 
@@ -189,8 +190,11 @@ def test_preset_table_gives_mean_and_t_interval_over_seeds():
         assert e["n"] == len(v)  # the stopped trial is left out
         assert e["auroc"] == pytest.approx(np.mean(v))
         assert (e["auroc_low"], e["auroc_high"]) == (pytest.approx(lo), pytest.approx(hi))
+        # the second axis, kept apart: the mean over checkpoints of the std over probe seeds
+        assert e["auroc_probe_std"] == pytest.approx(np.mean([0.01 * (s + 1) for s in range(len(v))]))
+        assert e["probe_seeds"] == 5 and e["aupr_probe_std"] is None
     md = search.preset_table_markdown(search.preset_table(rows))
-    assert "| weak | 5 |" in md and "AUROC" in md
+    assert "| weak | 5 | 5 |" in md and "AUROC" in md and "± 0.030" in md
 
 
 def test_paired_test_pairs_by_seed():
@@ -227,3 +231,13 @@ def test_plots_and_summary(tmp_path):
     best = search.best_row(rows)
     md = search.summary_markdown(spec, rows, best, keys, {"search time": "1m"})
     assert f"`{best['trial_id']}`" in md and "4 finished, 4 stopped" in md and "scale_heatmap.png" in md
+
+
+def test_test_metrics_never_choose_the_best_trial():
+    """The best trial is the one the search objective ranks first, whatever its test metrics say."""
+    trials = [{"trial_id": t, "params": {"p": i}, "error": None,
+               "history": [{"epoch": 2, "val_auroc": val, "final": 1, "final_val_auroc": fval, "test_auroc": test}]}
+              for i, (t, val, fval, test) in enumerate([("hi-val", 0.80, 0.60, 0.55), ("hi-test", 0.70, 0.90, 0.95)])]
+    rows = search.results_table(trials, ["p"], budget_epochs=2)
+    assert search.best_row(rows)["trial_id"] == "hi-val"
+    assert {r["trial_id"]: r["final_val_auroc"] for r in rows} == {"hi-val": 0.60, "hi-test": 0.90}

@@ -79,9 +79,35 @@ def test_collapsed_teacher_stops_the_trial_after_a_report(cache, one_thread):
     metrics, files = reports[0]
     assert metrics["collapsed"] == 1 and metrics["final"] == 0 and metrics["collapse"] == "uniform"
     assert metrics["epoch"] == 1 < cfg.train.epochs
-    assert 0.0 <= metrics["val_auroc"] <= 1.0 and metrics["val_auroc"] == metrics["knn_val_auroc"]
+    assert 0.0 <= metrics["val_auroc"] <= 1.0 and "final_val_auroc" not in metrics and "test_auroc" not in metrics
     assert "state.pt" in files
     assert search.trial_status([metrics], None, 3)[0] == "collapsed"
+
+
+def test_every_report_scores_the_same_probe(cache, one_thread):
+    """val_auroc is the objective probe's, intermediate and final alike; the final probe has its own key."""
+    from raydino.probe import probe_backbone, selection_auroc
+
+    spec, cfg, ctx, state, _ = loop_setup(cache, ["evaluation.objective=fast", "evaluation.kind=knn", "evaluation.bootstrap=0"])
+    evaluator = tune.TrialEvaluator(cfg, ctx)
+    backbone = state.teacher.backbone
+    mid, end = evaluator.evaluate(backbone, final=False), evaluator.evaluate(backbone, final=True)
+    assert mid["val_auroc"] == end["val_auroc"], "intermediate and final reports must carry the same metric"
+    feats = evaluator._features(backbone, ("train", "val", "test"))
+    expected = {kind: selection_auroc(probe_backbone(backbone, evaluator.data, kind, image_size=evaluator.size, n_bootstrap=0,
+                                                     feats=feats, progress=None)["per_seed"][0]["val"])
+                for kind in ("fast", "knn")}
+    assert end["val_auroc"] == pytest.approx(expected["fast"])
+    assert end["final_val_auroc"] == pytest.approx(expected["knn"])  # the final probe, under its own key
+    assert expected["fast"] != expected["knn"], "the two probes must differ for this test to mean anything"
+    assert end["probe_seeds"] == 1 and "test_auroc" in end and "test_auroc" not in mid
+
+
+def test_old_intermediate_probe_setting_is_refused_with_the_new_names():
+    with pytest.raises(Exception, match="objective: knn"):
+        search.load_spec(SMOKE, ["evaluation.intermediate=knn"])
+    with pytest.raises(Exception, match="intermediate: false"):
+        search.load_spec(SMOKE, ["evaluation.intermediate=none", "scheduler.kind=fifo"])
 
 
 def test_non_finite_loss_raises_out_of_the_loop(cache, one_thread):
