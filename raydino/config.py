@@ -202,6 +202,14 @@ class DataConfig(_Strict):
     # Pin decoding/augmentation to labelled CPU nodes (e.g. {"raydino/role": "cpu-data"} on the
     # clusters in cluster/); None lets Ray place it anywhere (local runs).
     node_labels: dict[str, str] | None = None
+    # Every epoch a fresh order, as DINO's DistributedSampler(shuffle=True) + set_epoch gives:
+    # the shard files in a new seeded order (from train.seed and the epoch), then a shuffle buffer
+    # of this many rows in each training worker (seeded from train.seed, epoch and rank).  Capped
+    # at a quarter of a worker's epoch, so the first batch never waits for the whole epoch's crops.
+    # 0 turns the buffer off.  With augment.device=cpu the buffer holds crops (about 0.5 MB a row
+    # at 2x224 + 8x96 px), else encoded images.
+    shuffle_buffer: int = Field(1024, ge=0)
+    shuffle_files: bool = True
 
 
 class RunConfig(_Strict):
@@ -217,15 +225,47 @@ class RunConfig(_Strict):
 
 
 class ProbeConfig(_Strict):
+    """Downstream probe settings.  The `paper` probe's defaults are the authors' evaluation exactly:
+    their eval.sh (batch 16, 50 epochs, seeds 0-4) running their eval_finetune.py, which is DINO's
+    eval_linear.py (lr 0.001 per 256 images, SGD momentum 0.9, no weight decay, cosine to 0) with the
+    training view RandomResizedCrop(224) at torchvision's defaults (scale 0.08-1, bilinear) and no flip."""
+
     data: str | None = None  # labelled shards or RETFound tree; None: the synthetic set's labels
     kind: Literal["fast", "paper", "knn"] = "fast"
     image_size: int | None = Field(None, ge=8)  # None: augment.global_crop_size
-    batch_size: int = Field(64, ge=1)
-    seeds: list[int] = [0]
+    batch_size: int = Field(64, ge=1)  # feature extraction (eval views); not the paper probe's training batch
+    seeds: list[int] | None = None  # None: paper 0-4 (eval.sh), fast / knn [0] (deterministic)
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
-    epochs: int = Field(90, ge=1)  # paper probe
-    lr: float = Field(0.1, gt=0)
+    feature_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast extraction (faster on GPU, not the protocol)
+    # The paper probe (eval.sh + eval_finetune.py = DINO eval_linear):
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(0.001, gt=0)  # per 256 images: the SGD lr is lr x train_batch_size / 256
+    train_batch_size: int = Field(16, ge=1)
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale, from the full-resolution image
+    train_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    train_flip: bool = False
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_given(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("an empty list: give at least one seed, or leave it out (paper 0-4, fast / knn 0)")
+        return v
+
+    @field_validator("train_crop_scale")
+    @classmethod
+    def _train_scale_in_range(cls, v: tuple[float, float], info: Any) -> tuple[float, float]:
+        return _check_scale(info.field_name, v)
+
+    def probe_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `raydino.probe.probe_backbone` that this config sets."""
+        return {
+            "seeds": self.seeds, "batch_size": self.batch_size, "feature_dtype": self.feature_dtype,
+            "knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "epochs": self.epochs, "lr": self.lr,
+            "train_batch_size": self.train_batch_size, "train_crop_scale": self.train_crop_scale,
+            "train_interpolation": self.train_interpolation, "train_flip": self.train_flip,
+        }  # fmt: skip
 
 
 class Config(_Strict):

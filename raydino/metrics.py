@@ -2,8 +2,13 @@
 
 Metrics follow the paper (Cheng et al., MIDL 2025, and RETFound's `misc_measures`): macro
 one-vs-rest AUROC, macro AUPR, sensitivity = mean recall over classes 1..C-1, specificity
-likewise, plus accuracy, macro F1 and quadratic kappa.  Bootstrap 95% intervals resample the
-test cases.  A metric that is undefined is None with a reason, never 0.5.
+likewise, plus accuracy, macro F1 and Cohen's kappa.  Kappa is quadratic-weighted only for an
+ordinal task (DR grade: a grade-0 / grade-4 confusion is worse than a grade-0 / grade-1 one);
+for nominal classes (JSIEC's conditions, Retina's diseases) no class is "between" two others,
+so it is Cohen's unweighted kappa.  Every metrics dict says which (`kappa_weighting`).
+Bootstrap 95% intervals resample the test cases within each class (stratified), so every
+resample keeps the class counts of the test set.  A metric that is undefined is None with a
+reason, never 0.5.
 
 Pure numpy / scikit-learn: no torch, no Ray.  `raydino.probe` produces the scores these score.
 """
@@ -18,6 +23,13 @@ from typing import Any
 import numpy as np
 
 METRICS = ("auroc", "aupr", "sensitivity", "specificity", "accuracy", "f1", "kappa")
+KAPPA_WEIGHTING = {True: "quadratic", False: "none"}  # ordinal task → sklearn's `weights=` name
+
+
+def kappa_weighting(ordinal: bool) -> str:
+    """The kappa weighting of a task: quadratic for an ordinal one, none (Cohen's unweighted) for a nominal one."""
+    return KAPPA_WEIGHTING[bool(ordinal)]
+
 
 Progress = Callable[[str], None] | None  # a line printer (print, a logger's info, list.append) or None: silent
 
@@ -43,7 +55,7 @@ class ProgressMeter:
         self.progress(f"{self.label}: {done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {eta:.0f}s")
 
 
-def compute_metrics(y_true: Sequence[int], scores: np.ndarray, n_classes: int) -> dict[str, Any]:
+def compute_metrics(y_true: Sequence[int], scores: np.ndarray, n_classes: int, ordinal: bool = False) -> dict[str, Any]:
     """The paper's metrics from class scores (N × C); undefined ones are None with a reason.
 
     auroc: macro one-vs-rest (binary: AUROC of class 1), equal to sklearn's
@@ -51,7 +63,8 @@ def compute_metrics(y_true: Sequence[int], scores: np.ndarray, n_classes: int) -
     aupr: macro over classes of `average_precision_score` (one-vs-rest).
     sensitivity / specificity: mean over classes 1..C-1 of one-vs-rest recall / TN/(TN+FP), as
     RETFound's `misc_measures` (class 0, e.g. "no DR", is the reference class).
-    accuracy: fraction correct; f1: macro F1; kappa: quadratic-weighted Cohen's kappa.
+    accuracy: fraction correct; f1: macro F1; kappa: Cohen's kappa, quadratic-weighted when
+    `ordinal` (class index = severity), unweighted otherwise; `kappa_weighting` names which.
     """
     from sklearn.metrics import average_precision_score, cohen_kappa_score, f1_score, roc_auc_score
 
@@ -106,12 +119,14 @@ def compute_metrics(y_true: Sequence[int], scores: np.ndarray, n_classes: int) -
         out["f1"] = float(f1_score(y, pred, labels=list(every), average="macro", zero_division=0))
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        kappa = cohen_kappa_score(y, pred, labels=list(every), weights="quadratic")
+        weighting = kappa_weighting(ordinal)
+        kappa = cohen_kappa_score(y, pred, labels=list(every), weights=None if weighting == "none" else weighting)
     if np.isfinite(kappa):
         out["kappa"] = float(kappa)
     else:
         out["kappa"] = None
         undefined["kappa"] = "labels and predictions are all one class (chance agreement is 1)"
+    out["kappa_weighting"] = weighting
     out["per_class"] = {"auroc": per_auroc, "aupr": per_ap, "recall": per_recall, "specificity": per_spec}
     out["undefined"] = undefined
     return out
@@ -128,6 +143,17 @@ def mean_metrics(runs: Sequence[dict[str, Any]]) -> tuple[dict[str, float | None
     return mean, std
 
 
+def stratified_resample(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one bootstrap resample drawn with replacement within each class.
+
+    Each class keeps its test count, so a small class (a handful of proliferative-DR cases) is never
+    drawn zero times and never voids AUROC / AUPR / F1 for that resample; the interval then reflects
+    the variability of the cases, not of the class mix, which the test split fixes anyway.
+    """
+    parts = [rng.choice(idx, size=len(idx), replace=True) for idx in (np.flatnonzero(y == c) for c in np.unique(y))]
+    return np.concatenate(parts)
+
+
 def bootstrap_intervals(
     y_true: np.ndarray,
     seed_scores: Sequence[np.ndarray],
@@ -136,20 +162,24 @@ def bootstrap_intervals(
     level: float = 0.95,
     seed: int = 0,
     progress: Progress = None,
+    ordinal: bool = False,
+    stratified: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Percentile intervals of the seed-mean of each metric, resampling test cases with replacement.
 
-    Every resample draws one index set and scores every seed's predictions on it, so the interval
-    is for the number that is reported (the mean over seeds).  Resamples where a metric is
-    undefined (a class drawn zero times) are dropped and counted.
+    Resampling is stratified by class by default (`stratified_resample`): every resample has the
+    test set's class counts.  Every resample draws one index set and scores every seed's predictions
+    on it, so the interval is for the number that is reported (the mean over seeds).  Resamples where
+    a metric is undefined (e.g. kappa when one class is predicted for everything) are dropped and
+    counted.  `ordinal` picks the kappa weighting, as in `compute_metrics`.
     """
     rng = np.random.default_rng(seed)
     y = np.asarray(y_true)
     values: dict[str, list[float]] = {m: [] for m in METRICS}
     meter = ProgressMeter("bootstrap", n_resamples, progress, every=15.0, unit="resamples")
     for b in range(n_resamples):
-        idx = rng.integers(0, len(y), len(y))
-        runs = [compute_metrics(y[idx], sc[idx], n_classes) for sc in seed_scores]
+        idx = stratified_resample(y, rng) if stratified else rng.integers(0, len(y), len(y))
+        runs = [compute_metrics(y[idx], sc[idx], n_classes, ordinal) for sc in seed_scores]
         mean, _ = mean_metrics(runs)
         for m in METRICS:
             if mean[m] is not None:
@@ -159,7 +189,8 @@ def bootstrap_intervals(
     out = {}
     for m in METRICS:
         v = np.asarray(values[m])
-        entry: dict[str, Any] = {"n_resamples": n_resamples, "n_valid": int(len(v)), "level": level}
+        entry: dict[str, Any] = {"n_resamples": n_resamples, "n_valid": int(len(v)), "level": level,
+                                 "stratified": stratified}
         if len(v) < max(1, n_resamples // 2):
             entry.update(low=None, high=None, reason=f"undefined in {n_resamples - len(v)} of {n_resamples} resamples")
         else:

@@ -411,7 +411,8 @@ def train_worker(conf: dict[str, Any]) -> None:
     tracker = RunTracker(conf["log_dir"] if rank == 0 else None, state.schedules.total_steps,
                          -(-state.schedules.total_steps // spe), printer=say)
     epoch_batches = worker_epoch_batches(cfg, ray.train.get_dataset_shard("train"), device,
-                                         seed=worker_seed(cfg, rank, state.step))
+                                         seed=worker_seed(cfg, rank, state.step), rank=rank,
+                                         epoch_rows=spe * cfg.train.batch_size)
 
     def on_log(state, metrics):
         if rank == 0:
@@ -502,6 +503,11 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     say(f"[raydino] run {name}: {cfg.model.arch}, preset {cfg.augment.preset}, {rows} images, "
         f"{cfg.run.workers} workers × batch {cfg.train.batch_size}, {steps_per_epoch} steps/epoch; "
         f"storage {storage.uri}/{name}")
+    if not shards.rows_shuffled:
+        say(f"[raydino] note: {shards.uri} stores its rows in source order (sharded by an older raydino, or with "
+            f"--no-shuffle): on a class-sorted tree each shard holds one class, which the per-epoch shuffle of shard "
+            f"order and data.shuffle_buffer only partly mix. Shard it again with `python -m raydino.shard` for "
+            f"well-mixed batches")
 
     # 3. Train.
     gpus = cfg.run.gpus_per_worker

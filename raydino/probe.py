@@ -8,8 +8,14 @@ classifier is trained on them, chosen on validation macro AUROC and reported on 
 
 Three probes share one result format:
 - `fast`: scikit-learn logistic regression on standardised cached features (C chosen on val AUROC).
-- `paper`: a linear layer trained with SGD on features of random training crops (DINO's recipe).
+- `paper`: the authors' evaluation exactly (their `eval.sh` running `eval_finetune.py`, which is DINO's
+  `eval_linear.py`): a linear layer trained with SGD on features of random training crops cut from
+  the full-resolution images, the epoch with the best validation AUROC tested, seeds 0-4
+  (`PaperProtocol` holds every number and where it comes from).
 - `knn`: k = 20, T = 0.07 cosine-similarity weighted voting (DINO's `eval_knn.py`) with class scores.
+
+Features are float32 unless bf16 autocast is asked for (`feature_dtype`); the feature cache key
+holds the device type and the dtype, so features of the two never mix.
 
 The rest of evaluation lives beside this module, and is re-exported here so that
 `from raydino.probe import X` keeps working for every name it ever offered:
@@ -62,7 +68,6 @@ from .data.labelled import (
     load_labelled,
     load_retfound_tree,
     load_shard_data,
-    resize_short_side,
 )
 from .engine import normalize
 from .metrics import (
@@ -71,6 +76,7 @@ from .metrics import (
     ProgressMeter,
     bootstrap_intervals,
     compute_metrics,
+    kappa_weighting,
     mean_metrics,
     selection_auroc,
 )
@@ -78,9 +84,10 @@ from .model import is_vit
 
 __all__ = [
     # defined here: features and probes
-    "C_GRID", "FEATURE_VERSION", "N_LAST_BLOCKS", "FeatureCache", "SeedRun", "backbone_features",
-    "backbone_fingerprint", "extract_features", "fast_probe", "frozen", "knn_auroc", "knn_probe", "knn_scores",
-    "paper_probe", "parse_seeds", "probe_backbone", "split_features", "train_crops", "decode_train_images",
+    "C_GRID", "FEATURE_DTYPES", "FEATURE_VERSION", "N_LAST_BLOCKS", "PAPER", "FeatureCache", "PaperProtocol",
+    "SeedRun", "TrainViews", "backbone_features", "backbone_fingerprint", "default_seeds", "extract_features",
+    "fast_probe", "feature_precision", "frozen", "knn_auroc", "knn_probe", "knn_scores", "paper_probe",
+    "parse_seeds", "probe_backbone", "split_features", "train_crops", "decode_train_images",
     # raydino.metrics
     "METRICS", "Progress", "bootstrap_intervals", "compute_metrics", "mean_metrics", "selection_auroc",
     # raydino.data.labelled
@@ -93,7 +100,51 @@ __all__ = [
 
 N_LAST_BLOCKS = 4
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-FEATURE_VERSION = 1  # bump when the feature definition changes (invalidates caches)
+FEATURE_VERSION = 2  # bump when the feature definition changes (invalidates caches); 2: fp32 by default
+FEATURE_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class PaperProtocol:
+    """The `paper` probe's settings.  The defaults are the authors' evaluation, number by number.
+
+    Sources: the authors' `eval.sh` (`--batch_size_per_gpu 16 --epochs 50 --seed 0..4`, one
+    checkpoint), their `eval_finetune.py` (DINO's `eval_linear.py` with their training view), and
+    the defaults of both: lr 0.001 (eval_finetune's `--lr` default, not set by eval.sh) scaled by
+    batch / 256; SGD momentum 0.9, weight decay 0; `CosineAnnealingLR(epochs, eta_min=0)` stepped per
+    epoch; `LinearClassifier` weights N(0, 0.01), bias 0; training view `RandomResizedCrop(224)` with
+    torchvision's defaults (scale 0.08-1, ratio 3/4-4/3, bilinear) on the decoded full-resolution
+    image and no flip; validation every epoch, the epoch with the highest validation macro AUROC is
+    kept (a strictly higher AUROC replaces it: ties keep the earlier epoch) and tested.
+    """
+
+    epochs: int = 50
+    lr: float = 0.001  # per 256 images (linear scaling rule)
+    batch_size: int = 16
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"  # torchvision's RandomResizedCrop default
+    flip: bool = False  # DINO's eval_linear flips; the authors' eval_finetune does not
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    init_std: float = 0.01
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+    @property
+    def sgd_lr(self) -> float:
+        """The optimiser's peak learning rate: lr × batch / 256."""
+        return self.lr * self.batch_size / 256
+
+    def describe(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sgd_lr": self.sgd_lr}
+
+
+PAPER = PaperProtocol()
+
+
+def default_seeds(kind: str) -> list[int]:
+    """Seeds when none are given: the paper probe's five (eval.sh), one for the deterministic probes."""
+    return list(PAPER.seeds) if kind == "paper" else [0]
 
 
 # ---------------------------------------------------------------- features
@@ -121,11 +172,29 @@ def backbone_features(backbone: nn.Module, x: torch.Tensor, n_last_blocks: int =
     return backbone(x)
 
 
-def _amp(device: torch.device):
-    # bf16 on CUDA roughly doubles extraction speed; the probe's inputs are cast back to float32.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def feature_precision(device: torch.device, dtype: str = "fp32"):
+    """The precision features are computed in: "fp32" (the protocol) or "bf16" (autocast, when asked).
+
+    fp32 means IEEE float32: on CUDA, TF32 matmuls and convolutions (cuDNN allows TF32 convolutions
+    by default) are switched off for the duration and restored after.  bf16 roughly doubles GPU
+    extraction speed; the features are cast back to float32 either way.
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {dtype!r}: allowed {', '.join(FEATURE_DTYPES)}")
+    if dtype == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def extract_features(
@@ -137,8 +206,12 @@ def extract_features(
     num_workers: int | None = None,
     progress: Progress = print,
     label: str = "features",
+    dtype: str = "fp32",
 ) -> np.ndarray:
-    """Frozen features (float32, N × D) on the backbone's device; `images` is a split or uint8 NCHW."""
+    """Frozen features (float32, N × D) on the backbone's device; `images` is a split or uint8 NCHW.
+
+    `dtype` "bf16" computes them under bf16 autocast (see `feature_precision`).
+    """
     device = next(backbone.parameters()).device
     if isinstance(images, torch.Tensor):
         batches = images.split(batch_size)
@@ -156,7 +229,7 @@ def extract_features(
         total = len(images)
     meter = ProgressMeter(label, total, progress)
     out, done = [], 0
-    with frozen(backbone), _amp(device):
+    with frozen(backbone), feature_precision(device, dtype):
         for batch in batches:
             x = normalize(batch.to(device, non_blocking=True))
             out.append(backbone_features(backbone, x).float().cpu())
@@ -181,8 +254,12 @@ class FeatureCache:
         self.directory = Path(directory)
 
     @staticmethod
-    def key(backbone_fp: str, data: LabelledData, image_size: int, crop_pct: float) -> str:
-        raw = f"{backbone_fp}|{data.fingerprint()}|{image_size}|{crop_pct}|{N_LAST_BLOCKS}|v{FEATURE_VERSION}"
+    def key(backbone_fp: str, data: LabelledData, image_size: int, crop_pct: float, *, device_type: str,
+            dtype: str) -> str:
+        """Weights, data, view, and where and in what precision the features were computed: fp32 and bf16
+        features (or CPU and CUDA ones, whose kernels differ) are never read for one another."""
+        raw = (f"{backbone_fp}|{data.fingerprint()}|{image_size}|{crop_pct}|{N_LAST_BLOCKS}|{device_type}|{dtype}"
+               f"|v{FEATURE_VERSION}")
         return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
     def load(self, key: str, split: str) -> np.ndarray | None:
@@ -211,10 +288,13 @@ def split_features(
     crop_pct: float = CROP_PCT,
     cache_dir: str | os.PathLike | None = None,
     progress: Progress = print,
+    dtype: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Features of train, val and test, read from / written to `cache_dir` when given."""
     cache = FeatureCache(cache_dir) if cache_dir else None
-    key = cache.key(backbone_fingerprint(backbone), data, image_size, crop_pct) if cache else ""
+    device_type = next(backbone.parameters()).device.type
+    key = (cache.key(backbone_fingerprint(backbone), data, image_size, crop_pct, device_type=device_type, dtype=dtype)
+           if cache else "")
     out = {}
     for s in SPLITS:
         feats = cache.load(key, s) if cache else None
@@ -223,7 +303,8 @@ def split_features(
                 progress(f"features {s}: {len(feats)} from cache {cache.directory / key}")
         else:
             feats = extract_features(
-                backbone, data.splits[s], image_size, batch_size, crop_pct, progress=progress, label=f"features {s}"
+                backbone, data.splits[s], image_size, batch_size, crop_pct, progress=progress, label=f"features {s}",
+                dtype=dtype,
             )
             if cache:
                 cache.save(key, s, feats, data)
@@ -245,7 +326,8 @@ class SeedRun:
 
 
 def fast_probe(
-    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, c_grid: Sequence[float] = C_GRID
+    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, c_grid: Sequence[float] = C_GRID,
+    ordinal: bool = False,
 ) -> SeedRun:
     """Logistic regression on standardised features; C chosen on validation macro AUROC."""
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
@@ -253,11 +335,12 @@ def fast_probe(
     # One BLAS thread: L-BFGS makes many small matrix products, and multi-threaded BLAS spins
     # while waiting; on a busy 2-core machine that took 56 s instead of 0.6 s (420 × 768 features).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _logistic_path(feats, labels, n_classes, c_grid)
+        return _logistic_path(feats, labels, n_classes, c_grid, ordinal)
 
 
 def _logistic_path(
-    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, c_grid: Sequence[float]
+    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, c_grid: Sequence[float],
+    ordinal: bool = False,
 ) -> SeedRun:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -274,7 +357,7 @@ def _logistic_path(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             clf.set_params(C=c).fit(x["train"], labels["train"])
-        val = compute_metrics(labels["val"], _class_scores(clf, x["val"], n_classes), n_classes)
+        val = compute_metrics(labels["val"], _class_scores(clf, x["val"], n_classes), n_classes, ordinal)
         score = selection_auroc(val)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         history.append({"C": c, "val_auroc": score, "converged": converged})
@@ -283,7 +366,8 @@ def _logistic_path(
     assert best is not None
     _, c, clf, val = best
     test_scores = _class_scores(clf, x["test"], n_classes)
-    return SeedRun(0, val, compute_metrics(labels["test"], test_scores, n_classes), test_scores, {"C": c}, history)
+    test = compute_metrics(labels["test"], test_scores, n_classes, ordinal)
+    return SeedRun(0, val, test, test_scores, {"C": c}, history)
 
 
 def _class_scores(clf: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -310,105 +394,168 @@ def knn_scores(
 
 
 def knn_probe(
-    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, k: int = 20, temperature: float = 0.07
+    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, k: int = 20, temperature: float = 0.07,
+    ordinal: bool = False,
 ) -> SeedRun:
     val = knn_scores(feats["train"], labels["train"], feats["val"], n_classes, k, temperature)
     test = knn_scores(feats["train"], labels["train"], feats["test"], n_classes, k, temperature)
     return SeedRun(
         0,
-        compute_metrics(labels["val"], val, n_classes),
-        compute_metrics(labels["test"], test, n_classes),
+        compute_metrics(labels["val"], val, n_classes, ordinal),
+        compute_metrics(labels["test"], test, n_classes, ordinal),
         test,
         {"k": min(k, len(labels["train"])), "temperature": temperature},
     )
 
 
-def train_crops(image_size: int) -> v2.Transform:
-    """DINO eval_linear's training view: RandomResizedCrop (scale 0.08–1, bicubic) + horizontal flip."""
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
+_INTERPOLATION = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+def train_crops(
+    image_size: int,
+    scale: tuple[float, float] = PAPER.crop_scale,
+    interpolation: str = PAPER.interpolation,
+    flip: bool = PAPER.flip,
+    ratio: tuple[float, float] = PAPER.crop_ratio,
+) -> v2.Transform:
+    """The paper probe's training view, applied to the decoded full-resolution image.
+
+    The authors' `RandomResizedCrop(224)` with torchvision's defaults: a box of 8-100 % of the
+    image's area (aspect 3/4-4/3) resized to `image_size`, bilinear (antialiased, as PIL resizes);
+    no horizontal flip unless `flip` (DINO's own eval_linear flips, the authors' does not).
+    """
+    if interpolation not in _INTERPOLATION:
+        raise ValueError(f"interpolation {interpolation!r}: allowed {', '.join(_INTERPOLATION)}")
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=_INTERPOLATION[interpolation],
+                             antialias=True)
+    ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+class TrainViews(torch.utils.data.Dataset):
+    """(training view, label) pairs: each image decoded at full resolution when it is drawn, then cropped.
+
+    Nothing decoded is kept between epochs, so memory stays that of the encoded items (file paths,
+    or the bytes of labelled shards) however large the photographs; in a DataLoader the decoding
+    and cropping run in its workers.  `images` may also hold decoded uint8 CHW tensors.
+    """
+
+    def __init__(self, images: Sequence[str | bytes | torch.Tensor], labels: np.ndarray, transform: v2.Transform,
+                 ids: Sequence[str] | None = None) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} training images but {len(labels)} labels")
+        self.images, self.labels, self.transform, self.ids = images, np.asarray(labels), transform, ids
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.images[i]
+        image = item if isinstance(item, torch.Tensor) else decode_image(item, self.ids[i] if self.ids else None)
+        return self.transform(image), int(self.labels[i])
+
+
+def decode_train_images(split: LabelledSplit) -> DecodedImages:
+    """The training split as full-resolution images, decoded on access (random crops are cut from these)."""
+    return DecodedImages(split.items, None, split.ids)
 
 
 def paper_probe(
     backbone: nn.Module,
-    train_images: Sequence[torch.Tensor],
+    train_images: LabelledSplit | Sequence[str | bytes | torch.Tensor],
     feats: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
     n_classes: int,
     seed: int,
     image_size: int,
-    epochs: int = 90,
-    lr: float = 0.1,
-    batch_size: int = 64,
+    protocol: PaperProtocol = PAPER,
+    *,
+    feature_dtype: str = "fp32",
+    ordinal: bool = False,
+    num_workers: int | None = None,
     progress: Progress = print,
 ) -> SeedRun:
-    """A linear layer on frozen features of fresh random training crops each epoch.
+    """A linear layer on frozen features of fresh random training crops each epoch (`PaperProtocol`).
 
-    SGD (momentum 0.9, no weight decay), lr = `lr` × batch/256 (linear scaling, as DINO and
-    RETFound), cosine to 0 over the epochs, no batch norm; the epoch with the best validation
-    AUROC (val: centre-crop features) is kept and reported on test.
+    `train_images` is the training split (decoded on the fly) or its images; `feats["val"]` and
+    `feats["test"]` are the centre-crop features of the other splits.  SGD (momentum 0.9, no weight
+    decay) at lr × batch / 256, cosine to 0 over the epochs (stepped per epoch), no batch norm; every
+    epoch is validated and the epoch with the best validation macro AUROC is reported on test.
     """
     device = next(backbone.parameters()).device
     dim = feats["val"].shape[1]
-    crop = train_crops(image_size)
-    y_train = torch.as_tensor(labels["train"], dtype=torch.int64)
+    if isinstance(train_images, LabelledSplit):
+        train_images = TrainViews(train_images.items, labels["train"], _crops(image_size, protocol), train_images.ids)
+    else:
+        train_images = TrainViews(train_images, labels["train"], _crops(image_size, protocol))
+    if num_workers is None:  # full-resolution decoding each epoch: the bottleneck in front of a GPU
+        num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     val_x = torch.as_tensor(feats["val"], dtype=torch.float32, device=device)
     test_x = torch.as_tensor(feats["test"], dtype=torch.float32, device=device)
     history: list[dict[str, float]] = []
+    n_train = len(train_images)
     # fork_rng: the probe's crops and init must not move the caller's (e.g. pretraining's) RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         head = nn.Linear(dim, n_classes).to(device)
-        nn.init.normal_(head.weight, std=0.01)  # DINO's LinearClassifier init
+        nn.init.normal_(head.weight, std=protocol.init_std)  # DINO's LinearClassifier init
         nn.init.zeros_(head.bias)
-        opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0.0)
+        opt = torch.optim.SGD(head.parameters(), lr=protocol.sgd_lr, momentum=protocol.momentum,
+                              weight_decay=protocol.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, protocol.epochs, eta_min=0.0)
+        loader = torch.utils.data.DataLoader(
+            train_images,
+            batch_size=protocol.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),  # its own: the order and worker seeds follow `seed`
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=device.type == "cuda",
+        )
         best: tuple[float, int, dict, dict] | None = None
         start = time.perf_counter()
-        for epoch in range(epochs):
-            order = torch.randperm(len(train_images))
+        for epoch in range(protocol.epochs):
             head.train()
             total_loss = 0.0
-            for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size]
-                x = torch.stack([crop(train_images[j]) for j in idx.tolist()]).to(device)
-                with frozen(backbone), _amp(device):
-                    f = backbone_features(backbone, normalize(x)).float()
-                loss = nn.functional.cross_entropy(head(f), y_train[idx].to(device))
+            lr_epoch = opt.param_groups[0]["lr"]
+            for x, y in loader:
+                with frozen(backbone), feature_precision(device, feature_dtype):
+                    f = backbone_features(backbone, normalize(x.to(device, non_blocking=True))).float()
+                loss = nn.functional.cross_entropy(head(f), y.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total_loss += float(loss.detach()) * len(idx)
+                total_loss += float(loss.detach()) * len(y)
             sched.step()
             head.eval()
             with torch.no_grad():
                 val_scores = head(val_x).softmax(dim=1).double().cpu().numpy()
-            val = compute_metrics(labels["val"], val_scores, n_classes)
+            val = compute_metrics(labels["val"], val_scores, n_classes, ordinal)
             score = selection_auroc(val)
-            history.append({"epoch": epoch, "loss": total_loss / len(order), "val_auroc": score})
-            if best is None or score > best[0]:
+            history.append({"epoch": epoch, "lr": lr_epoch, "loss": total_loss / n_train, "val_auroc": score})
+            if best is None or score > best[0]:  # strictly higher: ties keep the earlier epoch (as the authors')
                 best = (score, epoch, copy.deepcopy(head.state_dict()), val)
             if progress:
                 elapsed = time.perf_counter() - start
-                eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+                eta = elapsed / (epoch + 1) * (protocol.epochs - epoch - 1)
                 progress(
-                    f"paper probe seed {seed}: epoch {epoch + 1}/{epochs} loss {total_loss / len(order):.4f} "
+                    f"paper probe seed {seed}: epoch {epoch + 1}/{protocol.epochs} loss {total_loss / n_train:.4f} "
                     f"val AUROC {score:.4f} ETA {eta:.0f}s"
                 )
+        del loader  # ends persistent workers now, not at garbage collection
     assert best is not None
     head.load_state_dict(best[2])
     with torch.no_grad():
         test_scores = head(test_x).softmax(dim=1).double().cpu().numpy()
-    test = compute_metrics(labels["test"], test_scores, n_classes)
-    return SeedRun(seed, best[3], test, test_scores, {"best_epoch": best[1], "epochs": epochs}, history)
+    test = compute_metrics(labels["test"], test_scores, n_classes, ordinal)
+    return SeedRun(seed, best[3], test, test_scores, {"best_epoch": best[1], "epochs": protocol.epochs}, history)
 
 
-def decode_train_images(split: LabelledSplit, image_size: int, crop_pct: float = CROP_PCT) -> list[torch.Tensor]:
-    """Training images decoded once, short side resized to size/crop_pct; random crops come per epoch."""
-    resize = resize_short_side(image_size, crop_pct)
-    return [resize(decode_image(x, name)) for x, name in zip(split.items, split.ids)]
+def _crops(image_size: int, protocol: PaperProtocol) -> v2.Transform:
+    return train_crops(image_size, protocol.crop_scale, protocol.interpolation, protocol.flip, protocol.crop_ratio)
 
 
 def parse_seeds(text: str | Sequence[int]) -> list[int]:
@@ -438,51 +585,71 @@ def probe_backbone(
     backbone: nn.Module,
     data: LabelledData,
     kind: str = "fast",
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] | None = None,
     *,
     image_size: int,
     batch_size: int = 64,
     crop_pct: float = CROP_PCT,
     cache_dir: str | os.PathLike | None = None,
     n_bootstrap: int = 1000,
-    epochs: int = 90,
-    lr: float = 0.1,
+    epochs: int = PAPER.epochs,
+    lr: float = PAPER.lr,
+    train_batch_size: int = PAPER.batch_size,
+    train_crop_scale: tuple[float, float] = PAPER.crop_scale,
+    train_interpolation: str = PAPER.interpolation,
+    train_flip: bool = PAPER.flip,
+    feature_dtype: str = "fp32",
     knn_k: int = 20,
     knn_temperature: float = 0.07,
     c_grid: Sequence[float] = C_GRID,
     feats: dict[str, np.ndarray] | None = None,
+    ordinal: bool | None = None,
+    num_workers: int | None = None,
     return_scores: bool = False,
     progress: Progress = print,
 ) -> dict[str, Any]:
     """One probe of a frozen backbone on a labelled set: per-seed, mean, std and bootstrap intervals.
 
-    The backbone stays on its device and in its mode.  `fast` and `knn` are deterministic given the
-    features, so they run once whatever `seeds` says (the JSON says so).  `feats` skips extraction.
+    The backbone stays on its device and in its mode.  `seeds` None: the paper probe's five (0-4,
+    the authors' eval.sh), one seed for `fast` and `knn`, which are deterministic given the features
+    and run once whatever `seeds` says (the JSON says so).  `batch_size` is the feature-extraction
+    batch; `train_batch_size`, `epochs`, `lr` and the `train_*` view are the paper probe's (defaults:
+    `PaperProtocol`).  `feats` skips extraction (then they should be of `feature_dtype`).  `ordinal`
+    None takes `data.ordinal` (quadratic- or un-weighted kappa).  `ProbeConfig.probe_kwargs()` gives
+    every keyword a config sets.
     """
     if kind not in ("fast", "paper", "knn"):
         raise ValueError(f"probe kind {kind!r}: allowed fast, paper, knn")
+    seeds_given = seeds is not None
+    seeds = list(seeds) if seeds is not None else default_seeds(kind)
     if not seeds:
         raise ValueError("seeds: at least one seed is needed (e.g. --seeds 0)")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {feature_dtype!r}: allowed {', '.join(FEATURE_DTYPES)}")
+    ordinal = data.ordinal if ordinal is None else bool(ordinal)
+    protocol = PaperProtocol(epochs=epochs, lr=lr, batch_size=train_batch_size, crop_scale=tuple(train_crop_scale),
+                             interpolation=train_interpolation, flip=train_flip, seeds=tuple(seeds))
     if feats is None:
         feats = split_features(
-            backbone, data, image_size, batch_size=batch_size, crop_pct=crop_pct, cache_dir=cache_dir, progress=progress
+            backbone, data, image_size, batch_size=batch_size, crop_pct=crop_pct, cache_dir=cache_dir,
+            progress=progress, dtype=feature_dtype,
         )
     labels = {s: data.splits[s].labels for s in SPLITS}
     n = data.n_classes
     started = time.perf_counter()
     if kind == "fast":
-        runs = [fast_probe(feats, labels, n, c_grid)]
+        runs = [fast_probe(feats, labels, n, c_grid, ordinal)]
     elif kind == "knn":
-        runs = [knn_probe(feats, labels, n, knn_k, knn_temperature)]
+        runs = [knn_probe(feats, labels, n, knn_k, knn_temperature, ordinal)]
     else:
-        train_images = decode_train_images(data.splits["train"], image_size, crop_pct)
         runs = [
-            paper_probe(backbone, train_images, feats, labels, n, s, image_size, epochs, lr, batch_size, progress)
+            paper_probe(backbone, data.splits["train"], feats, labels, n, s, image_size, protocol,
+                        feature_dtype=feature_dtype, ordinal=ordinal, num_workers=num_workers, progress=progress)
             for s in seeds
         ]
     deterministic = kind != "paper"
     if deterministic:
-        runs[0].seed = int(seeds[0]) if len(seeds) else 0
+        runs[0].seed = int(seeds[0])
     mean, std = mean_metrics([r.test for r in runs])
     val_mean, _ = mean_metrics([r.val for r in runs])  # what a search should optimise (test stays unseen)
     result: dict[str, Any] = {
@@ -492,14 +659,18 @@ def probe_backbone(
         "n": {s: len(data.splits[s]) for s in SPLITS},
         "class_counts": {s: data.class_counts(s).tolist() for s in SPLITS},
         "image_size": image_size,
+        "crop_pct": crop_pct,
         "feature_dim": int(feats["train"].shape[1]),
+        "feature_dtype": feature_dtype,
+        "kappa_weighting": kappa_weighting(ordinal),
+        "ordinal_source": data.ordinal_source if ordinal == data.ordinal else "given by the caller",
         "seeds": [r.seed for r in runs],
         "deterministic": deterministic,
         "per_seed": [
             {"seed": r.seed, "selected": r.selected, "val": r.val, "test": r.test, "history": r.history} for r in runs
         ],
         "mean": mean,
-        "std": std,
+        "std": std,  # population standard deviation over seeds (numpy's ddof=0)
         "val_mean": val_mean,
         # A metric can be undefined in one seed only (kappa with one predicted class): the first reason found.
         "undefined": {m: next((r.test["undefined"][m] for r in runs if m in r.test["undefined"]), "undefined in some seed")
@@ -507,10 +678,17 @@ def probe_backbone(
         "warnings": list(data.warnings),
         "probe_seconds": round(time.perf_counter() - started, 2),
     }
-    if deterministic and len(seeds) > 1:
+    if kind == "paper":
+        result["protocol"] = protocol.describe()
+    elif kind == "fast":
+        result["protocol"] = {"c_grid": list(c_grid)}
+    else:
+        result["protocol"] = {"k": min(knn_k, len(labels["train"])), "temperature": knn_temperature}
+    if deterministic and seeds_given and len(seeds) > 1:
         result["warnings"].append(f"{kind} probe is deterministic given the features: ran once for seeds {list(seeds)}")
     if n_bootstrap > 0:
-        result["ci95"] = bootstrap_intervals(labels["test"], [r.test_scores for r in runs], n, n_bootstrap, progress=progress)
+        result["ci95"] = bootstrap_intervals(labels["test"], [r.test_scores for r in runs], n, n_bootstrap,
+                                             progress=progress, ordinal=ordinal)
     if return_scores:
         result["scores"] = {"y_true": labels["test"], "per_seed": [r.test_scores for r in runs]}
     return result
@@ -526,6 +704,7 @@ def knn_auroc(
     batch_size: int = 64,
     images: dict[str, torch.Tensor] | None = None,
     progress: Progress = None,
+    feature_dtype: str = "fp32",
 ) -> float:
     """The cheap signal between epochs: kNN macro AUROC on `split` (NaN if undefined there).
 
@@ -534,7 +713,8 @@ def knn_auroc(
     feats = {}
     for s in ("train", split):
         src = images[s] if images and s in images else data.splits[s]
-        feats[s] = extract_features(backbone, src, image_size, batch_size, progress=progress, label=f"knn {s}")
+        feats[s] = extract_features(backbone, src, image_size, batch_size, progress=progress, label=f"knn {s}",
+                                    dtype=feature_dtype)
     scores = knn_scores(feats["train"], data.splits["train"].labels, feats[split], data.n_classes, k, temperature)
     metrics = compute_metrics(data.splits[split].labels, scores, data.n_classes)
     return float(metrics["auroc"]) if metrics["auroc"] is not None else math.nan

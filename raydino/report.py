@@ -21,8 +21,16 @@ METRIC_TITLES = {
     "specificity": "Spec.",
     "accuracy": "Acc.",
     "f1": "F1",
-    "kappa": "Kappa (q)",
+    "kappa": "Kappa",
 }
+KAPPA_TITLES = {"quadratic": "Kappa (quadratic)", "none": "Kappa (unweighted)"}
+
+
+def _titles(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Column titles; kappa's names its weighting (results of one data set share it; "mixed" otherwise)."""
+    weightings = {r.get("kappa_weighting") for r in results.values()}
+    kappa = KAPPA_TITLES.get(next(iter(weightings)), "Kappa") if len(weightings) == 1 else "Kappa (mixed weightings)"
+    return [kappa if m == "kappa" else METRIC_TITLES[m] for m in METRICS]
 
 
 def _pyplot():
@@ -53,7 +61,7 @@ def _cell(mean: float | None, ci: dict[str, Any] | None) -> str:
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per named result (e.g. "fast", "knn", "fast (random init)"): mean [95% CI] per metric."""
-    head = "| probe | seeds | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
+    head = "| probe | seeds | " + " | ".join(_titles(results)) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 2)]
     for name, r in results.items():
         ci = r.get("ci95", {})
@@ -81,9 +89,12 @@ def per_class_table(result: dict[str, Any]) -> str:
 def markdown_report(title: str, meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     out = [f"# {title}", ""]
     out += [f"- {k}: {v}" for k, v in meta.items()]
-    out += ["", "Test metrics, mean over seeds [bootstrap 95% interval over test cases].", "", markdown_table(results)]
+    out += ["", "Test metrics, mean over seeds [bootstrap 95% interval over test cases, resampled within each class].",
+            "", markdown_table(results)]
     for name, r in results.items():
         out += ["", f"## {name}: per class", "", per_class_table(r)]
+        if r.get("protocol"):
+            out += ["", "Protocol: " + ", ".join(f"{k} {v}" for k, v in r["protocol"].items())]
         if r.get("undefined"):
             out += ["", "Undefined: " + "; ".join(f"{m}: {why}" for m, why in r["undefined"].items())]
         for w in r.get("warnings", []):

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"({', '.join(catalog.names())}) also checks the tree against the paper's classes and splits")  # fmt: skip
     p.add_argument("--target-shard-mb", type=float, default=256.0, metavar="M", help="shard size in MB (default 256)")
     p.add_argument("--keep-metadata", action="store_true", help="keep EXIF/XMP/comments/PNG text (default: stripped)")
+    p.add_argument("--shuffle-seed", type=int, default=0, metavar="K",
+                   help="rows are stored in a random order drawn from K, within each split (default 0; recorded in the manifest)")
+    p.add_argument("--no-shuffle", action="store_true", help="store rows in source order (split, then path) instead")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores for jobs big enough to pay for them; 1: no pool)")
     p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region", metavar="REGION", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
@@ -52,8 +55,9 @@ def _print_catalog() -> None:
     for info in catalog.CATALOG.values():
         splits = "/".join(str(info.splits[s]) for s in ("train", "val", "test")) if info.splits else "?"
         flag = "" if info.splits_verified else "  (split sizes unverified)"
-        print(f"{info.name:10s} {info.title:11s} {len(info.classes):2d} classes, {info.total:5d} images, "
-              f"train/val/test {splits}{flag}\n           {info.task}")  # fmt: skip
+        scale = "ordinal: quadratic kappa" if info.ordinal else "nominal: unweighted kappa"
+        print(f"{info.name:16s} {info.title:16s} {len(info.classes):2d} classes, {info.total:5d} images, "
+              f"train/val/test {splits}{flag}\n{'':16s} {info.task} ({scale})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = ShardJobOptions(
             target_shard_mb=args.target_shard_mb, keep_metadata=args.keep_metadata, dataset=args.dataset,
             label_column=args.label_column, workers=args.workers, progress=not args.quiet,
+            shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
         )  # fmt: skip
         summary = shard_dataset(
             src, dest, labels_csv=args.labels, options=opts, storage_options=storage_options,

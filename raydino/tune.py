@@ -74,15 +74,14 @@ class TrialEvaluator:
     def _features(self, backbone: Any, splits: tuple[str, ...]) -> dict[str, Any]:
         from .probe import extract_features
 
-        return {s: extract_features(backbone, self.images[s], self.size, self.cfg.probe.batch_size, progress=None) for s in splits}
+        p = self.cfg.probe
+        return {s: extract_features(backbone, self.images[s], self.size, p.batch_size, progress=None, dtype=p.feature_dtype) for s in splits}
 
     def _probe(self, backbone: Any, feats: dict[str, Any], kind: str, bootstrap: int) -> dict[str, Any]:
         from .probe import probe_backbone
 
-        p = self.cfg.probe
-        return probe_backbone(backbone, self.data, kind, seeds=p.seeds, image_size=self.size, batch_size=p.batch_size,
-                              n_bootstrap=bootstrap, epochs=p.epochs, lr=p.lr, knn_k=p.knn_k, knn_temperature=p.knn_temperature,
-                              feats=feats, progress=None)
+        return probe_backbone(backbone, self.data, kind, image_size=self.size, n_bootstrap=bootstrap, feats=feats,
+                              progress=None, **self.cfg.probe.probe_kwargs())
 
     def evaluate(self, backbone: Any, final: bool) -> dict[str, Any]:
         """Metrics of the frozen backbone.
@@ -194,13 +193,22 @@ def _non_finite(e: BaseException) -> RuntimeError:
 
 
 def _run_in_process(cfg: Config, spec: SearchSpec, ctx: dict[str, Any]) -> None:
-    """One-worker trial: pretraining in this trial process, reports straight to Tune."""
+    """One-worker trial: pretraining in this trial process, reports straight to Tune.
+
+    It reads the same Ray Data stream as `python -m raydino.pretrain` (shard order reshuffled
+    every epoch, crops made by Ray Data tasks, seeded shuffle buffer), iterated here instead of
+    split across Train workers.  Its data tasks run on this node inside the trial's own CPU
+    reservation (`build_pretrain_dataset(in_process=True)`): concurrent trials may hold every CPU.
+    """
+    import logging
+
     import ray.tune
     import torch
 
     from .checkpoint import load_checkpoint, restore_state
-    from .data.loader import local_epoch_batches
     from .engine import NonFiniteLossError, build_train_state
+    from .pretrain import quiet_ray_data
+    from .streaming import build_pretrain_dataset, worker_epoch_batches
 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.train.threads or max(1, int(cfg.run.cpus_per_worker)))
@@ -211,7 +219,13 @@ def _run_in_process(cfg: Config, spec: SearchSpec, ctx: dict[str, Any]) -> None:
         with resumed.as_directory() as d:
             restore_state(state, load_checkpoint(d), restore_rng=False)
     shards = open_dataset(ctx["data_uri"], cfg)
-    batches = local_epoch_batches(shards, cfg.augment, cfg.train.batch_size, seed=cfg.train.seed, device=device)
+    # Built and run in the trial process: its progress bars and start/finish lines, every epoch of
+    # every trial, would flood the driver.
+    quiet_ray_data()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    stream = build_pretrain_dataset(cfg, shards, in_process=True).iterator()
+    batches = worker_epoch_batches(cfg, stream, device, seed=cfg.train.seed, rank=0,
+                                   epoch_rows=ctx["steps_per_epoch"] * cfg.train.batch_size)
     timers = state.extra.setdefault("tune_timers", {"train": 0.0, "probe": 0.0, "checkpoint": 0.0})
     timers["train"] += time.perf_counter() - t0
     t = time.perf_counter()
@@ -243,7 +257,8 @@ def _worker_loop(conf: dict[str, Any]) -> None:
     state, rank, world, device, _ = worker_state(cfg, ctx["steps_per_epoch"])
     state.extra.setdefault("tune_timers", {"train": 0.0, "probe": 0.0, "checkpoint": 0.0})["train"] += time.perf_counter() - t0
     epoch_batches = worker_epoch_batches(cfg, ray.train.get_dataset_shard("train"), device,
-                                         seed=worker_seed(cfg, rank, state.step))
+                                         seed=worker_seed(cfg, rank, state.step), rank=rank,
+                                         epoch_rows=ctx["steps_per_epoch"] * cfg.train.batch_size)
 
     evaluator = None
     if rank == 0:
@@ -446,8 +461,12 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None) -> No
     before = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = api  # inherited by the raylet Ray starts now
     try:
+        # num_workers_soft_limit: Ray keeps only as many idle worker processes as CPUs; when trials hold
+        # every CPU, the data tasks' workers were killed between epochs and every epoch paid ~4 s of
+        # torch imports to start new ones (measured on 2 cores: smoke search 72 s -> 31-42 s with 8).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+                 runtime_env={"env_vars": env}, log_to_driver=True,
+                 _system_config={"num_workers_soft_limit": max(8, 2 * num_cpus)})
     finally:
         # Not left behind in this process: a later Ray started here must not point at this dashboard.
         if before is None:

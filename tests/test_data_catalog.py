@@ -15,14 +15,26 @@ from raydino.data.synth import FundusLabel, render_fundus
 
 
 def test_catalog_has_the_papers_datasets():
-    assert set(catalog.names()) == {"messidor2", "idrid", "aptos2019", "papila", "jsiec", "retina"}
+    assert set(catalog.names()) == {"messidor2", "idrid", "aptos2019", "papila", "glaucoma_fundus", "jsiec", "retina"}
     classes = {n: len(catalog.get(n).classes) for n in catalog.names()}
-    assert classes == {"messidor2": 5, "idrid": 5, "aptos2019": 5, "papila": 3, "jsiec": 39, "retina": 4}
+    assert classes == {"messidor2": 5, "idrid": 5, "aptos2019": 5, "papila": 3, "glaucoma_fundus": 3, "jsiec": 39,
+                       "retina": 4}
     for info in catalog.CATALOG.values():
         assert list(info.classes) == sorted(info.classes) or info.name == "jsiec"  # letter prefixes = label order
         assert len(set(info.classes)) == len(info.classes)
         if info.splits:
             assert sum(info.splits.values()) == info.total
+        assert info.provenance  # every entry says where its numbers come from
+        assert info.splits_verified or "unverified" in info.provenance  # and what is still unchecked
+    glaucoma = catalog.get("Glaucoma_fundus")
+    assert glaucoma.classes == ("anormal_control", "bearly_glaucoma", "cadvanced_glaucoma")
+    assert glaucoma.splits == {"train": 861, "val": 218, "test": 465} and not glaucoma.splits_verified
+    assert catalog.get("PAPILA").splits == {"train": 311, "val": 79, "test": 98}
+    # ordinal: the DR grades and the glaucoma stages; nominal: JSIEC's conditions, Retina's diseases
+    assert {n for n, i in catalog.CATALOG.items() if i.ordinal} == {"messidor2", "idrid", "aptos2019", "papila",
+                                                                   "glaucoma_fundus"}
+    assert catalog.find_by_classes(("anodr", "bmilddr", "cmoderatedr", "dseveredr", "eproliferativedr")).ordinal
+    assert catalog.find_by_classes(("grade0", "grade1")) is None
     assert catalog.get("MESSIDOR-2") is catalog.get("messidor_2") is catalog.CATALOG["messidor2"]
     with pytest.raises(KeyError, match="known: messidor2"):
         catalog.get("eyepacs")
@@ -78,9 +90,12 @@ def test_shard_cli_warns_on_a_mismatched_tree(tmp_path, tiny_jpeg):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "warning: PAPILA: split 'test' lacks classes ['cglaucoma']" in out.stderr
-    assert "warning: PAPILA: 11 images in all, the paper's version has 488" in out.stderr
+    assert "warning: PAPILA: split 'train' has 6 images, the paper's has 311" in out.stderr
+    assert "not yet verified" in out.stderr
     listing = subprocess.run([sys.executable, "-m", "raydino.shard", "--list-datasets"], capture_output=True, text=True)
     assert listing.returncode == 0 and "jsiec" in listing.stdout and "39 classes" in listing.stdout
+    line = next(x for x in listing.stdout.splitlines() if x.startswith("glaucoma_fundus"))
+    assert "Glaucoma_fundus" in line and "3 classes" in line and "861/218/465" in line and "unverified" in line
 
 
 def test_counts_from_a_synthetic_tree_match_their_labels():

@@ -240,3 +240,59 @@ def test_cli_exit_codes_and_summary(source, sharded, tmp_path):
     missing = _cli(str(tmp_path / "nowhere"), str(tmp_path / "d2"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert _cli("--verify", str(tmp_path)).returncode == 2
+
+
+def _ids(dest: Path) -> list[str]:
+    return [r["id"] for r in open_shards(str(dest)).iter_rows(columns=["id"])]
+
+
+def test_rows_are_stored_in_a_seeded_random_order_within_each_split(source, sharded, tmp_path):
+    # A RETFound tree lists its images class by class: in that order every shard would hold one class.
+    dest, _ = sharded
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["row_order"] == {"shuffled": True, "seed": 0} and open_shards(str(dest)).rows_shuffled
+    ids = _ids(dest)
+    splits = [i.split("/")[0] for i in ids]
+    assert splits == sorted(splits, key=["train", "val", "test"].index)  # splits stay apart, in their order
+    train = [i for i in ids if i.startswith("train/")]
+    assert sorted(train) != train  # not in path (= class) order
+    classes = [i.split("/")[1] for i in train]
+    runs = 1 + sum(a != b for a, b in zip(classes, classes[1:]))
+    assert runs > 2 * len(set(classes))  # classes interleave; in path order there is one run per class
+
+    opts = dict(target_shard_mb=0.03, workers=1, progress=False)
+    shard_dataset(str(source), str(tmp_path / "seed1"), options=ShardJobOptions(**opts, shuffle_seed=1))
+    assert sorted(_ids(tmp_path / "seed1")) == sorted(ids) and _ids(tmp_path / "seed1") != ids
+    shard_dataset(str(source), str(tmp_path / "plain"), options=ShardJobOptions(**opts, shuffle_seed=None))
+    plain = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert plain["row_order"] == {"shuffled": False, "seed": None}
+    assert _ids(tmp_path / "plain") == sorted(ids, key=lambda i: (["train", "val", "test"].index(i.split("/")[0]), i))
+    with pytest.raises(ValueError, match="shuffle_seed="):
+        ShardJobOptions(shuffle_seed="0")
+
+
+def test_resume_with_another_seed_rewrites_instead_of_mixing(source, tmp_path):
+    dest = tmp_path / "reseeded"
+    opts = dict(target_shard_mb=0.03, workers=1, progress=False)
+    first = shard_dataset(str(source), str(dest), options=ShardJobOptions(**opts, shuffle_seed=0))
+    again = shard_dataset(str(source), str(dest), options=ShardJobOptions(**opts, shuffle_seed=0))
+    assert again.reused_shards == again.shards == first.shards  # same seed: every shard kept
+
+    other = shard_dataset(str(source), str(dest), options=ShardJobOptions(**opts, shuffle_seed=7))
+    assert other.reused_shards == 0 and other.written_shards == other.shards  # nothing of seed 0 kept
+    fresh = tmp_path / "fresh7"
+    shard_dataset(str(source), str(fresh), options=ShardJobOptions(**opts, shuffle_seed=7))
+    assert _ids(dest) == _ids(fresh)
+    assert json.loads((dest / "manifest.json").read_text())["row_order"] == {"shuffled": True, "seed": 7}
+    a = json.loads((dest / "manifest.json").read_text())["shards"]
+    b = json.loads((fresh / "manifest.json").read_text())["shards"]
+    assert [s["sha256"] for s in a] == [s["sha256"] for s in b]  # byte-identical to a fresh run with that seed
+
+
+def test_cli_shuffle_seed_is_recorded(source, tmp_path):
+    for args, expected in ((["--shuffle-seed", "5"], {"shuffled": True, "seed": 5}),
+                           (["--no-shuffle"], {"shuffled": False, "seed": None})):
+        dest = tmp_path / "-".join(args)
+        run = _cli(str(source), str(dest), "--workers", "1", "--quiet", *args)
+        assert run.returncode == 0, run.stderr
+        assert json.loads((dest / "manifest.json").read_text())["row_order"] == expected

@@ -50,6 +50,8 @@ def test_evaluate_end_to_end_with_random_baseline(tmp_path, run_dir, capsys):
     assert rc == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["meta"]["step"] == 4 and report["meta"]["image_size"] == 32  # smoke's global crop size
+    assert report["meta"]["feature_dtype"] == "fp32" and report["meta"]["kappa_weighting"] == "none"
+    assert "nominal" in report["meta"]["ordinal_source"]
     expected = {"fast", "knn", "paper", "fast (random init)", "knn (random init)", "paper (random init)"}
     assert set(report["results"]) == expected
     for r in report["results"].values():
@@ -57,13 +59,68 @@ def test_evaluate_end_to_end_with_random_baseline(tmp_path, run_dir, capsys):
         assert r["classes"] == ["grade0", "grade1", "grade2"] and r["class_counts"]["test"] == [3, 3, 3]
     assert report["results"]["paper"]["seeds"] == [0, 1]
     md = (out / "metrics.md").read_text()
-    assert "| paper (random init) | 2 |" in md and "AUROC" in md
+    assert "| paper (random init) | 2 |" in md and "AUROC" in md and "Kappa (unweighted)" in md
     assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "| fast | 1 (deterministic) |" in printed and "ETA" in printed
 
     assert evaluate.main(args + ["--probe", "knn"]) == 0  # the second probe reads the cached features
     assert capsys.readouterr().out.count("from cache") == 3
+
+
+def test_paper_probe_is_the_authors_protocol_whatever_the_checkpoint_saved(tmp_path, capsys):
+    """No --seeds: five; lr, batch and view are the protocol's even when the checkpoint saved other values."""
+    run = tmp_path / "run"
+    overrides = ["probe.lr=0.1", "probe.epochs=90", "probe.train_batch_size=64", "probe.train_flip=true",
+                 "probe.knn_k=3"]
+    state = build_train_state(load_config("smoke", overrides), steps_per_epoch=2)
+    save_checkpoint(state, run / "checkpoint_00000001")
+    tree = make_tree(tmp_path / "tree", per_split=(3, 2, 2))
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(run), "--data", str(tree), "--out", str(out), "--bootstrap", "0", "--probe", "paper",
+            "--epochs", "1"]
+    assert evaluate.main(argv) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    r = report["results"]["paper"]
+    assert r["seeds"] == [0, 1, 2, 3, 4] and report["meta"]["seeds"] == {"paper": [0, 1, 2, 3, 4]}
+    assert set(r["std"]) == set(r["mean"]) and r["std"]["auroc"] is not None
+    proto = r["protocol"]
+    assert (proto["lr"], proto["batch_size"], proto["epochs"], proto["flip"], proto["interpolation"]) == (
+        0.001, 16, 1, False, "bilinear")
+    assert proto["sgd_lr"] == pytest.approx(0.001 * 16 / 256) and list(proto["crop_scale"]) == [0.08, 1.0]
+    assert report["meta"]["probe_config"]["knn_k"] == 3  # not protocol: taken from the checkpoint
+    assert "Protocol: epochs 1, lr 0.001, batch_size 16" in (out / "metrics.md").read_text()
+
+
+def test_kappa_weighting_and_feature_dtype_options(tmp_path, run_dir, capsys):
+    tree = make_tree(tmp_path / "tree", per_split=(3, 2, 2))
+    out = tmp_path / "eval"
+    base = ["--checkpoint", str(run_dir), "--data", str(tree), "--out", str(out), "--bootstrap", "10", "--probe", "knn"]
+
+    def meta_and_knn(extra):
+        assert evaluate.main(base + extra) == 0, capsys.readouterr().err
+        report = json.loads((out / "metrics.json").read_text())
+        return report["meta"], report["results"]["knn"]
+
+    meta, r = meta_and_knn(["--ordinal"])
+    assert meta["kappa_weighting"] == r["kappa_weighting"] == "quadratic"
+    assert r["per_seed"][0]["test"]["kappa_weighting"] == "quadratic"
+    assert meta["ordinal_source"] == "given (--ordinal)" and r["ci95"]["kappa"]["stratified"]
+    assert "Kappa (quadratic)" in (out / "metrics.md").read_text()
+    # a catalog name decides by itself: Glaucoma_fundus is a severity scale (normal < early < advanced)
+    meta, r = meta_and_knn(["--dataset", "Glaucoma_fundus"])
+    assert r["kappa_weighting"] == "quadratic" and meta["ordinal_source"] == "catalog entry Glaucoma_fundus"
+    meta, r = meta_and_knn(["--dataset", "Glaucoma_fundus", "--nominal"])
+    assert r["kappa_weighting"] == "none"
+    capsys.readouterr()
+    # bf16 features are cached apart from fp32 ones: neither reads the other's
+    meta, _ = meta_and_knn(["--feature-dtype", "bf16"])
+    assert meta["feature_dtype"] == "bf16"
+    assert "from cache" not in capsys.readouterr().out
+    meta_and_knn(["--feature-dtype", "bf16"])
+    assert capsys.readouterr().out.count("from cache") == 3
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(base + ["--ordinal", "--nominal"])
 
 
 def test_an_exported_backbone_has_the_same_features(tmp_path, run_dir, capsys):
@@ -101,6 +158,8 @@ def test_bad_inputs_get_clear_messages(tmp_path, run_dir, capsys):
         (["--checkpoint", str(run_dir), "--seeds", "3-1"], "--seeds '3-1'"),
         (["--checkpoint", str(run_dir), "--lr", "0"], "--lr 0.0: Input should be greater than 0"),
         (["--checkpoint", str(run_dir), "--knn-temperature", "-1"], "--knn-temperature -1.0"),
+        (["--checkpoint", str(run_dir), "--train-batch-size", "0"], "--train-batch-size 0: Input should be greater"),
+        (["--checkpoint", str(run_dir), "--train-crop-scale", "0.9,0.1"], "--train-crop-scale"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--checkpoint", str(run_dir), "--device", "cuda"], "no CUDA device"))

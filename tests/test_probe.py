@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from torch import nn
+from torchvision.transforms import v2
 from sklearn.metrics import average_precision_score, cohen_kappa_score, f1_score, roc_auc_score
 
 from raydino import backbones, metrics, probe
-from raydino.config import ConfigError, load_config
+from raydino.config import ConfigError, ProbeConfig, load_config
 from raydino.data import labelled
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
@@ -55,8 +57,13 @@ def test_metrics_equal_sklearn_multiclass_and_binary():
     assert m["aupr"] == pytest.approx(np.mean([average_precision_score(y == c, p[:, c]) for c in range(5)]), abs=1e-12)
     assert m["accuracy"] == pytest.approx((pred == y).mean())
     assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
-    assert m["kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["kappa"] == pytest.approx(cohen_kappa_score(y, pred))  # nominal by default: unweighted
+    assert m["kappa_weighting"] == "none"
     assert m["undefined"] == {}
+    q = metrics.compute_metrics(y, p, 5, ordinal=True)
+    assert q["kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert q["kappa_weighting"] == "quadratic"
+    assert {k: v for k, v in q.items() if "kappa" not in k} == {k: v for k, v in m.items() if "kappa" not in k}
 
     yb = rng.integers(0, 2, 100)
     pb = probs(rng, 100, 2)
@@ -104,6 +111,44 @@ def test_separable_features_give_auroc_one_for_every_probe():
         assert run.test["auroc"] == 1.0 and run.test["accuracy"] == 1.0
     ci = metrics.bootstrap_intervals(labels["test"], [run.test_scores], 4, n_resamples=50)
     assert ci["auroc"]["low"] == ci["auroc"]["high"] == 1.0
+
+
+def test_kappa_is_quadratic_only_for_ordinal_tasks():
+    # grade 0 mistaken for grade 4 costs more than for grade 1 under quadratic weights, not without them
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    near, far = y.copy(), y.copy()
+    near[0], far[0] = 1, 4
+    k = {(name, o): metrics.compute_metrics(y, np.eye(5)[pred], 5, ordinal=o)["kappa"]
+         for name, pred in (("near", near), ("far", far)) for o in (False, True)}
+    assert k[("near", False)] == pytest.approx(k[("far", False)])
+    assert k[("near", True)] > k[("far", True)]
+    # which tasks are ordinal: the catalog, RETFound folder names, or the caller; else nominal
+    assert labelled.resolve_ordinal(["a", "b"], "MESSIDOR-2") == (True, "catalog entry MESSIDOR-2")
+    assert labelled.resolve_ordinal(["a", "b", "c"], "Glaucoma_fundus")[0] is True
+    assert labelled.resolve_ordinal(["a", "b", "c", "d"], "Retina")[0] is False
+    assert labelled.resolve_ordinal(["a", "b"], "JSIEC")[0] is False
+    from raydino.data.synth import DR_CLASSES, GLAUCOMA_CLASSES
+
+    for synthetic in (DR_CLASSES, GLAUCOMA_CLASSES):  # the synthetic tasks use RETFound's folder names
+        ordinal, why = labelled.resolve_ordinal(list(synthetic), "synthetic")
+        assert ordinal and "class folders are those of catalog entry" in why
+    assert labelled.resolve_ordinal(["cat", "dog"], "mine") == (False, "no catalog entry: nominal unless --ordinal is given")
+    assert labelled.resolve_ordinal(["cat", "dog"], None, ordinal=True) == (True, "given (--ordinal)")
+    assert labelled.resolve_ordinal(list(DR_CLASSES), "APTOS-2019", ordinal=False)[0] is False
+
+
+def test_bootstrap_is_stratified_by_class():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(60, int), np.ones(38, int), np.full(2, 2)]  # a class of two test cases
+    idx = metrics.stratified_resample(y, rng)
+    assert np.array_equal(np.bincount(y[idx], minlength=3), [60, 38, 2])
+    assert len(set(idx.tolist())) < len(y)  # drawn with replacement
+    scores = probs(rng, 100, 3)
+    strat = metrics.bootstrap_intervals(y, [scores], 3, n_resamples=100)
+    plain = metrics.bootstrap_intervals(y, [scores], 3, n_resamples=100, stratified=False)
+    assert strat["auroc"]["stratified"] and strat["auroc"]["n_valid"] == 100  # the small class is always there
+    assert plain["auroc"]["n_valid"] < 100  # (98/100)^100: about one resample in eight lacks it
+    assert strat["kappa"]["low"] is not None
 
 
 def test_random_features_interval_covers_chance():
@@ -166,6 +211,30 @@ def test_cnn_features_are_the_global_pool():
     assert probe.backbone_features(cnn, x).shape == (2, 512)
 
 
+def test_the_eval_view_is_resize_then_centre_crop():
+    img = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8)
+    for size, short in ((64, 73), (224, 256)):  # 224 / 0.875 = 256; 64 / 0.875 = 73.1
+        resized = v2.functional.resize(img, [short], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        assert resized.shape[-2] == short
+        expected = v2.functional.center_crop(resized, [size, size])
+        assert torch.equal(labelled.eval_transform(size)(img), expected)
+
+
+def test_feature_cache_key_holds_device_and_dtype(tmp_path):
+    data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(2, 1, 1)))
+    keys = {(d, t): probe.FeatureCache.key("fp", data, 32, 0.875, device_type=d, dtype=t)
+            for d in ("cpu", "cuda") for t in probe.FEATURE_DTYPES}
+    assert len(set(keys.values())) == 4
+    vit = backbones.new_backbone("vit_tiny_patch16_224", 32)
+    lines: list[str] = []
+    fp32 = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    bf16 = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append, dtype="bf16")
+    assert not any("from cache" in s for s in lines)  # bf16 never reads the fp32 features
+    assert fp32["test"].dtype == bf16["test"].dtype == np.float32
+    assert not np.array_equal(fp32["test"], bf16["test"])
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
 def test_features_are_cached_per_weights(tmp_path):
     data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(3, 2, 2)))
     vit = backbones.new_backbone("vit_tiny_patch16_224", 32)
@@ -209,6 +278,7 @@ def test_cnn_with_batchnorm_features_are_cached_too(tmp_path):
 def test_probe_backbone_all_kinds_on_a_tree(tmp_path):
     data = labelled.load_labelled(make_tree(tmp_path / "tree"))
     assert data.classes == ["grade0", "grade1", "grade2"] and len(data.splits["train"]) == 24
+    assert not data.ordinal  # a set the catalog does not know is nominal
     vit = backbones.new_backbone("vit_tiny_patch16_224", 32)
     before = torch.get_rng_state()
     results = {
@@ -221,6 +291,7 @@ def test_probe_backbone_all_kinds_on_a_tree(tmp_path):
         assert 0.0 <= r["mean"]["auroc"] <= 1.0
         assert set(r["ci95"]) == set(metrics.METRICS)
         assert 0.0 <= r["val_mean"]["auroc"] <= 1.0  # the number a search optimises
+        assert r["kappa_weighting"] == "none" and r["feature_dtype"] == "fp32"
     assert results["fast"]["deterministic"] and len(results["fast"]["per_seed"]) == 1
     paper = results["paper"]
     assert paper["seeds"] == [0, 1] and not paper["deterministic"]
@@ -236,10 +307,166 @@ def test_probe_backbone_all_kinds_on_a_tree(tmp_path):
 def test_paper_probe_learns_and_seeds_differ(tmp_path):
     data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(6, 3, 3)))
     cnn = backbones.new_backbone("resnet18")
-    r = probe.probe_backbone(cnn, data, "paper", [0, 1], image_size=48, n_bootstrap=0, epochs=3, lr=1.0, progress=None)
+    r = probe.probe_backbone(cnn, data, "paper", [0, 1], image_size=48, n_bootstrap=0, epochs=3, lr=1.0,
+                             train_batch_size=64, progress=None)
     losses = [h["loss"] for h in r["per_seed"][0]["history"]]
     assert losses[-1] < losses[0]
     assert r["per_seed"][0]["history"] != r["per_seed"][1]["history"]
+
+
+# ---------------------------------------------------------------- the paper probe is the authors' protocol
+
+
+def test_paper_probe_defaults_are_the_authors_protocol():
+    # eval.sh: --batch_size_per_gpu 16 --epochs 50 --seed 0..4; eval_finetune.py: --lr 0.001 (per 256),
+    # SGD momentum 0.9, weight_decay 0, N(0, 0.01) init, RandomResizedCrop(224) defaults, no flip.
+    proto = probe.PAPER
+    assert (proto.epochs, proto.lr, proto.batch_size, proto.momentum, proto.weight_decay, proto.init_std) == (
+        50, 0.001, 16, 0.9, 0.0, 0.01)
+    assert proto.sgd_lr == pytest.approx(0.001 * 16 / 256)
+    assert (proto.crop_scale, proto.interpolation, proto.flip) == ((0.08, 1.0), "bilinear", False)
+    assert proto.crop_ratio == pytest.approx((3 / 4, 4 / 3))
+    assert proto.seeds == (0, 1, 2, 3, 4) and probe.default_seeds("paper") == [0, 1, 2, 3, 4]
+    assert probe.default_seeds("fast") == probe.default_seeds("knn") == [0]
+    cfg = ProbeConfig()
+    assert (cfg.epochs, cfg.lr, cfg.train_batch_size, cfg.train_crop_scale, cfg.train_interpolation, cfg.train_flip) == (
+        proto.epochs, proto.lr, proto.batch_size, proto.crop_scale, proto.interpolation, proto.flip)
+    assert cfg.seeds is None and cfg.feature_dtype == "fp32" and cfg.batch_size == 64  # extraction batch apart
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(probe.probe_backbone).parameters.items()}
+    assert {k: defaults[k] for k in cfg.probe_kwargs()} == cfg.probe_kwargs()
+    crop = probe.train_crops(224)
+    steps = crop.transforms
+    assert len(steps) == 1 and isinstance(steps[0], v2.RandomResizedCrop)  # no flip
+    assert steps[0].interpolation == v2.InterpolationMode.BILINEAR and tuple(steps[0].scale) == (0.08, 1.0)
+    assert steps[0].size == [224, 224] or tuple(steps[0].size) == (224, 224)
+    with pytest.raises(ConfigError, match="probe.train_crop_scale"):
+        load_config("smoke", ["probe.train_crop_scale=[0.5,0.1]"])
+
+
+class Recorder(nn.Module):
+    """A stand-in backbone: features are the mean of each channel; every input batch is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # a parameter tells the probe the device
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return x.mean(dim=(2, 3))
+
+
+def _unnormalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    return (x * std + mean) * 255
+
+
+def _big_images(root: Path, draw, n: int = 3, size: int = 512) -> labelled.LabelledData:
+    for split in labelled.SPLITS:
+        for c in range(2):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                draw(size).save(d / f"{i}.png")
+    return labelled.load_labelled(root)
+
+
+def _paper_with_recorder(data, image_size: int, **protocol) -> Recorder:
+    rec = Recorder()
+    labels = {s: data.splits[s].labels for s in labelled.SPLITS}
+    feats = {s: np.zeros((len(data.splits[s]), 3), np.float32) for s in ("val", "test")}
+    probe.paper_probe(rec, data.splits["train"], feats, labels, 2, 0, image_size,
+                      probe.PaperProtocol(epochs=2, **protocol), progress=None)
+    return rec
+
+
+def test_training_crops_come_from_the_full_resolution_image(tmp_path):
+    def halves(size: int) -> Image.Image:  # red left half, blue right half
+        im = Image.new("RGB", (size, size), (0, 0, 255))
+        ImageDraw.Draw(im).rectangle([0, 0, size // 2 - 1, size - 1], fill=(255, 0, 0))
+        return im
+
+    data = _big_images(tmp_path / "halves", halves)
+    # scale 1.0 on a square image: each crop is the whole image (both halves), never mirrored (no flip)
+    crops = _unnormalize(torch.cat(_paper_with_recorder(data, 32, crop_scale=(1.0, 1.0)).seen))
+    assert len(crops) == 2 * 6 and crops.shape[-1] == 32
+    red_left = crops[:, 0, :, :14].mean(dim=(1, 2)) - crops[:, 2, :, :14].mean(dim=(1, 2))
+    blue_right = crops[:, 2, :, 18:].mean(dim=(1, 2)) - crops[:, 0, :, 18:].mean(dim=(1, 2))
+    assert (red_left > 200).all() and (blue_right > 200).all()
+    # a small crop keeps the detail of the photograph: a 4-px checkerboard cut at ~64 px of 512 and
+    # resized to 32 is still a checkerboard; cut from a 37-px resize (what the probe once did) it is grey
+
+    def checker(size: int) -> Image.Image:
+        cells = (np.indices((size, size)) // 4).sum(axis=0) % 2
+        return Image.fromarray(np.repeat((cells * 255).astype(np.uint8)[..., None], 3, axis=2))
+
+    data = _big_images(tmp_path / "checker", checker)
+    crops = _unnormalize(torch.cat(_paper_with_recorder(data, 32, crop_scale=(1 / 64, 1 / 64)).seen))
+    assert crops.std(dim=(1, 2, 3)).min() > 60  # a grey crop would be ~0
+
+
+def test_paper_probe_optimiser_and_schedule(tmp_path, monkeypatch):
+    data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(6, 2, 2), n_classes=2))
+    made: list[dict] = []
+    sgd = torch.optim.SGD
+
+    def spy(params, **kw):
+        made.append(kw)
+        return sgd(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    r = probe.probe_backbone(Recorder(), data, "paper", [3], image_size=32, n_bootstrap=0, epochs=4, progress=None)
+    assert made == [{"lr": 0.001 * 16 / 256, "momentum": 0.9, "weight_decay": 0.0}]
+    lrs = [h["lr"] for h in r["per_seed"][0]["history"]]
+    base = 0.001 * 16 / 256
+    assert lrs == pytest.approx([base * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)])  # cosine to 0, per epoch
+    assert r["protocol"]["sgd_lr"] == pytest.approx(base) and r["protocol"]["batch_size"] == 16
+    assert r["protocol"]["seeds"] == (3,)  # the seeds this run used
+
+
+def test_the_best_validation_epoch_is_the_one_tested(tmp_path, monkeypatch):
+    """Test = val here, so the test scores must be the best epoch's val scores, not the last epoch's."""
+    data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(8, 4, 4), n_classes=2))
+    rec = Recorder()
+    feats = probe.split_features(rec, data, 32, progress=None)
+    feats["test"] = feats["val"]
+    labels = {s: data.splits[s].labels for s in labelled.SPLITS}
+    labels["test"] = labels["val"]
+    scored: list[np.ndarray] = []
+    real = probe.compute_metrics
+
+    def spy(y, scores, n, ordinal=False):
+        scored.append(np.array(scores))
+        return real(y, scores, n, ordinal)
+
+    monkeypatch.setattr(probe, "compute_metrics", spy)
+    run = probe.paper_probe(rec, data.splits["train"], feats, labels, 2, 0, 32,
+                            probe.PaperProtocol(epochs=4, lr=16.0), progress=None)
+    val_auroc = [h["val_auroc"] for h in run.history]
+    best = run.selected["best_epoch"]
+    assert best == int(np.argmax(val_auroc))  # the first of equal maxima: a later tie does not replace it
+    assert val_auroc[0] == 1.0 and best == 0  # separable from epoch 0 on: ties keep epoch 0
+    assert len(scored) == 4 + 1
+    np.testing.assert_array_equal(run.test_scores, scored[best])
+    assert not np.allclose(run.test_scores, scored[3])  # the head went on changing after the best epoch
+    assert run.val["auroc"] == val_auroc[best] == run.test["auroc"]
+
+
+def test_five_seeds_on_one_checkpoint_give_mean_and_std(tmp_path):
+    data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(4, 2, 2)))
+    vit = backbones.new_backbone("vit_tiny_patch16_224", 32)
+    r = probe.probe_backbone(vit, data, "paper", image_size=32, n_bootstrap=0, epochs=1, progress=None)
+    assert r["seeds"] == [0, 1, 2, 3, 4] and len(r["per_seed"]) == 5  # no seeds given: eval.sh's five
+    for m in ("auroc", "aupr", "accuracy"):
+        vals = [s["test"][m] for s in r["per_seed"]]
+        assert r["mean"][m] == pytest.approx(np.mean(vals)) and r["std"][m] == pytest.approx(np.std(vals))
+    assert r["std"]["auroc"] > 0  # the seeds differ (init, crops, order)
+    assert not any("deterministic" in w for w in r["warnings"])
+    fast = probe.probe_backbone(vit, data, "fast", image_size=32, n_bootstrap=0, progress=None)
+    assert fast["seeds"] == [0] and not any("deterministic" in w for w in fast["warnings"])
 
 
 # ---------------------------------------------------------------- bad data
@@ -333,7 +560,7 @@ PROBE_NAMES_BEFORE_SPLIT = """
 
 
 def test_probe_still_offers_every_name_it_had():
-    assert sorted(probe.__all__) == sorted(PROBE_NAMES_BEFORE_SPLIT)
+    assert set(PROBE_NAMES_BEFORE_SPLIT) <= set(probe.__all__)
     namespace: dict = {}
     exec("from raydino.probe import *", namespace)
     assert set(PROBE_NAMES_BEFORE_SPLIT) <= set(namespace)

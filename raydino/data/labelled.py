@@ -57,6 +57,10 @@ class LabelledData:
     splits: dict[str, LabelledSplit]
     source: str
     warnings: list[str] = field(default_factory=list)
+    # Whether the class index is a severity scale (quadratic-weighted kappa) or nominal (unweighted),
+    # and why (`resolve_ordinal`).  Loaders leave it nominal; `load_labelled` decides.
+    ordinal: bool = False
+    ordinal_source: str = "not decided (nominal)"
 
     @property
     def n_classes(self) -> int:
@@ -169,11 +173,17 @@ def load_shard_data(uri: str, name: str | None = None, storage_options: Any = No
     return data
 
 
-def load_labelled(uri_or_dir: str | os.PathLike, dataset: str | None = None, storage_options: Any = None) -> LabelledData:
+def load_labelled(
+    uri_or_dir: str | os.PathLike,
+    dataset: str | None = None,
+    storage_options: Any = None,
+    ordinal: bool | None = None,
+) -> LabelledData:
     """A RETFound tree (`--data ROOT`, or `ROOT/NAME` with `--dataset NAME`) or labelled shards.
 
-    A `dataset` the catalog knows (MESSIDOR-2, IDRiD, APTOS-2019, PAPILA, JSIEC, Retina) must have
-    its class count; differences in split sizes come back as warnings.
+    A `dataset` the catalog knows (MESSIDOR-2, IDRiD, APTOS-2019, PAPILA, Glaucoma_fundus, JSIEC,
+    Retina) must have its class count; differences in split sizes come back as warnings.
+    `ordinal` (None: decide, see `resolve_ordinal`) says whether the classes are a severity scale.
     """
     src = str(uri_or_dir)
     if "://" not in src or src.startswith("file://"):
@@ -193,9 +203,7 @@ def load_labelled(uri_or_dir: str | os.PathLike, dataset: str | None = None, sto
             )
     else:
         data = load_shard_data(src, dataset, storage_options)
-    if not dataset:
-        return data
-    from . import catalog  # local import: a run without --dataset needs none of the catalog
+    from . import catalog  # local import: sources and shards need none of the catalog
 
     info = catalog.find(dataset)
     if info is not None:
@@ -203,7 +211,29 @@ def load_labelled(uri_or_dir: str | os.PathLike, dataset: str | None = None, sto
             raise DataError(f"--dataset {dataset}: {info.title} has {len(info.classes)} classes, {src} has {data.classes}")
         counts = {s: dict(zip(data.classes, data.class_counts(s).tolist())) for s in SPLITS}
         data.warnings += catalog.check_counts(info, counts)
+    data.ordinal, data.ordinal_source = resolve_ordinal(data.classes, dataset, ordinal)
     return data
+
+
+def resolve_ordinal(classes: Sequence[str], dataset: str | None = None, ordinal: bool | None = None) -> tuple[bool, str]:
+    """Whether a labelled set's classes are a severity scale, and why (for the report).
+
+    In order: the caller's word (`--ordinal` / `--nominal`); the catalog entry named by `dataset`;
+    the catalog entry whose RETFound class folders are exactly `classes` (a copy of APTOS-2019 without
+    `--dataset`, or the synthetic DR and glaucoma sets, which use RETFound's folder names); else
+    nominal, the safe reading: unweighted kappa assumes nothing about the class order.
+    """
+    from . import catalog
+
+    if ordinal is not None:
+        return bool(ordinal), "given (--ordinal)" if ordinal else "given (--nominal)"
+    info = catalog.find(dataset)
+    if info is not None:
+        return info.ordinal, f"catalog entry {info.title}"
+    info = catalog.find_by_classes(classes)
+    if info is not None:
+        return info.ordinal, f"class folders are those of catalog entry {info.title}"
+    return False, "no catalog entry: nominal unless --ordinal is given"
 
 
 def check_labelled(data: LabelledData) -> list[str]:

@@ -1,8 +1,10 @@
 """In-process multi-crop batches from shards: the single-process twin of the Ray Data stream.
 
-Used where pretraining runs in one process (a one-worker Tune trial, unit tests, notebooks).
-It reads one shard at a time, shuffles within a bounded buffer and augments batch by batch, so
-memory stays flat whatever the dataset size.  Same crop keys and dtype as `raydino.streaming`.
+Used where pretraining runs in one process without Ray (unit tests, notebooks); a one-worker Tune
+trial reads the Ray Data stream itself.  Same shuffle as that stream: every epoch the shards in a
+new order seeded by (seed, epoch), then a bounded shuffle buffer.  It reads one shard at a time and
+augments batch by batch, so memory stays flat whatever the dataset size.  Same crop keys and dtype
+as `raydino.streaming`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def local_epoch_batches(
     def epoch_batches(epoch: int) -> Iterator[list[torch.Tensor]]:
         rng = np.random.default_rng([seed, epoch])
         buffer: list[bytes] = []
+        # Shards of every pretraining split, in a fresh order each epoch (raydino shards hold one split each).
+        entries = [e for e in shards.manifest.shards if any(e.splits.get(s, 0) for s in present)]
+        order = rng.permutation(len(entries))
 
         def drain(min_left: int) -> Iterator[list[torch.Tensor]]:
             while len(buffer) >= batch_size + min_left:
@@ -60,9 +65,11 @@ def local_epoch_batches(
                 out = aug.augment_tensors(picked)
                 yield [out[k] for k in keys]
 
-        for split in present:
-            for batch in shards.iter_batches(split=split, columns=["image"], verify=False):
-                buffer.extend(batch.column("image").to_pylist())
+        for i in order:
+            pf = shards.read_shard(entries[i], verify=False)
+            for batch in pf.iter_batches(columns=["image", "split"]):
+                buffer.extend(img for img, split in zip(batch.column("image").to_pylist(), batch.column("split").to_pylist())
+                              if split in present)
                 yield from drain(shuffle_buffer)
         yield from drain(0)  # the rest, full batches only (drop_last, as the Ray stream)
 

@@ -95,6 +95,9 @@ class Manifest(_Model):
     source_kind: str
     dataset: str | None = None
     classes: list[str] = []
+    # {"shuffled": bool, "seed": int | None}: how rows are ordered in the shards.  None: written by a
+    # raydino that stored rows in source order (class by class for a RETFound tree): reshard it.
+    row_order: dict[str, Any] | None = None
     columns: list[str] = [f.name for f in SCHEMA]
     options: dict[str, Any] = {}
     shards: list[ShardEntry]
@@ -167,6 +170,11 @@ class ShardSet:
     @property
     def uri(self) -> str:
         return self.location.uri
+
+    @property
+    def rows_shuffled(self) -> bool:
+        """Whether the writer stored the rows in a random order (False: source order, e.g. class by class)."""
+        return bool((self.manifest.row_order or {}).get("shuffled"))
 
     def entries(self, split: str | None = None) -> list[ShardEntry]:
         """Manifest entries of the shards holding rows of ``split`` (all shards when None)."""

@@ -538,8 +538,12 @@ def synthetic_shards(
 
     root = os.path.abspath(os.path.join(cache_root, f"n{n}-s{size}-seed{seed}-v{SYNTH_VERSION}"))
     shards = os.path.join(root, "shards")
-    if os.path.exists(os.path.join(shards, MANIFEST_NAME)):
-        return shards
+    manifest = os.path.join(shards, MANIFEST_NAME)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            if json.load(f).get("row_order"):
+                return shards
+        # Sharded by a raydino that kept the source order (class by class): shard the images again.
     images = os.path.join(root, "images")
     if not os.path.exists(os.path.join(images, "synth.json")):  # written last: absent = never made, or interrupted
         shutil.rmtree(images, ignore_errors=True)  # the cache's own folder: a half-made set is started again

@@ -2,8 +2,12 @@
 
 The pipeline, and why it is shaped this way:
 
-1. List the source (`sources.list_source`) and sort it (split, then id), so the same source
-   always gives the same shard plan: shard *k* holds the same files on every run.
+1. List the source (`sources.list_source`) and order it: by split, then in a seeded random
+   order (``shuffle_seed``; a hash of seed and id, so the order does not depend on how the
+   source was listed).  The same source and seed always give the same shard plan: shard *k*
+   holds the same files on every run.  Shuffled, because a RETFound tree lists its images class
+   by class: in source order every shard, and so every training batch read from it, would hold
+   one class (DINO's centre and BatchNorm statistics would be biased by it).
 2. Plan shards by the source files' sizes (``target_shard_mb``), one split per shard (so a
    reader of the train split reads only train shards).  Each shard gets a
    fingerprint of its members (id, size, mtime, label, split) and of the options.
@@ -82,12 +86,18 @@ class ShardJobOptions:
     label_column: str = "label"
     workers: int | None = None  # None: all cores when the job is big enough to pay for them; 1: in this process
     progress: bool = True
+    # Rows are stored in a random order drawn from this seed (within each split); None keeps the
+    # source order (split, then id).  Part of every shard's fingerprint: a rerun with another seed
+    # rewrites the shards instead of mixing two orders.
+    shuffle_seed: int | None = 0
 
     def __post_init__(self) -> None:
         if not (self.target_shard_mb > 0):
             raise ValueError(f"target_shard_mb={self.target_shard_mb}: must be > 0 (megabytes per shard)")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers}: must be >= 1 (or None for all cores)")
+        if self.shuffle_seed is not None and (isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)):
+            raise ValueError(f"shuffle_seed={self.shuffle_seed!r}: must be an integer (or None to keep the source order)")
 
 
 @dataclass
@@ -188,6 +198,27 @@ def _process_chunk(
 # ------------------------------------------------------------------ planning
 
 
+def row_order(opts: ShardJobOptions) -> dict[str, Any]:
+    """How rows are ordered in the shards (recorded in the manifest as ``row_order``)."""
+    return {"shuffled": opts.shuffle_seed is not None, "seed": opts.shuffle_seed}
+
+
+def order_items(items: list[SourceItem], shuffle_seed: int | None) -> list[SourceItem]:
+    """Splits in their usual order; within a split, a random order seeded by ``shuffle_seed``.
+
+    The key is a hash of (seed, id), not a permutation of the listing: the same files get the
+    same order however the source lists them (local or S3 listings, a CSV in any order).
+    """
+
+    def key(it: SourceItem) -> tuple[Any, ...]:
+        split = (SPLIT_ORDER.get(it.split, 9), it.split)
+        if shuffle_seed is None:
+            return (*split, it.id)
+        return (*split, hashlib.blake2b(f"{shuffle_seed}\0{it.id}".encode(), digest_size=8).digest(), it.id)
+
+    return sorted(items, key=key)
+
+
 def _plan(items: list[SourceItem], target_bytes: float, opts: ShardJobOptions) -> list[_Planned]:
     shards: list[list[SourceItem]] = []
     current: list[SourceItem] = []
@@ -201,7 +232,10 @@ def _plan(items: list[SourceItem], target_bytes: float, opts: ShardJobOptions) -
         size += it.size
     if current:
         shards.append(current)
-    settings = {"schema": SCHEMA_VERSION, "keep_metadata": opts.keep_metadata, "dataset": opts.dataset}
+    settings: dict[str, Any] = {"schema": SCHEMA_VERSION, "keep_metadata": opts.keep_metadata, "dataset": opts.dataset}
+    if opts.shuffle_seed is not None:
+        # Only when shuffled: unshuffled plans keep the fingerprints (and receipts) of earlier raydino versions.
+        settings["row_order"] = row_order(opts)
     planned = []
     for i, members in enumerate(shards):
         h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -432,7 +466,7 @@ def shard_dataset(
             if on_warning:
                 on_warning(w)
 
-    items = sorted(listing.items, key=lambda it: (SPLIT_ORDER.get(it.split, 9), it.split, it.id))
+    items = order_items(listing.items, opts.shuffle_seed)
     plan = _plan(items, opts.target_shard_mb * 2**20, opts)
     storage.delete_file(dest_loc, dest_loc.join(MANIFEST_NAME))  # DEST is incomplete from here on
 
@@ -518,6 +552,7 @@ def _manifest(
         source_kind=listing.kind,
         dataset=opts.dataset,
         classes=sorted(k for k in by_label if k),
+        row_order=row_order(opts),
         options={
             "target_shard_mb": opts.target_shard_mb,
             "keep_metadata": opts.keep_metadata,
