@@ -262,7 +262,7 @@ def test_s3_run_interrupted_then_resumed_by_the_same_command(head, s3, shards, t
             first.kill()
     log1.seek(0)
     first_out = log1.read()
-    assert f"[raydino] done: r1" not in first_out  # it really was interrupted
+    assert "[raydino] done: r1" not in first_out  # it really was interrupted
     saved_at = int(CKPT.match(interrupted_after).group(1))
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

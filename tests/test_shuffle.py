@@ -22,7 +22,6 @@ the parallel read and augmentation tasks interleave their blocks as they finish.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from math import comb
 
 import numpy as np
