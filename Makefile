@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ demo: $(VENV)/.stamp-install
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: no Ray, no servers, no subprocess clusters (under 2 minutes on 2 cores).
+test-fast: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+# The rules a machine checks: formatting, lint, and the import contracts in pyproject.toml.
+lint: $(VENV)/.stamp-test
+	$(BIN)/ruff format --check raydino tests tools
+	$(BIN)/ruff check raydino tests tools
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.stamp-install
 	$(BIN)/python -m raydino.bench all

@@ -24,22 +24,22 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from .cli import USER_ERRORS, user_error
-from .backbones import add_backbone_arguments, load_teacher_backbone, resolve_device
-from .config import AUGMENT_PRESETS, AugmentConfig, ConfigError
-from .data.labelled import IMAGE_SUFFIXES, DataError, decode_image, load_labelled
-from .engine import normalize
-from .probe import frozen
-from .report import plot_distance_histograms
+from raydino.augment.ops import normalize
+from raydino.cli import USER_ERRORS, user_error
+from raydino.config import AUGMENT_PRESETS, AugmentConfig, ConfigError
+from raydino.data.labelled import IMAGE_SUFFIXES, DataError, decode_image, load_labelled
+from raydino.eval.backbones import add_backbone_arguments, load_teacher_backbone, resolve_device
+from raydino.eval.features import frozen
+from raydino.eval.report import plot_distance_histograms
 
 
 def view_maker(aug: AugmentConfig, seed: int = 0) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
     """A function image → two global views, and its name: the training augmentation when available."""
     try:
-        from .augment import MultiCropAugment  # exactly what pretraining applies (crop, jitter, blur, ...)
+        from raydino.augment.cpu import MultiCropAugment  # exactly what pretraining applies (crop, jitter, blur, ...)
 
         make = MultiCropAugment(aug.model_copy(update={"n_local_crops": 0}), seed=seed)
-        return (lambda img: list(make(img))[:2]), "raydino.augment.MultiCropAugment (both global crops)"
+        return (lambda img: list(make(img))[:2]), "raydino.augment.cpu.MultiCropAugment (both global crops)"
     except (ImportError, TypeError, AttributeError):
         pass
     # Fallback: the crop and flip of a global view (no colour ops), from torchvision.
@@ -167,7 +167,7 @@ def analyze(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raydino.analyze", description=__doc__.split("\n\n")[0])
     add_backbone_arguments(p)
     p.add_argument("--data", required=True, help="RETFound tree, labelled shards, or a folder of images")
@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--views", type=int, default=4, help="augmented views per image (default 4)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of a labelled set (default test)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         analyze(
             args.checkpoint,

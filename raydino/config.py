@@ -259,7 +259,7 @@ class ProbeConfig(_Strict):
         return _check_scale(info.field_name, v)
 
     def probe_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `raydino.probe.probe_backbone` that this config sets."""
+        """The keyword arguments of `raydino.eval.probes.probe_backbone` that this config sets."""
         return {
             "seeds": self.seeds, "batch_size": self.batch_size, "feature_dtype": self.feature_dtype,
             "knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "epochs": self.epochs, "lr": self.lr,
@@ -279,11 +279,12 @@ class Config(_Strict):
     probe: ProbeConfig = ProbeConfig()
 
     @model_validator(mode="after")
-    def _gpu_augmentation_needs_gpus(self) -> "Config":
+    def _gpu_augmentation_needs_gpus(self) -> Config:
         if self.augment.device == "cuda" and self.run.gpus_per_worker <= 0:
             raise ValueError(
                 "augment.device='cuda' makes the crops on each training worker's GPU, but run.gpus_per_worker="
-                f"{self.run.gpus_per_worker:g}: set run.gpus_per_worker >= 1 (--gpus-per-worker), or augment.device=cpu")
+                f"{self.run.gpus_per_worker:g}: set run.gpus_per_worker >= 1 (--gpus-per-worker), or augment.device=cpu"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -422,10 +423,7 @@ def check_consistency(cfg: Config) -> None:
     if cfg.optim.min_lr > cfg.optim.lr:
         problems.append(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if cfg.augment.local_crop_size > cfg.augment.global_crop_size:
-        problems.append(
-            f"augment.local_crop_size={cfg.augment.local_crop_size} exceeds "
-            f"augment.global_crop_size={cfg.augment.global_crop_size}"
-        )
+        problems.append(f"augment.local_crop_size={cfg.augment.local_crop_size} exceeds augment.global_crop_size={cfg.augment.global_crop_size}")
     if not math.isfinite(cfg.optim.lr):
         problems.append("optim.lr must be finite")
     if problems:

@@ -11,7 +11,7 @@ to `--out`.  No Ray: evaluation is one process (GPU when present).
 
 `--probe paper` is the authors' evaluation by default (their eval.sh + eval_finetune.py, DINO's
 eval_linear: batch 16, lr 0.001 per 256, 50 epochs, seeds 0-4, no flip, bilinear crops from the
-full-resolution image; `raydino.probe.PaperProtocol`).  Those settings come from this command's
+full-resolution image; `raydino.eval.probes.PaperProtocol`).  Those settings come from this command's
 options, never from the checkpoint's saved `probe` section: a checkpoint written before the
 protocol was fixed carries lr 0.1 / 90 epochs / batch 64, which are not the paper's.
 """
@@ -22,19 +22,20 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from .cli import USER_ERRORS, user_error
-from .backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone, resolve_device
-from .config import ConfigError, ProbeConfig
-from .data.labelled import CROP_PCT, load_labelled
-from .probe import C_GRID, FEATURE_DTYPES, default_seeds, parse_seeds, probe_backbone
-from .report import markdown_report, markdown_table, plot_roc
+from raydino.cli import USER_ERRORS, user_error
+from raydino.config import ConfigError, ProbeConfig
+from raydino.data.labelled import CROP_PCT, load_labelled
+from raydino.eval.backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone, resolve_device
+from raydino.eval.features import FEATURE_DTYPES
+from raydino.eval.probes import C_GRID, default_seeds, parse_seeds, probe_backbone
+from raydino.eval.report import markdown_report, markdown_table, plot_roc
 
 PROBES = ("fast", "knn", "paper")
 # What `evaluate` takes from the checkpoint's saved `probe` section: the image size (pretraining's
@@ -57,26 +58,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_backbone_arguments(p)
     p.add_argument("--data", required=True, help="RETFound tree ROOT/{train,val,test}/<class>/<image>, or labelled shards (dir or s3://)")
     p.add_argument("--dataset", help="dataset name (report title; ROOT/NAME is used when it exists; catalog names are checked)")
-    p.add_argument("--seeds", help="probe seeds: 0-4, 0,1,2 or 0-2,7 (default: paper 0-4 as the authors' eval.sh; "
-                   "fast and knn are deterministic and run once)")
+    p.add_argument(
+        "--seeds", help="probe seeds: 0-4, 0,1,2 or 0-2,7 (default: paper 0-4 as the authors' eval.sh; fast and knn are deterministic and run once)"
+    )
     p.add_argument("--probe", default="fast", choices=[*PROBES, "all"], help="which probe(s) (default fast)")
     p.add_argument("--out", help="output directory (default: eval/<checkpoint name>-<dataset>)")
     p.add_argument("--image-size", type=int, help="probe image size (default: probe.image_size, else augment.global_crop_size)")
     p.add_argument("--batch-size", type=int, help="feature-extraction batch (default: probe.batch_size = 64)")
     p.add_argument("--train-batch-size", type=int, help="paper probe training batch (default: probe.train_batch_size = 16)")
-    p.add_argument("--baseline", choices=["none", "random"], default="none", help="also probe a randomly initialised backbone of the same architecture")
+    p.add_argument(
+        "--baseline", choices=["none", "random"], default="none", help="also probe a randomly initialised backbone of the same architecture"
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test set for 95%% intervals (0: none)")
     p.add_argument("--epochs", type=int, help="paper probe epochs (default: probe.epochs = 50)")
     p.add_argument("--lr", type=float, help="paper probe lr per 256 images, scaled by train batch/256 (default: probe.lr = 0.001)")
     p.add_argument("--train-crop-scale", type=_scale, metavar="LO,HI", help="paper probe RandomResizedCrop scale (default 0.08,1)")
     p.add_argument("--train-interpolation", choices=["bilinear", "bicubic"], help="paper probe crop resize (default bilinear)")
-    p.add_argument("--train-flip", action="store_true", default=None, help="paper probe: add a horizontal flip (DINO's eval_linear; not the authors')")
+    p.add_argument(
+        "--train-flip", action="store_true", default=None, help="paper probe: add a horizontal flip (DINO's eval_linear; not the authors')"
+    )
     p.add_argument("--feature-dtype", choices=FEATURE_DTYPES, help="feature precision (default fp32; bf16: autocast, faster on a GPU)")
     kappa = p.add_mutually_exclusive_group()
-    kappa.add_argument("--ordinal", dest="ordinal", action="store_true", default=None,
-                       help="the classes are a severity scale: quadratic-weighted kappa (default: from the catalog)")
-    kappa.add_argument("--nominal", dest="ordinal", action="store_false",
-                       help="the classes are unordered: Cohen's unweighted kappa (default for sets the catalog does not know)")
+    kappa.add_argument(
+        "--ordinal",
+        dest="ordinal",
+        action="store_true",
+        default=None,
+        help="the classes are a severity scale: quadratic-weighted kappa (default: from the catalog)",
+    )
+    kappa.add_argument(
+        "--nominal",
+        dest="ordinal",
+        action="store_false",
+        help="the classes are unordered: Cohen's unweighted kappa (default for sets the catalog does not know)",
+    )
     p.add_argument("--knn-k", type=int, help="kNN neighbours (default: probe.knn_k = 20)")
     p.add_argument("--knn-temperature", type=float, help="kNN temperature (default: probe.knn_temperature = 0.07)")
     p.add_argument("--crop-pct", type=float, default=CROP_PCT, help="evaluation view: resize to size/crop_pct, centre-crop (default 0.875)")
@@ -95,8 +110,7 @@ def probe_overrides(base: ProbeConfig | None = None, **given: Any) -> ProbeConfi
     try:
         return ProbeConfig.model_validate({**(base or ProbeConfig()).model_dump(), **given})
     except ValidationError as e:
-        raise ConfigError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg']}"
-                                    for err in e.errors())) from None
+        raise ConfigError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg']}" for err in e.errors())) from None
 
 
 def _probe_config(loaded: LoadedBackbone, progress: Callable[[str], Any]) -> ProbeConfig:
@@ -105,8 +119,7 @@ def _probe_config(loaded: LoadedBackbone, progress: Callable[[str], Any]) -> Pro
     try:
         return ProbeConfig.model_validate({k: saved[k] for k in INHERITED_PROBE_FIELDS if k in saved})
     except ValidationError as e:  # an older or foreign sidecar: the defaults are the paper's anyway
-        progress(f"[raydino.evaluate] warning: the checkpoint's probe settings are not valid here ({e.error_count()} "
-                 f"problems); using the defaults")
+        progress(f"[raydino.evaluate] warning: the checkpoint's probe settings are not valid here ({e.error_count()} problems); using the defaults")
         return ProbeConfig()
 
 
@@ -150,9 +163,19 @@ def evaluate(
     `seeds` None: each probe's default (paper 0-4, fast / knn 0).  Options left None take ProbeConfig's
     defaults (the paper's protocol), and image size, extraction batch and kNN settings the checkpoint's.
     """
-    given = dict(image_size=image_size, batch_size=batch_size, epochs=epochs, lr=lr, train_batch_size=train_batch_size,
-                 train_crop_scale=train_crop_scale, train_interpolation=train_interpolation, train_flip=train_flip,
-                 feature_dtype=feature_dtype, knn_k=knn_k, knn_temperature=knn_temperature)
+    given = dict(
+        image_size=image_size,
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        train_batch_size=train_batch_size,
+        train_crop_scale=train_crop_scale,
+        train_interpolation=train_interpolation,
+        train_flip=train_flip,
+        feature_dtype=feature_dtype,
+        knn_k=knn_k,
+        knn_temperature=knn_temperature,
+    )
     # The probe options are ProbeConfig fields, checked by its rules before anything is loaded.
     probe_overrides(**given)
     dev = resolve_device(device)

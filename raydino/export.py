@@ -11,8 +11,9 @@ pretraining config).  For ViTs pass the `img_size` the sidecar names: the positi
 saved for that grid, and `checkpoint_path` loads strictly (no resampling).  `checkpoint_path`, not
 `pretrained=True` with `pretrained_cfg_overlay=dict(file=...)`: timm 1.0.29 routes a ViT's
 pretrained `file` to its JAX .npz loader and refuses a safetensors file there (1.0.31 accepts it),
-while `checkpoint_path` loads safetensors the same way in both (tests/test_export.py ran on both).  The export checks itself: it rebuilds the model through that very call and compares
-features on a fixed input.
+while `checkpoint_path` loads safetensors the same way in both (tests/test_export.py ran on both).
+The export checks itself: it rebuilds the model through that very call and compares features on
+a fixed input.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any
 import timm
 import torch
 
-from .cli import USER_ERRORS, user_error
-from .backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone
-from .config import ConfigError
-from .model import is_vit
+from raydino.cli import USER_ERRORS, user_error
+from raydino.config import ConfigError
+from raydino.core.model import is_vit
+from raydino.eval.backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone
 
 FORMAT = "raydino-backbone"
 
@@ -117,12 +118,16 @@ def export_backbone(source: str, out: str | Path, arch: str | None = None, verif
     return sidecar
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raydino.export", description=__doc__.split("\n\n")[0])
     add_backbone_arguments(p, positional=True, device=False)
     p.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors (a .json sidecar goes beside it)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading through timm and comparing features")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         info = export_backbone(args.checkpoint, args.out, arch=args.arch, verify=not args.no_verify)
     except (*USER_ERRORS, ExportCheckFailed) as e:

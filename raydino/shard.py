@@ -37,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"({', '.join(catalog.names())}) also checks the tree against the paper's classes and splits")  # fmt: skip
     p.add_argument("--target-shard-mb", type=float, default=256.0, metavar="M", help="shard size in MB (default 256)")
     p.add_argument("--keep-metadata", action="store_true", help="keep EXIF/XMP/comments/PNG text (default: stripped)")
-    p.add_argument("--shuffle-seed", type=int, default=0, metavar="K",
-                   help="rows are stored in a random order drawn from K, within each split (default 0; recorded in the manifest)")
+    p.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        metavar="K",
+        help="rows are stored in a random order drawn from K, within each split (default 0; recorded in the manifest)",
+    )
     p.add_argument("--no-shuffle", action="store_true", help="store rows in source order (split, then path) instead")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores for jobs big enough to pay for them; 1: no pool)")
     p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")

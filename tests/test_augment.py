@@ -1,4 +1,4 @@
-"""raydino.augment: presets, crop geometry, contract, determinism, photometric ops vs torchvision."""
+"""raydino.augment.cpu: presets, crop geometry, contract, determinism, photometric ops vs torchvision."""
 
 from __future__ import annotations
 
@@ -11,23 +11,17 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from raydino.augment import (
-    JITTER_ORDERS,
-    MultiCropAugment,
-    adjust_hue_,
-    blend_,
-    bias_field_maps,
-    crop_shapes,
-    gaussian_blur_,
-    luma,
-    normalize_on_device,
-    _draft_scale,
-)
-from raydino.augment_gpu import DeviceMultiCropAugment, build_augment
+from raydino.augment.cpu import MultiCropAugment, crop_shapes
+from raydino.augment.decode import draft_scale
+from raydino.augment.device import DeviceMultiCropAugment, build_augment
+from raydino.augment.ops import adjust_hue_, bias_field_maps, blend_, gaussian_blur_, luma, normalize
+from raydino.augment.params import JITTER_ORDERS
 from raydino.config import AugmentConfig, ConfigError, load_config
 
+from helpers.images import jpeg_bytes
+
 try:
-    from raydino import augment_cv
+    from raydino.augment import opencv as augment_cv
 except ImportError:  # OpenCV missing: the torch backend is the CPU pipeline, its tests still run
     augment_cv = None
 needs_cv = pytest.mark.skipif(augment_cv is None, reason="OpenCV (opencv-python-headless) not installed")
@@ -44,15 +38,9 @@ def _fundus(size: int, seed: int = 0) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def _jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def jpeg256() -> bytes:
-    return _jpeg(_fundus(256))
+    return jpeg_bytes(_fundus(256))
 
 
 # ------------------------------------------------------------------ presets and geometry
@@ -130,8 +118,14 @@ def test_outputs_shapes_dtypes_and_input_kinds(jpeg256):
     cfg = AugmentConfig(global_crop_size=64, local_crop_size=32, n_local_crops=3)
     aug = MultiCropAugment(cfg, seed=0)
     arr = _fundus(200)
-    for item in (jpeg256, np.frombuffer(jpeg256, np.uint8), arr, torch.from_numpy(arr).permute(2, 0, 1),
-                 torch.from_numpy(arr).permute(2, 0, 1).contiguous(), arr[:, :, 0]):
+    for item in (
+        jpeg256,
+        np.frombuffer(jpeg256, np.uint8),
+        arr,
+        torch.from_numpy(arr).permute(2, 0, 1),
+        torch.from_numpy(arr).permute(2, 0, 1).contiguous(),
+        arr[:, :, 0],
+    ):
         crops = aug(item)
         assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 3
         assert all(c.dtype == torch.uint8 for c in crops)
@@ -163,7 +157,7 @@ def test_bad_inputs_name_what_is_allowed():
     with pytest.raises(ValueError, match="chunk_images"):
         MultiCropAugment(chunk_images=0)
     with pytest.raises(ValueError, match="uint8"):
-        normalize_on_device(torch.rand(3, 4, 4))
+        normalize(torch.rand(3, 4, 4))
 
 
 def test_determinism_with_seed_and_generator(jpeg256):
@@ -240,7 +234,7 @@ def test_blur_matches_torchvision_gaussian_blur(crops_float):
         assert (y[i] - ref).abs().max() < 1e-3, i
         if augment_cv is not None and mask[i]:
             assert augment_cv.blur_radius(sigma[i], 48) == r
-            z = _per_crop(lambda x: augment_cv.gaussian_blur(x, float(sigma[i]), np.empty_like(x)), crops_float[i:i + 1])
+            z = _per_crop(lambda x: augment_cv.gaussian_blur(x, float(sigma[i]), np.empty_like(x)), crops_float[i : i + 1])
             assert (z[0] - ref).abs().max() < 1e-3, i
 
 
@@ -248,29 +242,44 @@ def test_blur_matches_torchvision_gaussian_blur(crops_float):
 def test_pipeline_replays_dinos_order_of_ops(backend):
     """End to end: one crop per jitter order, pixels compared with torchvision ops applied in the
     sampled order to the same crop box (uint8 tensors, bicubic antialias, float ops)."""
-    cfg = AugmentConfig(n_local_crops=0, global_crop_size=40, grayscale_p=0.0, blur_p_global1=0.0,
-                        blur_p_global2=0.0, solarize_p_global2=0.0, jitter_p=1.0)
+    cfg = AugmentConfig(
+        n_local_crops=0, global_crop_size=40, grayscale_p=0.0, blur_p_global1=0.0, blur_p_global2=0.0, solarize_p_global2=0.0, jitter_p=1.0
+    )
     img = torch.from_numpy(_fundus(120, seed=5)).permute(2, 0, 1).contiguous()
     aug = MultiCropAugment(cfg, backend=backend)
     p = aug.sample_params([(120, 120)] * 24, generator=0)
     p.jitter_order[:, 0] = np.arange(24)  # every order once
     out = aug.augment_tensors([img] * 24, params=p)["global_0"]
     for b in range(24):
-        t, l, h, w = (int(v[b, 0]) for v in (p.top, p.left, p.height, p.width))
-        x = F.resized_crop(img, t, l, h, w, [40, 40], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        top, left, h, w = (int(v[b, 0]) for v in (p.top, p.left, p.height, p.width))
+        x = F.resized_crop(img, top, left, h, w, [40, 40], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
         x = (F.horizontal_flip(x) if p.flip[b, 0] else x).float() / 255
         for op in JITTER_ORDERS[p.jitter_order[b, 0]]:
-            x = [lambda v: F.adjust_brightness(v, p.brightness[b, 0]), lambda v: F.adjust_contrast(v, p.contrast[b, 0]),
-                 lambda v: F.adjust_saturation(v, p.saturation[b, 0]), lambda v: F.adjust_hue(v, p.hue[b, 0])][op](x)
+            x = [
+                lambda v: F.adjust_brightness(v, p.brightness[b, 0]),
+                lambda v: F.adjust_contrast(v, p.contrast[b, 0]),
+                lambda v: F.adjust_saturation(v, p.saturation[b, 0]),
+                lambda v: F.adjust_hue(v, p.hue[b, 0]),
+            ][op](x)
         diff = (out[b].float() - (x * 255).round()).abs()
         assert diff.max() <= 2 and diff.mean() < 0.1, (b, diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_solarize_grayscale_and_medical_artefacts(backend):
-    plain = dict(n_local_crops=1, global_crop_size=32, local_crop_size=32, jitter_p=0, blur_p_global1=0,
-                 blur_p_global2=0, blur_p_local=0, grayscale_p=0, flip_p=0, global_crop_scale=(1.0, 1.0),
-                 local_crop_scale=(1.0, 1.0))
+    plain = dict(
+        n_local_crops=1,
+        global_crop_size=32,
+        local_crop_size=32,
+        jitter_p=0,
+        blur_p_global1=0,
+        blur_p_global2=0,
+        blur_p_local=0,
+        grayscale_p=0,
+        flip_p=0,
+        global_crop_scale=(1.0, 1.0),
+        local_crop_scale=(1.0, 1.0),
+    )
     cfg = AugmentConfig(**plain)
     img = torch.from_numpy(_fundus(32, seed=1)).permute(2, 0, 1).contiguous()
     aug = MultiCropAugment(cfg, backend=backend)
@@ -295,22 +304,32 @@ def test_solarize_grayscale_and_medical_artefacts(backend):
     assert field.min() >= math.exp(-1.0) - 1e-4 and abs(field.max() - math.exp(1.0)) < 1e-3  # all 10 terms at +0.1
 
 
-def test_normalize_on_device_matches_torchvision():
+def test_normalize_matches_torchvision():
     u8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     ref = F.normalize(u8.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    assert torch.allclose(normalize_on_device(u8), ref, atol=1e-5)
+    assert torch.allclose(normalize(u8), ref, atol=1e-5)
 
 
 # ------------------------------------------------------------------ decode at reduced size; device pipeline
 
 
 def test_jpeg_draft_decode_keeps_the_crops():
-    big = _jpeg(_fundus(1600, seed=2), quality=95)
-    cfg = AugmentConfig(preset="weak", global_crop_size=64, local_crop_size=32, n_local_crops=2, jitter_p=0,
-                        blur_p_global1=0, blur_p_global2=0, blur_p_local=0, grayscale_p=0, solarize_p_global2=0)
+    big = jpeg_bytes(_fundus(1600, seed=2), quality=95)
+    cfg = AugmentConfig(
+        preset="weak",
+        global_crop_size=64,
+        local_crop_size=32,
+        n_local_crops=2,
+        jitter_p=0,
+        blur_p_global1=0,
+        blur_p_global2=0,
+        blur_p_local=0,
+        grayscale_p=0,
+        solarize_p_global2=0,
+    )
     aug = MultiCropAugment(cfg)
     p = aug.sample_params([(1600, 1600)] * 4, generator=0)
-    assert all(_draft_scale(p, b, aug.out_size) >= 4 for b in range(4))  # 1600 px, >= 0.5 area -> 1/4 or 1/8
+    assert all(draft_scale(p, b, aug.out_size) >= 4 for b in range(4))  # 1600 px, >= 0.5 area -> 1/4 or 1/8
     fast = aug.augment_tensors([big] * 4, params=p)
     full = torch.from_numpy(np.array(Image.open(io.BytesIO(big)).convert("RGB"))).permute(2, 0, 1)
     slow = aug.augment_tensors([full] * 4, params=p)
@@ -346,7 +365,7 @@ def test_device_pipeline_on_cpu_matches_and_normalizes(jpeg256):
         assert (a[k].int() - b[k].int()).abs().max() <= 1
     norm = DeviceMultiCropAugment(cfg, device="cpu", normalize=True).augment_tensors([jpeg256] * 6, params=p)
     assert norm["global_0"].dtype == torch.float32
-    assert torch.allclose(norm["global_0"], normalize_on_device(b["global_0"]), atol=1e-5)
+    assert torch.allclose(norm["global_0"], normalize(b["global_0"]), atol=1e-5)
     assert isinstance(build_augment(cfg), MultiCropAugment) and not isinstance(build_augment(cfg), DeviceMultiCropAugment)
     assert isinstance(build_augment(cfg, device="cpu"), DeviceMultiCropAugment)
     if not torch.cuda.is_available():

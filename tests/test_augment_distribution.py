@@ -1,7 +1,7 @@
-"""Same augmentation, proven (issue 8): raydino's random draws against DINO's reference pipeline.
+"""Same augmentation, proven: raydino's random draws against DINO's reference pipeline.
 
 Many draws from raydino (`sample_params`) and from the PIL/torchvision reference written in
-`raydino.bench` (`ReferenceDINOAugment.draw`, the reference's own get_params / torch.rand /
+`raydino.bench.aug` (`ReferenceDINOAugment.draw`, the reference's own get_params / torch.rand /
 random calls) are compared with two-sample tests: Kolmogorov-Smirnov for crop area fraction,
 aspect ratio, jitter factors and blur sigma per crop kind; Fisher's exact test for the flip,
 jitter, grayscale, blur and solarize rates; chi-square for the jitter op order.  The negative
@@ -18,8 +18,9 @@ import pytest
 import torch
 from scipy import stats
 
-from raydino.augment import JITTER_ORDERS, MultiCropAugment
-from raydino.bench import ReferenceDINOAugment
+from raydino.augment.cpu import MultiCropAugment
+from raydino.augment.params import JITTER_ORDERS
+from raydino.bench.aug import ReferenceDINOAugment
 from raydino.config import AugmentConfig
 
 N_IMAGES = 2000
@@ -35,12 +36,18 @@ def raydino_draws(cfg: AugmentConfig, seed: int = 0) -> dict[str, dict[str, np.n
         jit = p.jitter[:, cols].ravel()
         order = p.jitter_order[:, cols].ravel()[jit]
         out[kind] = {
-            "area": p.area_fraction[:, cols].ravel(), "ratio": p.aspect_ratio[:, cols].ravel(),
-            "flip": p.flip[:, cols].ravel(), "jitter": jit, "grayscale": p.grayscale[:, cols].ravel(),
-            "blur": p.blur[:, cols].ravel(), "blur_sigma": p.blur_sigma[:, cols].ravel()[p.blur[:, cols].ravel()],
+            "area": p.area_fraction[:, cols].ravel(),
+            "ratio": p.aspect_ratio[:, cols].ravel(),
+            "flip": p.flip[:, cols].ravel(),
+            "jitter": jit,
+            "grayscale": p.grayscale[:, cols].ravel(),
+            "blur": p.blur[:, cols].ravel(),
+            "blur_sigma": p.blur_sigma[:, cols].ravel()[p.blur[:, cols].ravel()],
             "solarize": p.solarize[:, cols].ravel(),
-            "brightness": p.brightness[:, cols].ravel()[jit], "contrast": p.contrast[:, cols].ravel()[jit],
-            "saturation": p.saturation[:, cols].ravel()[jit], "hue": p.hue[:, cols].ravel()[jit],
+            "brightness": p.brightness[:, cols].ravel()[jit],
+            "contrast": p.contrast[:, cols].ravel()[jit],
+            "saturation": p.saturation[:, cols].ravel()[jit],
+            "hue": p.hue[:, cols].ravel()[jit],
             "order": np.array([tuple(o) for o in JITTER_ORDERS[order]], dtype=np.int64).reshape(-1, 4),
         }
     return out
@@ -60,12 +67,16 @@ def reference_draws(cfg: AugmentConfig, seed: int = 0) -> dict[str, dict[str, np
         out[kind] = {
             "area": np.array([r["height"] * r["width"] / (H * W) for r in rs]),
             "ratio": np.array([r["width"] / r["height"] for r in rs]),
-            "flip": np.array([r["flip"] for r in rs]), "jitter": np.array([r["jitter"] for r in rs]),
-            "grayscale": np.array([r["grayscale"] for r in rs]), "blur": np.array([r["blur"] for r in rs]),
+            "flip": np.array([r["flip"] for r in rs]),
+            "jitter": np.array([r["jitter"] for r in rs]),
+            "grayscale": np.array([r["grayscale"] for r in rs]),
+            "blur": np.array([r["blur"] for r in rs]),
             "blur_sigma": np.array([r["blur_sigma"] for r in rs if r["blur"]]),
             "solarize": np.array([r.get("solarize", False) for r in rs]),
-            "brightness": np.array([r["brightness"] for r in jit]), "contrast": np.array([r["contrast"] for r in jit]),
-            "saturation": np.array([r["saturation"] for r in jit]), "hue": np.array([r["hue"] for r in jit]),
+            "brightness": np.array([r["brightness"] for r in jit]),
+            "contrast": np.array([r["contrast"] for r in jit]),
+            "saturation": np.array([r["saturation"] for r in jit]),
+            "hue": np.array([r["hue"] for r in jit]),
             "order": np.array([r["order"] for r in jit], dtype=np.int64).reshape(-1, 4),
         }
     return out
@@ -124,14 +135,17 @@ def test_weak_against_strong_is_detected(reference_strong):
     assert pvals["local/hue"] > SAME
 
 
-@pytest.mark.parametrize("override, detected", [
-    ({"blur_p_local": 0.4}, "local/blur"),
-    ({"flip_p": 0.45}, "local/flip"),
-    ({"solarize_p_global2": 0.1}, "global2/solarize"),
-    ({"grayscale_p": 0.25}, "local/grayscale"),
-    ({"local_crop_scale": (0.05, 0.35)}, "local/area"),
-    ({"crop_ratio": (0.7, 1.4)}, "local/ratio"),
-])
+@pytest.mark.parametrize(
+    "override, detected",
+    [
+        ({"blur_p_local": 0.4}, "local/blur"),
+        ({"flip_p": 0.45}, "local/flip"),
+        ({"solarize_p_global2": 0.1}, "global2/solarize"),
+        ({"grayscale_p": 0.25}, "local/grayscale"),
+        ({"local_crop_scale": (0.05, 0.35)}, "local/area"),
+        ({"crop_ratio": (0.7, 1.4)}, "local/ratio"),
+    ],
+)
 def test_a_changed_number_is_detected(reference_strong, override, detected):
     pvals = compare(raydino_draws(AugmentConfig(preset="strong", **override), seed=6), reference_strong)
     assert pvals[detected] < DIFFERENT, (detected, pvals[detected])

@@ -1,7 +1,7 @@
 """Autoscaling for real, on this machine: a head-only cluster grows for a pretraining run and shrinks after it.
 
 The cluster is Ray's own autoscaler (v1, as `ray up` runs it) with the `fake_multinode` provider,
-whose "nodes" are extra raylets on this machine (see tests/fake_cluster.py).  The head has no CPU,
+whose "nodes" are extra raylets on this machine (see tests/helpers/fake_cluster.py).  The head has no CPU,
 so the smoke pretraining (2 DDP workers × 1 CPU, plus Ray Data's reading and augmentation) can only
 run on nodes the autoscaler launches; `raydino.pretrain` must see that an autoscaler manages the
 cluster (no RAYDINO_ASSUME_AUTOSCALER here) and wait for nodes instead of refusing the run.  After
@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from fake_cluster import FakeAutoscalingCluster
-from raydino.checkpoint import load_checkpoint
 from raydino.config import load_config
+from raydino.core.checkpoint import load_checkpoint
 from raydino.data.loader import pretrain_rows
 from raydino.data.synth import synthetic_shards
-from raydino.run_storage import open_dataset
+from raydino.runs.storage import open_dataset
+
+from helpers.fake_cluster import FakeAutoscalingCluster
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,7 @@ class NodeWatcher:
                 self.timeline.append((round(time.monotonic() - self._t0, 1), len(alive)))
             self._stop.wait(1.0)
 
-    def __enter__(self) -> "NodeWatcher":
+    def __enter__(self) -> NodeWatcher:
         self._thread.start()
         return self
 
@@ -82,8 +83,15 @@ class NodeWatcher:
 
 def run_pretrain(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
     """`python -m raydino.pretrain ARGS` as its own process group, killed whole if it outlives `timeout_s`."""
-    proc = subprocess.Popen([sys.executable, "-m", "raydino.pretrain", *args], env=env, cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raydino.pretrain", *args],
+        env=env,
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -106,16 +114,21 @@ def test_smoke_pretraining_scales_a_head_only_cluster_up_and_back_down(tmp_path)
 
     env = {k: v for k, v in os.environ.items() if k != "RAYDINO_ASSUME_AUTOSCALER"}
     t0 = time.monotonic()
-    with FakeAutoscalingCluster({WORKER_TYPE: WORKER_NODE}, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES,
-                                start_timeout_s=HEAD_START_S, env=env) as cluster:
+    with FakeAutoscalingCluster(
+        {WORKER_TYPE: WORKER_NODE}, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES, start_timeout_s=HEAD_START_S, env=env
+    ) as cluster:
         head_s = time.monotonic() - t0
         head = cluster.head_node_id()
         assert [n["node_id"] for n in cluster.alive_nodes()] == [head], "the cluster must start with the head only"
 
         t0 = time.monotonic()
         with NodeWatcher(cluster) as watcher:
-            done = run_pretrain(["--config", "smoke", "--workers", str(WORKERS), "--data", shards, "--storage", str(storage),
-                                 "--name", RUN, "--no-probe"], cluster.driver_env(), tmp_path, RUN_S)
+            done = run_pretrain(
+                ["--config", "smoke", "--workers", str(WORKERS), "--data", shards, "--storage", str(storage), "--name", RUN, "--no-probe"],
+                cluster.driver_env(),
+                tmp_path,
+                RUN_S,
+            )
         run_s = time.monotonic() - t0
         assert done.returncode == 0, f"pretraining failed ({done.returncode}):\n{done.stdout[-4000:]}"
 
@@ -136,10 +149,13 @@ def test_smoke_pretraining_scales_a_head_only_cluster_up_and_back_down(tmp_path)
         launched = {n for n, t in watcher.node_types.items() if t == WORKER_TYPE}
 
         # Idle again: the autoscaler terminates every node it launched, leaving the head alone.
-        idle_s = cluster.wait_for(lambda: [n["node_id"] for n in cluster.alive_nodes()] == [head], SCALE_DOWN_S,
-                                  "the idle worker nodes to be removed")
+        idle_s = cluster.wait_for(
+            lambda: [n["node_id"] for n in cluster.alive_nodes()] == [head], SCALE_DOWN_S, "the idle worker nodes to be removed"
+        )
         dead = {n["node_id"] for n in cluster.nodes() if n["state"] == "DEAD"}
         assert launched <= dead
-        print(f"\n[autoscaling] head up in {head_s:.0f}s; run {run_s:.0f}s, {len(launched)} node(s) launched, "
-              f"(seconds, nodes alive): {watcher.timeline}; back to the head only {idle_s:.0f}s after the run ended")
+        print(
+            f"\n[autoscaling] head up in {head_s:.0f}s; run {run_s:.0f}s, {len(launched)} node(s) launched, "
+            f"(seconds, nodes alive): {watcher.timeline}; back to the head only {idle_s:.0f}s after the run ended"
+        )
     assert cluster.processes_left() == [], "processes of the fake cluster survived its teardown"

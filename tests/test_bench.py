@@ -1,8 +1,8 @@
 """`python -m raydino.bench`: every subcommand end to end on tiny inputs (no timing asserted).
 
-One local Ray for the module (the train and data benches use an instance that is already up and
-leave it running).  Checks the JSON each bench writes, that its ratios are finite, that the PNG
-exists, and the pure helpers (data-wait from metrics rows, the ABBA order) on known inputs.
+One local Ray for the module (conftest's `local_ray`: the train and data benches use an instance
+that is already up and leave it running).  Checks the JSON each bench writes, that its ratios are
+finite, that the PNG exists, and the pure helpers (data-wait from metrics rows, the ABBA order) on known inputs.
 """
 
 from __future__ import annotations
@@ -12,17 +12,8 @@ import math
 
 import pytest
 
-from raydino import bench
-from raydino.bench_train import data_wait_from_metrics
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from raydino.bench import __main__ as bench
+from raydino.bench.train import data_wait_from_metrics
 
 
 def _finite(*values: float) -> bool:
@@ -36,17 +27,39 @@ def test_aug(tmp_path, capsys):
     names = [r["pipeline"] for r in result["results"]]
     assert names[0].startswith("decode") and any(n.startswith("reference") for n in names)
     assert any(n.startswith("raydino augment_batch") for n in names)
-    assert all(_finite(r["images_per_s_per_core"], r["vs_reference"]) and len(r["rounds_per_core"]) == 1
-               for r in result["results"])
+    assert all(_finite(r["images_per_s_per_core"], r["vs_reference"]) and len(r["rounds_per_core"]) == 1 for r in result["results"])
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "raydino / reference DINO" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train(tmp_path, capsys, local_ray):
     out = tmp_path / "bench"
-    assert bench.main(["train", "--set", "model.out_dim=64", "--set", "model.head_hidden_dim=32",
-                       "--set", "model.head_bottleneck_dim=16", "--set", "train.batch_size=2",
-                       "--steps", "2", "--warmup", "1", "--rounds", "1", "--no-smoke", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "train",
+                "--set",
+                "model.out_dim=64",
+                "--set",
+                "model.head_hidden_dim=32",
+                "--set",
+                "model.head_bottleneck_dim=16",
+                "--set",
+                "train.batch_size=2",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--rounds",
+                "1",
+                "--no-smoke",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "train.json").read_text())
     for key in ("plain_ddp", "ray_train"):
         s = result[key]
@@ -58,18 +71,39 @@ def test_train(tmp_path, capsys, local_ray):
     assert "Ray Train / plain DDP step time" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_data(tmp_path, capsys, local_ray):
     out = tmp_path / "data.json"
-    assert bench.main(["data", "--sizes", "40", "120", "--image-size", "32", "--batch", "8", "--rate", "400",
-                       "--interval", "0.1", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "data",
+                "--sizes",
+                "40",
+                "120",
+                "--image-size",
+                "32",
+                "--batch",
+                "8",
+                "--rate",
+                "400",
+                "--interval",
+                "0.1",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [r["dataset_images"] for r in result["runs"]] == [40, 120]
     for run in result["runs"]:
         assert run["images"] == run["pretrain_rows"] > 0  # one whole epoch was consumed
         assert 0 <= run["data_wait_fraction"] <= 1 and run["peak_total_mb"] > 0 and run["samples"]
         assert run["peak_total_mb"] >= run["peak_object_store_mb"]
-    assert _finite(result["peak_ratio_large_over_small"], result["driver_and_store_ratio_large_over_small"],
-                   result["unthrottled"]["images_per_s"])
+    assert _finite(result["peak_ratio_large_over_small"], result["driver_and_store_ratio_large_over_small"], result["unthrottled"]["images_per_s"])
     assert all(r["shards"] >= 1 for r in result["runs"])
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "peak memory, largest / smallest dataset" in capsys.readouterr().out

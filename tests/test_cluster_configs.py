@@ -17,13 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydino import cluster_check as cc
 from raydino.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import cluster_check as cc  # noqa: E402  (the repository's own config linter lives in tools/)
+import cluster_rules as cr  # noqa: E402
+
 LAUNCHER = [ROOT / "cluster/aws.yaml", ROOT / "cluster/gcp.yaml"]
 KUBERAY = [ROOT / "cluster/kuberay/raycluster.yaml", ROOT / "cluster/kuberay/rayjob.yaml"]
-CRD_DIR = ROOT / cc.DEFAULT_CRD_DIR  # CI has shared/ beside the clone
+CRD_DIR = ROOT / cr.DEFAULT_CRD_DIR  # CI has shared/ beside the clone
 DOCS = [ROOT / "cluster/README.md"]
 
 
@@ -31,11 +34,11 @@ def ids(paths: list[Path]) -> list[str]:
     return [p.name for p in paths]
 
 
-def with_doc(cluster: cc.ClusterSpec, edit) -> cc.ClusterSpec:
+def with_doc(cluster: cr.ClusterSpec, edit) -> cr.ClusterSpec:
     """A copy of a cluster file with `edit(doc)` applied, re-read like a file would be."""
     doc = copy.deepcopy(cluster.doc)
     edit(doc)
-    return cc.cluster_from_doc(doc, cluster.path)
+    return cr.cluster_from_doc(doc, cluster.path)
 
 
 @pytest.fixture
@@ -54,7 +57,7 @@ def no_network(monkeypatch):
 
 @pytest.mark.parametrize("path", LAUNCHER + KUBERAY, ids=ids(LAUNCHER + KUBERAY))
 def test_ray_validates_every_cluster_file_offline(path, no_network):
-    view = cc.ray_view(cc.load_cluster(path))  # prepare_config + validate_config, or KubeRay's translation
+    view = cr.ray_view(cr.load_cluster(path))  # prepare_config + validate_config, or KubeRay's translation
     types = view["available_node_types"]
     assert any(t.get("resources", {}).get("GPU", 0) >= 1 for t in types.values())
     assert all(t["min_workers"] == 0 for t in types.values())  # everything scales from zero
@@ -64,19 +67,19 @@ def test_ray_validates_every_cluster_file_offline(path, no_network):
 def test_ray_rejects_what_its_schema_forbids(path):
     from jsonschema import ValidationError
 
-    cluster = cc.load_cluster(path)
+    cluster = cr.load_cluster(path)
     fractional = with_doc(cluster, lambda d: d["available_node_types"]["cpu-data"]["resources"].update(CPU=0.5))
     with pytest.raises(ValidationError, match="integer"):
-        cc.ray_view(fractional)
+        cr.ray_view(fractional)
     typo = with_doc(cluster, lambda d: d["available_node_types"]["gpu-train"].update(max_worker=4))
     with pytest.raises(ValidationError, match="max_worker"):
-        cc.ray_view(typo)
+        cr.ray_view(typo)
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=ids(KUBERAY))
 def test_node_types_read_like_rays_kuberay_autoscaler_reads_them(path):
-    ours = cc.load_cluster(path)
-    rays = cc.ray_view(ours)["available_node_types"]
+    ours = cr.load_cluster(path)
+    rays = cr.ray_view(ours)["available_node_types"]
     for nt in ours.node_types:
         theirs = rays["headgroup" if nt.is_head else nt.name]
         assert (theirs["resources"]["CPU"], theirs["resources"].get("GPU", 0)) == (nt.cpus, nt.gpus), nt.name
@@ -92,7 +95,7 @@ def test_node_types_read_like_rays_kuberay_autoscaler_reads_them(path):
 def test_kuberay_manifests_match_the_crd_schemas(path):
     if not CRD_DIR.is_dir():
         pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR} (shared/ is expected beside the clone)")
-    assert cc.crd_problems(cc.load_cluster(path), CRD_DIR) == []
+    assert cr.crd_problems(cr.load_cluster(path), CRD_DIR) == []
 
 
 def test_crd_check_catches_typos_and_non_string_start_params():
@@ -104,7 +107,7 @@ def test_crd_check_catches_typos_and_non_string_start_params():
         group["minReplica"] = group.pop("minReplicas")
         group["rayStartParams"] = {"num-cpus": 4}
 
-    problems = "\n".join(cc.crd_problems(with_doc(cc.load_cluster(KUBERAY[0]), break_it), CRD_DIR))
+    problems = "\n".join(cr.crd_problems(with_doc(cr.load_cluster(KUBERAY[0]), break_it), CRD_DIR))
     assert "'minReplica' was unexpected" in problems
     assert "'minReplicas' is a required property" in problems
     assert "rayStartParams.num-cpus: 4 is not of type 'string'" in problems
@@ -120,11 +123,11 @@ def test_rayjob_runs_on_the_same_cluster_as_raycluster():
 
 @pytest.mark.parametrize("path", LAUNCHER + KUBERAY, ids=ids(LAUNCHER + KUBERAY))
 def test_cluster_files_follow_raydinos_rules(path):
-    assert cc.check_rules(cc.load_cluster(path)) == []
+    assert cr.check_rules(cr.load_cluster(path)) == []
 
 
 def test_one_ray_version_everywhere_and_it_is_the_installed_one():
-    versions = set().union(*(cc.ray_versions(cc.load_cluster(p)) for p in LAUNCHER + KUBERAY))
+    versions = set().union(*(cr.ray_versions(cr.load_cluster(p)) for p in LAUNCHER + KUBERAY))
     assert versions == {importlib.metadata.version("ray")}
 
 
@@ -132,10 +135,14 @@ def test_one_ray_version_everywhere_and_it_is_the_installed_one():
     "path, edit, expected",
     [
         ("aws.yaml", lambda d: d["available_node_types"]["head"]["resources"].update(CPU=8), "never trains"),
-        ("aws.yaml", lambda d: d["available_node_types"]["cpu-data"]["node_config"].pop("IamInstanceProfile"),
-         "only the head a role"),
-        ("aws.yaml", lambda d: d["provider"].update(security_group={"IpPermissions": [
-            {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}), "to the internet"),
+        ("aws.yaml", lambda d: d["available_node_types"]["cpu-data"]["node_config"].pop("IamInstanceProfile"), "only the head a role"),
+        (
+            "aws.yaml",
+            lambda d: d["provider"].update(
+                security_group={"IpPermissions": [{"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+            ),
+            "to the internet",
+        ),
         ("aws.yaml", lambda d: d["available_node_types"]["gpu-train"].update(min_workers=2), "scale from zero"),
         ("aws.yaml", lambda d: d["available_node_types"]["gpu-train"]["resources"].update(GPU=16), "p4d.24xlarge has 96 vCPUs / 8 GPUs"),
         ("aws.yaml", lambda d: d["available_node_types"]["cpu-data"].update(labels={"ray.io/node-type": "cpu"}), "may not use ray.io/"),
@@ -145,13 +152,17 @@ def test_one_ray_version_everywhere_and_it_is_the_installed_one():
         ("raycluster.yaml", lambda d: d["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"), "keep ClusterIP"),
         ("raycluster.yaml", lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": "8"}), "never trains"),
         ("raycluster.yaml", lambda d: d["spec"].update(enableInTreeAutoscaling=False), "enableInTreeAutoscaling"),
-        ("rayjob.yaml", lambda d: d["spec"].update(entrypoint="python -m raydino.pretrain --config vits16-paper --storage s3://b/runs"), "fixed --name"),
+        (
+            "rayjob.yaml",
+            lambda d: d["spec"].update(entrypoint="python -m raydino.pretrain --config vits16-paper --storage s3://b/runs"),
+            "fixed --name",
+        ),
         ("rayjob.yaml", lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "shutdownAfterJobFinishes"),
     ],
 )
 def test_rules_catch_bad_cluster_files(path, edit, expected):
     original = next(p for p in LAUNCHER + KUBERAY if p.name == path)
-    problems = cc.check_rules(with_doc(cc.load_cluster(original), edit))
+    problems = cr.check_rules(with_doc(cr.load_cluster(original), edit))
     assert any(expected in p for p in problems), problems
 
 
@@ -186,7 +197,7 @@ def test_iam_policies_are_valid_and_match_the_launcher_config():
 @pytest.fixture(scope="module")
 def command_report() -> cc.Report:
     commands = cc.find_commands(LAUNCHER + KUBERAY + DOCS)
-    return cc.check_commands(commands, [cc.load_cluster(p) for p in LAUNCHER + KUBERAY], ROOT)
+    return cc.check_commands(commands, [cr.load_cluster(p) for p in LAUNCHER + KUBERAY], ROOT)
 
 
 def test_the_runbook_and_rayjob_commands_are_found():
@@ -233,7 +244,7 @@ def test_command_parsing_follows_shell_lines(tmp_path):
 def test_bad_commands_are_caught(tmp_path, line, expected):
     doc = tmp_path / "runbook.md"
     doc.write_text(line + "\n")
-    report = cc.check_commands(cc.find_commands([doc]), [cc.load_cluster(LAUNCHER[0])], ROOT)
+    report = cc.check_commands(cc.find_commands([doc]), [cr.load_cluster(LAUNCHER[0])], ROOT)
     assert any(expected in e for e in report.errors), report.errors
 
 
@@ -242,19 +253,24 @@ def test_bad_commands_are_caught(tmp_path, line, expected):
 
 def test_a_config_no_node_type_can_hold_is_named_with_its_request_and_the_node_types():
     cfg = load_config("vits16-paper", ["run.gpus_per_worker=16"])
-    with pytest.raises(cc.ClusterCheckError) as err:
-        cc.check_fit("vits16-paper --set run.gpus_per_worker=16", cfg, cc.load_cluster(LAUNCHER[0]))
+    with pytest.raises(cr.ClusterCheckError) as err:
+        cc.check_fit("vits16-paper --set run.gpus_per_worker=16", cfg, cr.load_cluster(LAUNCHER[0]))
     msg = str(err.value)
-    for part in ("vits16-paper", "8 workers x {GPU: 16, CPU: 8}", "head {CPU: 0, GPU: 0}",
-                 "gpu-train {CPU: 96, GPU: 8} (max 4)", "cpu-data {CPU: 32, GPU: 0}"):
+    for part in (
+        "vits16-paper",
+        "8 workers x {GPU: 16, CPU: 8}",
+        "head {CPU: 0, GPU: 0}",
+        "gpu-train {CPU: 96, GPU: 8} (max 4)",
+        "cpu-data {CPU: 32, GPU: 0}",
+    ):
         assert part in msg, msg
 
 
 def test_too_many_workers_and_too_many_augmenters_are_caught():
-    aws = cc.load_cluster(LAUNCHER[0])
-    with pytest.raises(cc.ClusterCheckError, match="holds at most 32"):
+    aws = cr.load_cluster(LAUNCHER[0])
+    with pytest.raises(cr.ClusterCheckError, match="holds at most 32"):
         cc.check_fit("vits16-paper", load_config("vits16-paper", ["run.workers=40"]), aws)
-    with pytest.raises(cc.ClusterCheckError, match="data.augment_concurrency=1000"):
+    with pytest.raises(cr.ClusterCheckError, match="data.augment_concurrency=1000"):
         cc.check_fit("vits16-paper", load_config("vits16-paper", ["data.augment_concurrency=1000"]), aws)
     fit = cc.check_fit("smoke", load_config("smoke"), aws)  # CPU-only: the CPU nodes and the GPU nodes' CPUs
     assert {name for name, _, _ in fit.places} == {"gpu-train", "cpu-data"}
@@ -274,5 +290,5 @@ def test_command_line_passes_on_the_shipped_files(capsys, monkeypatch):
 
 
 def test_cluster_check_does_not_import_ray():
-    code = "import sys, raydino.cluster_check; sys.exit('ray' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = "import sys; sys.path.insert(0, 'tools'); import cluster_check; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

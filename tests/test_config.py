@@ -96,11 +96,14 @@ def test_unknown_preset_name_suggests_close_ones():
         load_config("smok")
 
 
+@pytest.mark.slow  # `python -m raydino.pretrain` in a subprocess
 def test_pretrain_cli_rejects_bad_config_before_any_work(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--set", "augment.n_local_crops=-2",
-         "--storage", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--set", "augment.n_local_crops=-2", "--storage", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "augment.n_local_crops" in proc.stderr and "-2" in proc.stderr

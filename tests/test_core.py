@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raydino.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from raydino.config import load_config
-from raydino.engine import build_train_state, ema_update, train_step
-from raydino.loss import DINOLoss, collapse_stats
-from raydino.model import DINOHead, build_student_teacher
-from raydino.schedule import build_schedules, cosine_schedule, param_groups, scaled_lr
+from raydino.core.checkpoint import load_checkpoint, restore_state, save_checkpoint
+from raydino.core.loss import DINOLoss, collapse_stats
+from raydino.core.model import DINOHead, build_student_teacher
+from raydino.core.schedule import build_schedules, cosine_schedule, param_groups, scaled_lr
+from raydino.core.step import build_train_state, ema_update, train_step
 
 
 def tiny_cfg(*extra: str):
@@ -231,7 +231,7 @@ def test_last_layer_frozen_in_first_epoch_only():
 
 
 def test_gradient_clipping_per_parameter_tensor():
-    from raydino.engine import clip_gradients
+    from raydino.core.step import clip_gradients
 
     lin = torch.nn.Linear(4, 4)
     lin.weight.grad = torch.full((4, 4), 10.0)
@@ -242,7 +242,7 @@ def test_gradient_clipping_per_parameter_tensor():
 
 
 def test_non_finite_loss_stops_with_step_number():
-    from raydino.engine import NonFiniteLossError
+    from raydino.core.step import NonFiniteLossError
 
     cfg = tiny_cfg()
     state = build_train_state(cfg, steps_per_epoch=10)

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from raydino.data import catalog
-from raydino.data.synth import FundusLabel, render_fundus
+from raydino.data.fundus import FundusLabel, render_fundus
+
+from helpers.images import jpeg_bytes, write_tree
 
 
 def test_catalog_has_the_papers_datasets():
     assert set(catalog.names()) == {"messidor2", "idrid", "aptos2019", "papila", "glaucoma_fundus", "jsiec", "retina"}
     classes = {n: len(catalog.get(n).classes) for n in catalog.names()}
-    assert classes == {"messidor2": 5, "idrid": 5, "aptos2019": 5, "papila": 3, "glaucoma_fundus": 3, "jsiec": 39,
-                       "retina": 4}
+    assert classes == {"messidor2": 5, "idrid": 5, "aptos2019": 5, "papila": 3, "glaucoma_fundus": 3, "jsiec": 39, "retina": 4}
     for info in catalog.CATALOG.values():
         assert list(info.classes) == sorted(info.classes) or info.name == "jsiec"  # letter prefixes = label order
         assert len(set(info.classes)) == len(info.classes)
@@ -31,8 +31,7 @@ def test_catalog_has_the_papers_datasets():
     assert glaucoma.splits == {"train": 861, "val": 218, "test": 465} and not glaucoma.splits_verified
     assert catalog.get("PAPILA").splits == {"train": 311, "val": 79, "test": 98}
     # ordinal: the DR grades and the glaucoma stages; nominal: JSIEC's conditions, Retina's diseases
-    assert {n for n, i in catalog.CATALOG.items() if i.ordinal} == {"messidor2", "idrid", "aptos2019", "papila",
-                                                                   "glaucoma_fundus"}
+    assert {n for n, i in catalog.CATALOG.items() if i.ordinal} == {"messidor2", "idrid", "aptos2019", "papila", "glaucoma_fundus"}
     assert catalog.find_by_classes(("anodr", "bmilddr", "cmoderatedr", "dseveredr", "eproliferativedr")).ordinal
     assert catalog.find_by_classes(("grade0", "grade1")) is None
     assert catalog.get("MESSIDOR-2") is catalog.get("messidor_2") is catalog.CATALOG["messidor2"]
@@ -42,20 +41,15 @@ def test_catalog_has_the_papers_datasets():
 
 @pytest.fixture(scope="module")
 def tiny_jpeg() -> bytes:
-    buf = io.BytesIO()
     lab = FundusLabel(index=0, dr_grade=2, glaucoma=0, cup_disc_ratio=0.3, eye="right", split="train")
-    Image.fromarray(render_fundus(16, lab, seed=0)).save(buf, "JPEG")
-    return buf.getvalue()
+    return jpeg_bytes(render_fundus(16, lab, seed=0), quality=75)
 
 
 def _tree(root: Path, jpeg: bytes, sizes: dict[str, int], classes: tuple[str, ...]) -> Path:
-    """A RETFound-layout tree with the given split sizes, classes filled round-robin."""
-    for split, n in sizes.items():
-        for i in range(n):
-            d = root / split / classes[i % len(classes)]
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"{i:05d}.jpg").write_bytes(jpeg)
-    return root
+    """A RETFound-layout tree with the given split sizes, classes filled round-robin (a split smaller
+    than the class list lacks the last classes)."""
+    counts = {split: Counter(classes[i % len(classes)] for i in range(n)) for split, n in sizes.items()}
+    return write_tree(root, counts, lambda *_: jpeg, ext="jpg")
 
 
 def test_a_tree_of_the_papers_shape_passes(tmp_path, tiny_jpeg):

@@ -10,6 +10,8 @@ from PIL import Image, PngImagePlugin
 
 from raydino.data.imagebytes import ImageRejected, prepare_image, sniff_format
 
+from helpers.images import jpeg_bytes, png_bytes
+
 SECRET = "PATIENT Jane Roe 1954-03-02 ID 4711"
 
 
@@ -18,24 +20,12 @@ def pixels() -> np.ndarray:
     return (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
 
 
-def _jpeg(arr: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=90, **kw)
-    return buf.getvalue()
-
-
-def _png(arr: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG", **kw)
-    return buf.getvalue()
-
-
 def _decoded(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def test_clean_jpeg_and_png_pass_through_byte_identical(pixels):
-    for data, fmt in ((_jpeg(pixels), "jpeg"), (_jpeg(pixels, progressive=True), "jpeg"), (_png(pixels), "png")):
+    for data, fmt in ((jpeg_bytes(pixels), "jpeg"), (jpeg_bytes(pixels, progressive=True), "jpeg"), (png_bytes(pixels), "png")):
         out = prepare_image(data)
         assert out.data == data and out.format == fmt and out.removed == ()
         assert (out.width, out.height) == (64, 48)
@@ -44,7 +34,7 @@ def test_clean_jpeg_and_png_pass_through_byte_identical(pixels):
 def test_jpeg_exif_and_comment_are_removed_pixels_untouched(pixels):
     exif = Image.Exif()
     exif[0x010E] = SECRET  # ImageDescription
-    src = _jpeg(pixels, exif=exif.tobytes(), comment=SECRET.encode())
+    src = jpeg_bytes(pixels, exif=exif.tobytes(), comment=SECRET.encode())
     assert SECRET.encode() in src
     out = prepare_image(src)
     assert SECRET.encode() not in out.data
@@ -58,7 +48,7 @@ def test_jpeg_orientation_survives_stripping(pixels):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW on display
     exif[0x013B] = SECRET  # Artist
-    out = prepare_image(_jpeg(pixels, exif=exif.tobytes()))
+    out = prepare_image(jpeg_bytes(pixels, exif=exif.tobytes()))
     assert SECRET.encode() not in out.data
     assert dict(Image.open(io.BytesIO(out.data)).getexif()) == {0x0112: 6}
 
@@ -67,7 +57,7 @@ def test_png_text_chunks_are_removed(pixels):
     info = PngImagePlugin.PngInfo()
     info.add_text("Patient", SECRET)
     info.add_itxt("Comment", SECRET)
-    src = _png(pixels, pnginfo=info)
+    src = png_bytes(pixels, pnginfo=info)
     out = prepare_image(src)
     assert SECRET.encode() not in out.data and set(out.removed) == {"tEXt", "iTXt"}
     assert np.array_equal(_decoded(out.data), pixels)
@@ -96,7 +86,7 @@ def test_other_formats_become_lossless_png(pixels):
 )
 def test_bad_files_are_rejected_with_a_reason(pixels, make, reason):
     with pytest.raises(ImageRejected) as err:
-        prepare_image(make(_jpeg(pixels), _png(pixels)))
+        prepare_image(make(jpeg_bytes(pixels), png_bytes(pixels)))
     assert reason in err.value.reason
 
 

@@ -1,13 +1,12 @@
 """Sharding to and from a real S3-protocol server on loopback (moto in server mode).
 
-No mocks: pyarrow's S3 client and boto3 talk HTTP to a moto server started by this module
-on 127.0.0.1.  Stopping that server mid-run is a real outage as the code sees it.
+No mocks: pyarrow's S3 client and boto3 talk HTTP to a moto server on 127.0.0.1 (tests/conftest.py's
+`s3`, one for this module).  Stopping that server mid-run is a real outage as the code sees it.
 """
 
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import subprocess
 import sys
@@ -16,58 +15,17 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("moto.server")
-from moto.server import ThreadedMotoServer  # noqa: E402
-
 from raydino.data.shards import open_shards  # noqa: E402
 from raydino.data.storage import StorageOptions, s3_client  # noqa: E402
 from raydino.data.synth import generate_dataset  # noqa: E402
 from raydino.data.writer import ShardingError, ShardJobOptions, shard_dataset  # noqa: E402
 
+from helpers.s3 import KEY_ID, SECRET, LoopbackS3  # noqa: E402
+
 BUCKET = "raydino-test"
-KEY_ID, SECRET = "AKIDRAYDINOTEST0001", "test-secret-Zq81xV0pLm"  # fake credentials: never in any output
 N_IMAGES = 30
 
-
-class LoopbackS3:
-    """A moto S3 server on 127.0.0.1 that can be stopped and restarted on the same port."""
-
-    def __init__(self) -> None:
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        self.host, self.port = self.server.get_host_and_port()
-        self.running = True
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        if self.running:
-            self.server.stop()
-            self.running = False
-
-    def start(self) -> None:
-        if not self.running:  # moto keeps its state in this process, so the bucket survives
-            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-            self.server.start()
-            self.running = True
-
-
-@pytest.fixture(scope="module")
-def s3():
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1")
-    os.environ.pop("AWS_ENDPOINT_URL", None)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = LoopbackS3()
-    s3_client(StorageOptions(endpoint=server.endpoint)).create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +115,7 @@ def test_cli_against_s3_never_shows_credentials(s3, source, tmp_path):
     assert down.returncode == 2 and "error:" in down.stderr
     client = s3_client(_opts(s3))
     stored = b"".join(
-        client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
-        for o in client.list_objects_v2(Bucket=BUCKET, Prefix="cli/")["Contents"]
+        client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in client.list_objects_v2(Bucket=BUCKET, Prefix="cli/")["Contents"]
     )
     for text in (ok.stdout, ok.stderr, no_bucket.stderr, down.stderr, stored.decode("latin-1")):
         assert SECRET not in text and KEY_ID not in text

@@ -19,6 +19,8 @@ from raydino.data.shards import ShardError, open_shards
 from raydino.data.synth import generate_dataset
 from raydino.data.writer import NothingReadableError, ShardingError, ShardJobOptions, shard_dataset
 
+from helpers.images import jpeg_bytes
+
 SECRET = "PATIENT Jane Roe ID 4711"
 N_IMAGES = 40
 
@@ -164,9 +166,7 @@ def test_metadata_is_stripped_unless_kept(tmp_path):
     arr = (np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8)
     exif = Image.Exif()
     exif[0x010E] = SECRET
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", exif=exif.tobytes(), comment=SECRET.encode())
-    original = buf.getvalue()
+    original = jpeg_bytes(arr, quality=75, exif=exif.tobytes(), comment=SECRET.encode())  # PIL's default quality
     (src / "a.jpg").write_bytes(original)
     for keep in (False, True):
         dest = tmp_path / f"out-{keep}"
@@ -290,8 +290,7 @@ def test_resume_with_another_seed_rewrites_instead_of_mixing(source, tmp_path):
 
 
 def test_cli_shuffle_seed_is_recorded(source, tmp_path):
-    for args, expected in ((["--shuffle-seed", "5"], {"shuffled": True, "seed": 5}),
-                           (["--no-shuffle"], {"shuffled": False, "seed": None})):
+    for args, expected in ((["--shuffle-seed", "5"], {"shuffled": True, "seed": 5}), (["--no-shuffle"], {"shuffled": False, "seed": None})):
         dest = tmp_path / "-".join(args)
         run = _cli(str(source), str(dest), "--workers", "1", "--quiet", *args)
         assert run.returncode == 0, run.stderr

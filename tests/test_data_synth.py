@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from raydino.data import synth
-from raydino.data.synth import DR_CLASSES, FundusLabel, generate_dataset, render_fundus, sample_labels
+from raydino.data.fundus import FundusLabel, render_fundus
+from raydino.data.synth import DR_CLASSES, generate_dataset, sample_labels
 
 
 def _digests(root: Path) -> dict[str, str]:

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from raydino import analyze, evaluate, export
-from raydino.checkpoint import save_checkpoint
 from raydino.config import load_config
-from raydino.engine import build_train_state
+from raydino.core.checkpoint import save_checkpoint
+from raydino.core.step import build_train_state
 
-COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+from helpers import images
 
-
-def make_tree(root: Path, per_split=(6, 3, 3), size=40, skip=()) -> Path:
-    """Coloured discs, one colour per class, in ROOT/{train,val,test}/grade<c>/."""
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "val", "test"), per_split):
-        for c, colour in enumerate(COLOURS):
-            d = root / split / f"grade{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(0 if (split, c) in skip else n):
-                im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 40, 3)))
-                r = size * rng.uniform(0.25, 0.4)
-                ImageDraw.Draw(im).ellipse([size / 2 - r, size / 2 - r, size / 2 + r, size / 2 + r], fill=colour)
-                im.save(d / f"{i}.png")
-    return root
+# Centred discs, six training images per class unless a test asks otherwise.
+make_tree = partial(images.make_tree, per_split=(6, 3, 3), jitter=0)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +31,7 @@ def run_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # every probe, two seeds, a random baseline: ~10 s
 def test_evaluate_end_to_end_with_random_baseline(tmp_path, run_dir, capsys):
     tree = make_tree(tmp_path / "tree")
     out = tmp_path / "eval"
@@ -71,27 +61,25 @@ def test_evaluate_end_to_end_with_random_baseline(tmp_path, run_dir, capsys):
 def test_paper_probe_is_the_authors_protocol_whatever_the_checkpoint_saved(tmp_path, capsys):
     """No --seeds: five; lr, batch and view are the protocol's even when the checkpoint saved other values."""
     run = tmp_path / "run"
-    overrides = ["probe.lr=0.1", "probe.epochs=90", "probe.train_batch_size=64", "probe.train_flip=true",
-                 "probe.knn_k=3"]
+    overrides = ["probe.lr=0.1", "probe.epochs=90", "probe.train_batch_size=64", "probe.train_flip=true", "probe.knn_k=3"]
     state = build_train_state(load_config("smoke", overrides), steps_per_epoch=2)
     save_checkpoint(state, run / "checkpoint_00000001")
     tree = make_tree(tmp_path / "tree", per_split=(3, 2, 2))
     out = tmp_path / "eval"
-    argv = ["--checkpoint", str(run), "--data", str(tree), "--out", str(out), "--bootstrap", "0", "--probe", "paper",
-            "--epochs", "1"]
+    argv = ["--checkpoint", str(run), "--data", str(tree), "--out", str(out), "--bootstrap", "0", "--probe", "paper", "--epochs", "1"]
     assert evaluate.main(argv) == 0
     report = json.loads((out / "metrics.json").read_text())
     r = report["results"]["paper"]
     assert r["seeds"] == [0, 1, 2, 3, 4] and report["meta"]["seeds"] == {"paper": [0, 1, 2, 3, 4]}
     assert set(r["std"]) == set(r["mean"]) and r["std"]["auroc"] is not None
     proto = r["protocol"]
-    assert (proto["lr"], proto["batch_size"], proto["epochs"], proto["flip"], proto["interpolation"]) == (
-        0.001, 16, 1, False, "bilinear")
+    assert (proto["lr"], proto["batch_size"], proto["epochs"], proto["flip"], proto["interpolation"]) == (0.001, 16, 1, False, "bilinear")
     assert proto["sgd_lr"] == pytest.approx(0.001 * 16 / 256) and list(proto["crop_scale"]) == [0.08, 1.0]
     assert report["meta"]["probe_config"]["knn_k"] == 3  # not protocol: taken from the checkpoint
     assert "Protocol: epochs 1, lr 0.001, batch_size 16" in (out / "metrics.md").read_text()
 
 
+@pytest.mark.slow  # six evaluations: ~7 s
 def test_kappa_weighting_and_feature_dtype_options(tmp_path, run_dir, capsys):
     tree = make_tree(tmp_path / "tree", per_split=(3, 2, 2))
     out = tmp_path / "eval"
@@ -207,25 +195,17 @@ def test_analyze_cli(tmp_path, run_dir, capsys):
     assert "--n-images 1: need at least 2 images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_checkpoint_from_s3(tmp_path, run_dir, monkeypatch, capsys):
-    moto = pytest.importorskip("moto.server")
-    import logging
-
+    pytest.importorskip("moto.server")
     from raydino.data.storage import StorageOptions, s3_client
 
-    secret = "test-secret-Evaluate0042"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDRAYDINOEVAL")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    from helpers.s3 import SECRET, loopback_bucket
+
     monkeypatch.setenv("RAYDINO_CACHE", str(tmp_path / "cache"))
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    with loopback_bucket("ckpts") as server:  # dummy credentials in os.environ; AWS_ENDPOINT_URL restored after
+        os.environ["AWS_ENDPOINT_URL"] = server.endpoint
         client = s3_client(StorageOptions())
-        client.create_bucket(Bucket="ckpts")
         for f in (run_dir / "checkpoint_00000004").iterdir():
             client.put_object(Bucket="ckpts", Key=f"runs/r1/checkpoint_00000004/{f.name}", Body=f.read_bytes())
         # an older checkpoint that cannot be loaded: choosing it would fail the run below
@@ -238,6 +218,4 @@ def test_checkpoint_from_s3(tmp_path, run_dir, monkeypatch, capsys):
         assert meta["step"] == 4 and meta["checkpoint"].endswith("checkpoint_00000004")
         assert Path(meta["checkpoint"]).is_relative_to(tmp_path / "cache")
         captured = capsys.readouterr()
-        assert secret not in captured.out + captured.err + (out / "metrics.json").read_text()
-    finally:
-        server.stop()
+        assert SECRET not in captured.out + captured.err + (out / "metrics.json").read_text()

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from raydino import backbones, export
-from raydino.checkpoint import load_checkpoint, save_checkpoint, teacher_backbone_state
+from raydino import export
 from raydino.config import ConfigError, load_config
-from raydino.engine import build_train_state
-from raydino.model import build_student_teacher
+from raydino.core.checkpoint import load_checkpoint, save_checkpoint
+from raydino.core.model import build_student_teacher
+from raydino.core.step import build_train_state
+from raydino.core.weights import teacher_backbone_state
+from raydino.eval import backbones
 
 # Runs with `python -I` from an empty folder, with raydino made unimportable: only timm and torch.
 CLEAN_LOAD = """
@@ -45,6 +47,7 @@ def make_run(root: Path, overrides=()) -> Path:
     return save_checkpoint(state, root / "checkpoint_00000005")
 
 
+@pytest.mark.slow  # a fresh Python with timm and torch per case
 @pytest.mark.parametrize("arch,size", [("vit_tiny_patch16_224", 32), ("resnet18", 48)])
 def test_export_loads_in_plain_timm(tmp_path, arch, size):
     run = tmp_path / "run"
@@ -161,7 +164,7 @@ def test_backbone_weights_are_found_the_same_way_in_every_format(tmp_path, fmt):
     """`module.backbone.*` next to `module.head.*` (DINO's layout): the backbone alone, in either file format."""
     from safetensors.torch import save_file
 
-    from raydino.checkpoint import read_backbone_weights
+    from raydino.core.weights import read_backbone_weights
 
     backbone = {"blocks.0.w": torch.ones(2), "norm.b": torch.zeros(3)}
     sd = {f"module.backbone.{k}": v for k, v in backbone.items()} | {"module.head.last_layer.w": torch.ones(4)}

@@ -7,42 +7,47 @@ Skipped where no GPU is visible (CI, the 2-core dev machines); run on a GPU node
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from raydino.augment import MultiCropAugment
-from raydino.augment_gpu import DeviceMultiCropAugment
+from raydino.augment.cpu import MultiCropAugment
+from raydino.augment.device import DeviceMultiCropAugment
 from raydino.config import AugmentConfig, load_config
-from raydino.engine import autocast_dtype, build_train_state, train_step
+from raydino.core.step import autocast_dtype, build_train_state, train_step
+from raydino.distributed.cluster import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def cfg_for(*extra: str):
-    return load_config("smoke", ["model.out_dim=256", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
-                                 "model.drop_path_rate=0.0", "augment.n_local_crops=2", "train.batch_size=8", *extra])
+    return load_config(
+        "smoke",
+        [
+            "model.out_dim=256",
+            "model.head_hidden_dim=64",
+            "model.head_bottleneck_dim=32",
+            "model.drop_path_rate=0.0",
+            "augment.n_local_crops=2",
+            "train.batch_size=8",
+            *extra,
+        ],
+    )
 
 
 def crops_for(cfg, seed: int = 0, device: str = "cuda") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     a = cfg.augment
     sizes = [a.global_crop_size] * 2 + [a.local_crop_size] * a.n_local_crops
-    return [torch.randint(0, 256, (cfg.train.batch_size, 3, s, s), generator=g, dtype=torch.uint8).to(device)
-            for s in sizes]
+    return [torch.randint(0, 256, (cfg.train.batch_size, 3, s, s), generator=g, dtype=torch.uint8).to(device) for s in sizes]
 
 
 @pytest.fixture(scope="module")
 def nccl_group():
     """A one-rank NCCL process group: the backend Ray Train's TorchConfig picks on GPU workers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            device_id=torch.device("cuda", 0))
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     yield
     dist.destroy_process_group()
 
@@ -118,7 +123,7 @@ def test_resnet_trains_in_bf16_under_ddp_over_nccl(nccl_group):
 
 
 def test_device_augmentation_on_cuda_matches_cpu_with_the_same_draws():
-    from raydino.bench import fundus_jpeg
+    from raydino.bench.common import fundus_jpeg
 
     jpeg, _ = fundus_jpeg(256)
     results = {}

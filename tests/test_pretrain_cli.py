@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 pytest.importorskip("moto.server")
-from s3_fixture import KEY_ID, SECRET, loopback_bucket  # noqa: E402
-
 from raydino.config import build_config, load_config  # noqa: E402
 from raydino.data.synth import synthetic_shards  # noqa: E402
 from raydino.pretrain import main  # noqa: E402
+
+from helpers.s3 import KEY_ID, SECRET  # noqa: E402
 
 BUCKET = "raydino-cli"
 
@@ -28,12 +28,6 @@ BUCKET = "raydino-cli"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     return synthetic_shards(96, 64, seed=5, cache_root=str(tmp_path_factory.mktemp("synth")), workers=1, progress=False)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with loopback_bucket(BUCKET) as server:
-        yield server
 
 
 def fails_before_training(argv: list[str], capsys) -> str:
@@ -53,15 +47,24 @@ def test_help_explains_every_option(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--config", "--set", "--data", "--storage", "--workers", "--gpus-per-worker", "--name", "--resume",
-                   "--no-probe", "--print-config"):
+    for option in (
+        "--config",
+        "--set",
+        "--data",
+        "--storage",
+        "--workers",
+        "--gpus-per-worker",
+        "--name",
+        "--resume",
+        "--no-probe",
+        "--print-config",
+    ):
         assert option in out
     assert "smoke" in out and "s3://" in out and "exit status" in out
 
 
 def test_print_config_applies_flags_and_overrides(capsys):
-    argv = ["--config", "smoke", "--set", "train.epochs=3", "--workers", "3", "--gpus-per-worker", "0.5",
-            "--name", "x1", "--print-config"]
+    argv = ["--config", "smoke", "--set", "train.epochs=3", "--workers", "3", "--gpus-per-worker", "0.5", "--name", "x1", "--print-config"]
     assert main(argv) == 0
     printed = build_config(yaml.safe_load(capsys.readouterr().out))
     assert printed == load_config("smoke", ["train.epochs=3", "run.workers=3", "run.gpus_per_worker=0.5", "run.name=x1"])
@@ -79,15 +82,26 @@ def test_local_data_without_shards(case, tmp_path, capsys):
     if case == "no_manifest":
         data.mkdir()
         (data / "image.jpg").write_bytes(b"not shards")
-    err = fails_before_training(["--config", "smoke", "--data", str(data), "--storage", str(tmp_path / "runs"),
-                                 "--name", "d"], capsys)
+    err = fails_before_training(["--config", "smoke", "--data", str(data), "--storage", str(tmp_path / "runs"), "--name", "d"], capsys)
     assert f"data.uri='{data}'" in err and "manifest.json" in err and "python -m raydino.shard" in err
     assert not (tmp_path / "runs" / "d" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_s3_data_without_manifest(s3, tmp_path, capsys):
-    err = fails_before_training(["--config", "smoke", "--data", f"s3://{BUCKET}/nothing-here", "--storage",
-                                 str(tmp_path / "runs"), "--set", f"data.s3_endpoint={s3.endpoint}"], capsys)
+    err = fails_before_training(
+        [
+            "--config",
+            "smoke",
+            "--data",
+            f"s3://{BUCKET}/nothing-here",
+            "--storage",
+            str(tmp_path / "runs"),
+            "--set",
+            f"data.s3_endpoint={s3.endpoint}",
+        ],
+        capsys,
+    )
     assert f"s3://{BUCKET}/nothing-here" in err and "manifest.json" in err
     assert SECRET not in err and KEY_ID not in err
 
@@ -107,19 +121,22 @@ def test_local_storage_not_writable(case, shards, tmp_path, capsys):
     assert "run.storage" in err and "not writable" in err and str(storage) in err
 
 
+@pytest.mark.slow
 def test_s3_storage_bucket_missing(s3, shards, capsys):
-    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", "s3://no-such-bucket-x/runs",
-                                 "--set", f"data.s3_endpoint={s3.endpoint}", "--name", "b"], capsys)
+    err = fails_before_training(
+        ["--config", "smoke", "--data", shards, "--storage", "s3://no-such-bucket-x/runs", "--set", f"data.s3_endpoint={s3.endpoint}", "--name", "b"],
+        capsys,
+    )
     assert "s3://no-such-bucket-x/runs" in err and "not writable" in err and "bucket exist" in err
     assert SECRET not in err and KEY_ID not in err
 
 
 def test_resume_needs_an_existing_run(shards, tmp_path, capsys):
-    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"),
-                                 "--resume"], capsys)
+    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--resume"], capsys)
     assert "--resume" in err and "no runs" in err
-    err = fails_before_training(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"),
-                                 "--resume", "--name", "never-ran"], capsys)
+    err = fails_before_training(
+        ["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--resume", "--name", "never-ran"], capsys
+    )
     assert "no run named 'never-ran'" in err
 
 
@@ -128,25 +145,67 @@ def test_resume_needs_an_existing_run(shards, tmp_path, capsys):
 def test_more_workers_than_this_machine_can_host(shards, tmp_path):
     """64 workers on a local Ray (capped at 2× the cores): refused once Ray is up, instead of waiting forever."""
     done = subprocess.run(
-        [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--data", shards, "--storage",
-         str(tmp_path / "runs"), "--name", "many", "--workers", "64", "--set", "train.batch_size=1", "--no-probe"],
-        capture_output=True, text=True, timeout=170, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        [
+            sys.executable,
+            "-m",
+            "raydino.pretrain",
+            "--config",
+            "smoke",
+            "--data",
+            shards,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "many",
+            "--workers",
+            "64",
+            "--set",
+            "train.batch_size=1",
+            "--no-probe",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "run.workers=64" in done.stderr and "room for" in done.stderr and "Lower --workers" in done.stderr
     assert not (tmp_path / "runs" / "many" / "workers").exists()
 
 
+@pytest.mark.slow
 def test_with_an_autoscaler_a_run_that_never_fits_gives_up_after_max_node_wait(shards, tmp_path):
     """An autoscaled cluster (assumed here) may add nodes, so nothing is refused up front; but a request no
     node will ever satisfy must not wait forever: after run.max_node_wait_s the run ends with a clear error."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAYDINO_ASSUME_AUTOSCALER="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3")
     done = subprocess.run(
-        [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--data", shards, "--storage",
-         str(tmp_path / "runs"), "--name", "wait", "--workers", "64", "--set", "train.batch_size=1",
-         "--set", "run.max_node_wait_s=6", "--no-probe"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "raydino.pretrain",
+            "--config",
+            "smoke",
+            "--data",
+            shards,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "wait",
+            "--workers",
+            "64",
+            "--set",
+            "train.batch_size=1",
+            "--set",
+            "run.max_node_wait_s=6",
+            "--no-probe",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env=env,
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert "the training workers never started" in done.stderr and "run.max_node_wait_s=6.0" in done.stderr
@@ -159,23 +218,24 @@ def kuberay_v2_cluster_config():
     from ray.core.generated import autoscaler_pb2
 
     config = autoscaler_pb2.ClusterConfig()
-    for name, resources, max_count in (("headgroup", {"CPU": 0}, 1),
-                                       ("gpu-train", {"CPU": 90, "GPU": 8}, 4),
-                                       ("cpu-data", {"CPU": 30}, 8)):
+    for name, resources, max_count in (("headgroup", {"CPU": 0}, 1), ("gpu-train", {"CPU": 90, "GPU": 8}, 4), ("cpu-data", {"CPU": 30}, 8)):
         group = config.node_group_configs.add(name=name, max_count=max_count)
         for k, v in resources.items():
             group.resources[k] = int(v)
     return config
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["run.workers=32", "run.gpus_per_worker=1", "run.cpus_per_worker=8"], None),  # the paper's 4 nodes x 8 GPUs
-    (["run.workers=33", "run.gpus_per_worker=1", "run.cpus_per_worker=8"], "hold at most 32"),
-    (["run.workers=2", "run.gpus_per_worker=16"], "no node type the autoscaler can launch fits one worker of 8 CPU and 16 GPU"),
-    (["run.workers=8", "run.cpus_per_worker=100"], "fits one worker of 100 CPU"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.workers=32", "run.gpus_per_worker=1", "run.cpus_per_worker=8"], None),  # the paper's 4 nodes x 8 GPUs
+        (["run.workers=33", "run.gpus_per_worker=1", "run.cpus_per_worker=8"], "hold at most 32"),
+        (["run.workers=2", "run.gpus_per_worker=16"], "no node type the autoscaler can launch fits one worker of 8 CPU and 16 GPU"),
+        (["run.workers=8", "run.cpus_per_worker=100"], "fits one worker of 100 CPU"),
+    ],
+)
 def test_autoscaled_cluster_that_can_never_fit_is_refused(overrides, message):
-    from raydino.pretrain import autoscaled_fit_problems, node_groups_of
+    from raydino.distributed.capacity import autoscaled_fit_problems, node_groups_of
 
     groups = node_groups_of(kuberay_v2_cluster_config())
     assert [g[0] for g in groups] == ["headgroup", "gpu-train", "cpu-data"] and groups[1][1] == {"CPU": 90.0, "GPU": 8.0}

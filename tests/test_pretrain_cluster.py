@@ -16,104 +16,29 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("moto.server")
-from s3_fixture import KEY_ID, SECRET, loopback_bucket  # noqa: E402
-
 from raydino.data.synth import synthetic_shards  # noqa: E402
 from raydino.pretrain import main  # noqa: E402
+
+from helpers.ray_cluster import VENV_BIN, RayHead  # noqa: E402
+from helpers.s3 import KEY_ID, SECRET  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 BUCKET = "raydino-pretrain"
 PLANNED_STEPS = 8  # smoke: 67 training rows // (2 workers × batch 8) = 4 steps/epoch × 2 epochs
 CKPT = re.compile(r"checkpoint_(\d{8})$")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RayHead:
-    """`ray start --head --block` in its own process group, temp dir and ports; stop() ends exactly it."""
-
-    def __init__(self, num_cpus: int, env: dict[str, str]) -> None:
-        # A short temp dir: Ray's unix socket paths must stay under ~100 characters.
-        self.temp_dir = tempfile.mkdtemp(prefix="rdh-", dir="/tmp")
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        # RAY_ADDRESS in the node's environment: Ray Train's placement-group cleaner looks the cluster up by
-        # "auto", which fails when several Ray instances run on one machine (as here, other tests' too).
-        self.env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}",
-                    "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-               f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-               f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
-        self.log = Path(self.temp_dir, "head.log")
-        self.proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=self.log.open("w"),
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2).read()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = self.log.read_text()[-3000:]
-                    self.stop()
-                    raise RuntimeError(f"ray start --head failed:\n{log}")
-                time.sleep(0.5)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def stop(self) -> None:
-        """SIGTERM the head's process group, SIGKILL what is left after a few seconds (never `ray stop`:
-        that would stop every Ray on the machine)."""
-        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(self.proc.pid):
-                self.proc.poll()  # reap the leader
-                time.sleep(0.2)
-        self.proc.poll()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
-    return any(not s.startswith("Z") for s in out)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with loopback_bucket(BUCKET) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +46,7 @@ def head(s3):
     """The head inherits the dummy AWS credentials: its nodes' credential chain, as an instance role would be."""
     import ray
 
-    try:
-        node = RayHead(num_cpus=4, env=dict(os.environ))
-    except RuntimeError:  # e.g. a free port taken by another process meanwhile: once more, new ports
-        node = RayHead(num_cpus=4, env=dict(os.environ))
+    node = RayHead.start(["--num-cpus=4"], dict(os.environ))
     try:
         ray.init(address=node.address, log_to_driver=True)
         yield node
@@ -139,14 +61,27 @@ def shards(tmp_path_factory) -> str:
 
 
 def driver_env(head: RayHead, **extra: str) -> dict[str, str]:
-    return {**head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1", **extra}
+    return head.driver_env(PYTHONUNBUFFERED="1", **extra)
 
 
 def pretrain_cmd(shards: str, storage: str, name: str, *flags: str) -> list[str]:
     """`python -m raydino.pretrain` as its own driver process, as users run it (never this test's
     process: a driver of its own per run keeps each test's Ray job separate)."""
-    return [sys.executable, "-m", "raydino.pretrain", "--config", "smoke", "--data", shards, "--storage", storage,
-            "--name", name, "--no-probe", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "raydino.pretrain",
+        "--config",
+        "smoke",
+        "--data",
+        shards,
+        "--storage",
+        storage,
+        "--name",
+        name,
+        "--no-probe",
+        *flags,
+    ]
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -171,9 +106,30 @@ def _load_ckpt(path: Path) -> dict:
 @pytest.mark.timeout(300)
 def test_job_submission_trains_and_checkpoints(head, shards, tmp_path):
     storage = tmp_path / "runs"
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
-           "python", "-m", "raydino.pretrain", "--config", "smoke", "--set", "train.epochs=1", "--data", shards,
-           "--storage", str(storage), "--name", "job1", "--no-probe"]
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head.dashboard,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "-m",
+        "raydino.pretrain",
+        "--config",
+        "smoke",
+        "--set",
+        "train.epochs=1",
+        "--data",
+        shards,
+        "--storage",
+        str(storage),
+        "--name",
+        "job1",
+        "--no-probe",
+    ]
     done = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=280)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
@@ -184,8 +140,7 @@ def test_job_submission_trains_and_checkpoints(head, shards, tmp_path):
     # Each progress line once (Ray Train's print patch used to echo every line twice).
     assert out.count("[raydino] finished 4 steps") == 1
     # The working dir went up without the gitignored virtualenv.
-    packages = {p.resolve() for p in Path(head.temp_dir).glob("session_*/runtime_resources/working_dir_files/*")
-                if p.is_dir()}
+    packages = {p.resolve() for p in Path(head.temp_dir).glob("session_*/runtime_resources/working_dir_files/*") if p.is_dir()}
     assert packages and all((p / "raydino" / "pretrain.py").exists() for p in packages)
     assert not any((p / ".venv").exists() for p in packages)
 
@@ -214,8 +169,9 @@ def test_killed_worker_is_replaced_and_run_completes(head, shards, tmp_path):
     killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
     killer.start()
     try:
-        done = subprocess.run(pretrain_cmd(shards, str(tmp_path / "runs"), "fault"), env=driver_env(head),
-                              capture_output=True, text=True, timeout=280, cwd=tmp_path)
+        done = subprocess.run(
+            pretrain_cmd(shards, str(tmp_path / "runs"), "fault"), env=driver_env(head), capture_output=True, text=True, timeout=280, cwd=tmp_path
+        )
     finally:
         stop.set()
         killer.join()
@@ -277,8 +233,9 @@ def test_s3_run_interrupted_then_resumed_by_the_same_command(head, s3, shards, t
     (tmp_path / "state.pt").write_bytes(state)
     assert torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=False)["step"] == PLANNED_STEPS
     assert {f"{prefix}logs/metrics.jsonl", f"{prefix}logs/loss.png", f"{prefix}summary.json"} <= set(keys)
-    metrics = [json.loads(line) for line in s3.client().get_object(
-        Bucket=BUCKET, Key=f"{prefix}logs/metrics.jsonl")["Body"].read().decode().splitlines()]
+    metrics = [
+        json.loads(line) for line in s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}logs/metrics.jsonl")["Body"].read().decode().splitlines()
+    ]
     logged_steps = [m["step"] for m in metrics]
     assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == PLANNED_STEPS  # no step twice
     stored = b"".join(s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys if not k.endswith(".pt"))
@@ -310,9 +267,23 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(head, sh
     watcher.start()
     try:
         done = subprocess.run(
-            pretrain_cmd(shards, str(tmp_path / "runs"), "nan", "--set", "loss.teacher_temp=1e-50",
-                         "--set", "loss.warmup_teacher_temp_epochs=1", "--set", "train.checkpoint_every=100"),
-            env=driver_env(head), capture_output=True, text=True, timeout=280, cwd=tmp_path)
+            pretrain_cmd(
+                shards,
+                str(tmp_path / "runs"),
+                "nan",
+                "--set",
+                "loss.teacher_temp=1e-50",
+                "--set",
+                "loss.warmup_teacher_temp_epochs=1",
+                "--set",
+                "train.checkpoint_every=100",
+            ),
+            env=driver_env(head),
+            capture_output=True,
+            text=True,
+            timeout=280,
+            cwd=tmp_path,
+        )
     finally:
         stop.set()
         watcher.join()
@@ -330,15 +301,17 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(head, sh
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("flags, message", [
-    (["--workers", "5"], "run.workers=5 "),
-    (["--gpus-per-worker", "1"], "1 GPU each cannot fit"),
-    (["--set", "data.node_labels={raydino/role: cpu-data}"], "no node carries these labels"),
-    (["--set", "run.cpus_per_worker=2"], "no CPU left for the data pipeline"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--workers", "5"], "run.workers=5 "),
+        (["--gpus-per-worker", "1"], "1 GPU each cannot fit"),
+        (["--set", "data.node_labels={raydino/role: cpu-data}"], "no node carries these labels"),
+        (["--set", "run.cpus_per_worker=2"], "no CPU left for the data pipeline"),
+    ],
+)
 def test_impossible_resources_fail_before_training(head, shards, tmp_path, capsys, flags, message):
-    code = main(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "big",
-                 "--no-probe", *flags])
+    code = main(["--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "big", "--no-probe", *flags])
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "no autoscaler" in err

@@ -14,27 +14,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 
-from raydino.checkpoint import checkpoint_config, load_checkpoint, restore_state
 from raydino.config import load_config
+from raydino.core.checkpoint import checkpoint_config, load_checkpoint, restore_state
+from raydino.core.step import build_train_state
 from raydino.data.synth import synthetic_shards
-from raydino.engine import build_train_state
+from raydino.distributed.cluster import free_port
 from raydino.pretrain import run
 
 pytestmark = pytest.mark.slow
 
 DATA_LABELS = {"raydino/role": "cpu-data"}
 PLANNED_STEPS = 8  # smoke: 67 training rows // (2 workers × batch 8) = 4 steps/epoch × 2 epochs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +41,16 @@ def cluster():
     # instances run on one machine; nodes started from here inherit this address instead.
     saved = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port()})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "gcs_server_port": gcs_port,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+        },
+    )
     try:
         c.add_node(num_cpus=1)
         data_node = c.add_node(num_cpus=1, labels=DATA_LABELS)
@@ -75,9 +76,18 @@ def test_two_training_nodes_and_a_labelled_data_node(cluster, shards, tmp_path):
     from ray.util.state import list_tasks
 
     c, data_node_id = cluster
-    cfg = load_config("smoke", [f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", "run.name=multi",
-                                "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4",
-                                "run.cpus_per_worker=0.6", "train.threads=1"])
+    cfg = load_config(
+        "smoke",
+        [
+            f"data.uri={shards}",
+            f"run.storage={tmp_path / 'runs'}",
+            "run.name=multi",
+            "data.node_labels={raydino/role: cpu-data}",
+            "data.augment_cpus=0.4",
+            "run.cpus_per_worker=0.6",
+            "train.threads=1",
+        ],
+    )
     summary = run(cfg, "smoke", probe=False)
     run_dir = tmp_path / "runs" / "multi"
 
@@ -88,8 +98,9 @@ def test_two_training_nodes_and_a_labelled_data_node(cluster, shards, tmp_path):
     assert all(w["start_step"] == 0 and w["end_step"] == PLANNED_STEPS for w in workers)
 
     # Every data task (Parquet reads, augmentation) ran on the labelled node.
-    tasks = list_tasks(address=c.webui_url if c.webui_url.startswith("http") else f"http://{c.webui_url}",
-                       detail=True, limit=10000, raise_on_missing_output=False)
+    tasks = list_tasks(
+        address=c.webui_url if c.webui_url.startswith("http") else f"http://{c.webui_url}", detail=True, limit=10000, raise_on_missing_output=False
+    )
     augment = [t for t in tasks if "augment_batch" in t.name]
     data_tasks = [t for t in tasks if any(k in t.name for k in ("augment_batch", "ReadParquet"))]
     assert augment and {t.node_id for t in data_tasks if t.node_id} == {data_node_id}

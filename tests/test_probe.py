@@ -1,5 +1,5 @@
-"""raydino.probe and the modules split from it: metrics against scikit-learn, the paper's sensitivity,
-probes, features, cache, labelled-data checks, checkpoints, and the re-exports that keep old imports working."""
+"""Frozen-backbone evaluation (raydino.eval, raydino.data.labelled): metrics against scikit-learn, the paper's
+sensitivity, probes, features, cache, labelled-data checks, checkpoints, and one home per name (no re-export facades)."""
 
 from __future__ import annotations
 
@@ -11,31 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from sklearn.metrics import average_precision_score, cohen_kappa_score, f1_score, roc_auc_score
 from torch import nn
 from torchvision.transforms import v2
-from sklearn.metrics import average_precision_score, cohen_kappa_score, f1_score, roc_auc_score
 
-from raydino import backbones, metrics, probe
 from raydino.config import ConfigError, ProbeConfig, load_config
 from raydino.data import labelled
+from raydino.eval import backbones, features, metrics
+from raydino.eval import probes as probe
 
-COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
-
-
-def make_tree(root: Path, per_split=(8, 4, 4), n_classes=3, size=40, seed=0, skip=()) -> Path:
-    """A tiny RETFound tree: a coloured disc on a dark background; the colour is the class."""
-    rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val", "test"), per_split):
-        for c in range(n_classes):
-            d = root / split / f"grade{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(0 if (split, c) in skip else n):
-                im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 40, 3)))
-                r = size * rng.uniform(0.25, 0.4)
-                cx, cy = size / 2 + rng.uniform(-3, 3, 2)
-                ImageDraw.Draw(im).ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[c])
-                im.save(d / f"{i}.png")
-    return root
+from helpers.images import make_tree, write_tree
 
 
 def probs(rng, n, c):
@@ -118,8 +103,11 @@ def test_kappa_is_quadratic_only_for_ordinal_tasks():
     y = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
     near, far = y.copy(), y.copy()
     near[0], far[0] = 1, 4
-    k = {(name, o): metrics.compute_metrics(y, np.eye(5)[pred], 5, ordinal=o)["kappa"]
-         for name, pred in (("near", near), ("far", far)) for o in (False, True)}
+    k = {
+        (name, o): metrics.compute_metrics(y, np.eye(5)[pred], 5, ordinal=o)["kappa"]
+        for name, pred in (("near", near), ("far", far))
+        for o in (False, True)
+    }
     assert k[("near", False)] == pytest.approx(k[("far", False)])
     assert k[("near", True)] > k[("far", True)]
     # which tasks are ordinal: the catalog, RETFound folder names, or the caller; else nominal
@@ -190,7 +178,7 @@ def test_vit_features_are_the_normed_cls_of_the_last_four_blocks():
     vit = backbones.new_backbone("vit_tiny_patch16_224", 32).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        f = probe.backbone_features(vit, x)
+        f = features.backbone_features(vit, x)
         h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
         cls = []
         for i, blk in enumerate(vit.blocks):
@@ -207,8 +195,8 @@ def test_cnn_features_are_the_global_pool():
     cnn = backbones.new_backbone("resnet18").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(probe.backbone_features(cnn, x), cnn(x))
-    assert probe.backbone_features(cnn, x).shape == (2, 512)
+        torch.testing.assert_close(features.backbone_features(cnn, x), cnn(x))
+    assert features.backbone_features(cnn, x).shape == (2, 512)
 
 
 def test_the_eval_view_is_resize_then_centre_crop():
@@ -222,13 +210,14 @@ def test_the_eval_view_is_resize_then_centre_crop():
 
 def test_feature_cache_key_holds_device_and_dtype(tmp_path):
     data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(2, 1, 1)))
-    keys = {(d, t): probe.FeatureCache.key("fp", data, 32, 0.875, device_type=d, dtype=t)
-            for d in ("cpu", "cuda") for t in probe.FEATURE_DTYPES}
+    keys = {
+        (d, t): features.FeatureCache.key("fp", data, 32, 0.875, device_type=d, dtype=t) for d in ("cpu", "cuda") for t in features.FEATURE_DTYPES
+    }
     assert len(set(keys.values())) == 4
     vit = backbones.new_backbone("vit_tiny_patch16_224", 32)
     lines: list[str] = []
-    fp32 = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
-    bf16 = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append, dtype="bf16")
+    fp32 = features.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    bf16 = features.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append, dtype="bf16")
     assert not any("from cache" in s for s in lines)  # bf16 never reads the fp32 features
     assert fp32["test"].dtype == bf16["test"].dtype == np.float32
     assert not np.array_equal(fp32["test"], bf16["test"])
@@ -240,18 +229,18 @@ def test_features_are_cached_per_weights(tmp_path):
     vit = backbones.new_backbone("vit_tiny_patch16_224", 32)
     vit.train()
     lines: list[str] = []
-    first = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    first = features.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
     assert vit.training  # the caller's mode is restored
     assert not any("from cache" in s for s in lines)
     lines.clear()
-    again = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    again = features.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
     assert sum("from cache" in s for s in lines) == 3
     for s in labelled.SPLITS:
         np.testing.assert_array_equal(first[s], again[s])
     with torch.no_grad():
         vit.blocks[-1].mlp.fc2.bias.add_(1.0)
     lines.clear()
-    changed = probe.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    changed = features.split_features(vit, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
     assert not any("from cache" in s for s in lines)
     assert not np.allclose(changed["test"], first["test"])
 
@@ -261,15 +250,15 @@ def test_cnn_with_batchnorm_features_are_cached_too(tmp_path):
     data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(3, 2, 2)))
     cnn = backbones.new_backbone("resnet18", 32)
     assert any(v.dim() == 0 for v in cnn.state_dict().values())
-    key = probe.backbone_fingerprint(cnn)
+    key = features.backbone_fingerprint(cnn)
     lines: list[str] = []
-    first = probe.split_features(cnn, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
-    again = probe.split_features(cnn, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    first = features.split_features(cnn, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
+    again = features.split_features(cnn, data, 32, cache_dir=tmp_path / "cache", progress=lines.append)
     assert sum("from cache" in s for s in lines) == 3
     np.testing.assert_array_equal(first["test"], again["test"])
     with torch.no_grad():
         cnn.bn1.num_batches_tracked.add_(1)
-    assert probe.backbone_fingerprint(cnn) != key
+    assert features.backbone_fingerprint(cnn) != key
 
 
 # ---------------------------------------------------------------- probes on images
@@ -286,7 +275,7 @@ def test_probe_backbone_all_kinds_on_a_tree(tmp_path):
         for kind in ("fast", "knn", "paper")
     }
     assert torch.equal(before, torch.get_rng_state())  # the paper probe forks the RNG
-    for kind, r in results.items():
+    for r in results.values():
         assert r["feature_dim"] == 4 * 192
         assert 0.0 <= r["mean"]["auroc"] <= 1.0
         assert set(r["ci95"]) == set(metrics.METRICS)
@@ -307,8 +296,7 @@ def test_probe_backbone_all_kinds_on_a_tree(tmp_path):
 def test_paper_probe_learns_and_seeds_differ(tmp_path):
     data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(6, 3, 3)))
     cnn = backbones.new_backbone("resnet18")
-    r = probe.probe_backbone(cnn, data, "paper", [0, 1], image_size=48, n_bootstrap=0, epochs=3, lr=1.0,
-                             train_batch_size=64, progress=None)
+    r = probe.probe_backbone(cnn, data, "paper", [0, 1], image_size=48, n_bootstrap=0, epochs=3, lr=1.0, train_batch_size=64, progress=None)
     losses = [h["loss"] for h in r["per_seed"][0]["history"]]
     assert losses[-1] < losses[0]
     assert r["per_seed"][0]["history"] != r["per_seed"][1]["history"]
@@ -321,8 +309,7 @@ def test_paper_probe_defaults_are_the_authors_protocol():
     # eval.sh: --batch_size_per_gpu 16 --epochs 50 --seed 0..4; eval_finetune.py: --lr 0.001 (per 256),
     # SGD momentum 0.9, weight_decay 0, N(0, 0.01) init, RandomResizedCrop(224) defaults, no flip.
     proto = probe.PAPER
-    assert (proto.epochs, proto.lr, proto.batch_size, proto.momentum, proto.weight_decay, proto.init_std) == (
-        50, 0.001, 16, 0.9, 0.0, 0.01)
+    assert (proto.epochs, proto.lr, proto.batch_size, proto.momentum, proto.weight_decay, proto.init_std) == (50, 0.001, 16, 0.9, 0.0, 0.01)
     assert proto.sgd_lr == pytest.approx(0.001 * 16 / 256)
     assert (proto.crop_scale, proto.interpolation, proto.flip) == ((0.08, 1.0), "bilinear", False)
     assert proto.crop_ratio == pytest.approx((3 / 4, 4 / 3))
@@ -330,13 +317,19 @@ def test_paper_probe_defaults_are_the_authors_protocol():
     assert probe.default_seeds("fast") == probe.default_seeds("knn") == [0]
     cfg = ProbeConfig()
     assert (cfg.epochs, cfg.lr, cfg.train_batch_size, cfg.train_crop_scale, cfg.train_interpolation, cfg.train_flip) == (
-        proto.epochs, proto.lr, proto.batch_size, proto.crop_scale, proto.interpolation, proto.flip)
+        proto.epochs,
+        proto.lr,
+        proto.batch_size,
+        proto.crop_scale,
+        proto.interpolation,
+        proto.flip,
+    )
     assert cfg.seeds is None and cfg.feature_dtype == "fp32" and cfg.batch_size == 64  # extraction batch apart
     import inspect
 
     defaults = {k: v.default for k, v in inspect.signature(probe.probe_backbone).parameters.items()}
     assert {k: defaults[k] for k in cfg.probe_kwargs()} == cfg.probe_kwargs()
-    crop = probe.train_crops(224)
+    crop = features.train_crops(224, proto.crop_scale, proto.interpolation, proto.flip, proto.crop_ratio)
     steps = crop.transforms
     assert len(steps) == 1 and isinstance(steps[0], v2.RandomResizedCrop)  # no flip
     assert steps[0].interpolation == v2.InterpolationMode.BILINEAR and tuple(steps[0].scale) == (0.08, 1.0)
@@ -365,12 +358,7 @@ def _unnormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _big_images(root: Path, draw, n: int = 3, size: int = 512) -> labelled.LabelledData:
-    for split in labelled.SPLITS:
-        for c in range(2):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                draw(size).save(d / f"{i}.png")
+    write_tree(root, {split: {f"class{c}": n for c in range(2)} for split in labelled.SPLITS}, lambda *_: draw(size))
     return labelled.load_labelled(root)
 
 
@@ -378,8 +366,7 @@ def _paper_with_recorder(data, image_size: int, **protocol) -> Recorder:
     rec = Recorder()
     labels = {s: data.splits[s].labels for s in labelled.SPLITS}
     feats = {s: np.zeros((len(data.splits[s]), 3), np.float32) for s in ("val", "test")}
-    probe.paper_probe(rec, data.splits["train"], feats, labels, 2, 0, image_size,
-                      probe.PaperProtocol(epochs=2, **protocol), progress=None)
+    probe.paper_probe(rec, data.splits["train"], feats, labels, 2, 0, image_size, probe.PaperProtocol(epochs=2, **protocol), progress=None)
     return rec
 
 
@@ -431,20 +418,19 @@ def test_the_best_validation_epoch_is_the_one_tested(tmp_path, monkeypatch):
     """Test = val here, so the test scores must be the best epoch's val scores, not the last epoch's."""
     data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(8, 4, 4), n_classes=2))
     rec = Recorder()
-    feats = probe.split_features(rec, data, 32, progress=None)
+    feats = features.split_features(rec, data, 32, progress=None)
     feats["test"] = feats["val"]
     labels = {s: data.splits[s].labels for s in labelled.SPLITS}
     labels["test"] = labels["val"]
     scored: list[np.ndarray] = []
-    real = probe.compute_metrics
+    real = metrics.compute_metrics
 
     def spy(y, scores, n, ordinal=False):
         scored.append(np.array(scores))
         return real(y, scores, n, ordinal)
 
     monkeypatch.setattr(probe, "compute_metrics", spy)
-    run = probe.paper_probe(rec, data.splits["train"], feats, labels, 2, 0, 32,
-                            probe.PaperProtocol(epochs=4, lr=16.0), progress=None)
+    run = probe.paper_probe(rec, data.splits["train"], feats, labels, 2, 0, 32, probe.PaperProtocol(epochs=4, lr=16.0), progress=None)
     val_auroc = [h["val_auroc"] for h in run.history]
     best = run.selected["best_epoch"]
     assert best == int(np.argmax(val_auroc))  # the first of equal maxima: a later tie does not replace it
@@ -517,8 +503,8 @@ def test_labelled_shards_read_like_the_tree(tmp_path):
 
 
 def _save_ckpt(directory: Path, step: int, overrides=()):
-    from raydino.checkpoint import save_checkpoint
-    from raydino.engine import build_train_state
+    from raydino.core.checkpoint import save_checkpoint
+    from raydino.core.step import build_train_state
 
     state = build_train_state(load_config("smoke", list(overrides)), steps_per_epoch=2)
     state.step = step
@@ -544,39 +530,84 @@ def test_checkpoint_of_another_architecture(tmp_path):
         backbones.load_teacher_backbone("random", arch="vit_tinyy_patch16_224")
 
 
-# ---------------------------------------------------------------- the split modules
+# ---------------------------------------------------------------- one home per name
 
 
-# Every public name raydino.probe offered before metrics, labelled data and backbone loading moved
-# out of it: other modules (pretrain, tune) and users import them from raydino.probe.
-PROBE_NAMES_BEFORE_SPLIT = """
-    C_GRID CROP_PCT DataError FEATURE_VERSION FeatureCache IMAGE_SUFFIXES LabelledData LabelledSplit
-    LoadedBackbone METRICS N_LAST_BLOCKS Progress SPLITS SeedRun backbone_features backbone_fingerprint
-    bootstrap_intervals check_labelled compute_metrics decode_image decode_split decode_train_images
-    eval_transform extract_features fast_probe fetch_checkpoint find_latest_checkpoint frozen knn_auroc
-    knn_probe knn_scores load_labelled load_retfound_tree load_shard_data load_teacher_backbone mean_metrics
-    new_backbone paper_probe parse_seeds probe_backbone resolve_device selection_auroc split_features train_crops
-""".split()
+RAYDINO = Path(__file__).resolve().parents[1] / "raydino"
+
+# Where each name that raydino.eval.probes once re-exported is defined now; importers use these homes.
+HOMES = {
+    "eval/features.py": "FEATURE_DTYPES FEATURE_VERSION FeatureCache N_LAST_BLOCKS TrainViews backbone_features "
+    "backbone_fingerprint decode_train_images extract_features feature_precision frozen split_features train_crops",
+    "eval/probes.py": "C_GRID PAPER PaperProtocol SeedRun default_seeds fast_probe knn_auroc knn_probe knn_scores paper_probe "
+    "parse_seeds probe_backbone",
+    "eval/metrics.py": "METRICS Progress bootstrap_intervals compute_metrics mean_metrics selection_auroc",
+    "data/labelled.py": "CROP_PCT DataError IMAGE_SUFFIXES LabelledData LabelledSplit SPLITS check_labelled decode_image "
+    "decode_split eval_transform load_labelled load_retfound_tree load_shard_data",
+    "eval/backbones.py": "LoadedBackbone fetch_checkpoint find_latest_checkpoint load_teacher_backbone new_backbone resolve_device",
+}
 
 
-def test_probe_still_offers_every_name_it_had():
-    assert set(PROBE_NAMES_BEFORE_SPLIT) <= set(probe.__all__)
-    namespace: dict = {}
-    exec("from raydino.probe import *", namespace)
-    assert set(PROBE_NAMES_BEFORE_SPLIT) <= set(namespace)
-    # a moved name is the very object of its new home, not a copy that could drift
-    for home in (metrics, labelled, backbones):
-        for name in PROBE_NAMES_BEFORE_SPLIT:
-            if hasattr(home, name):
-                assert getattr(probe, name) is getattr(home, name), (home.__name__, name)
-    assert probe.compute_metrics is metrics.compute_metrics and probe.DataError is labelled.DataError
+def _module_level(path: Path) -> tuple[set[str], list[str], set[str]]:
+    """(names a module defines at top level, modules it star-imports, names its `__all__` lists)."""
+    import ast
+
+    defined: set[str] = set()
+    stars: list[str] = []
+    exported: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {t.id for t in targets if isinstance(t, ast.Name)}
+            defined |= names - {"__all__"}
+            if "__all__" in names and node.value is not None:
+                exported |= {e.value for e in getattr(node.value, "elts", []) if isinstance(e, ast.Constant)}
+        elif isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+            stars.append(node.module or ".")
+    return defined, stars, exported
+
+
+@pytest.mark.parametrize("path", sorted(RAYDINO.rglob("*.py")), ids=lambda p: str(p.relative_to(RAYDINO)))
+def test_no_module_re_exports_another_modules_names(path):
+    # A facade (an `__all__` naming imported names, a lazy `__getattr__` serving them, a star import)
+    # gives a name two homes; importers must use the module that defines it.
+    defined, stars, exported = _module_level(path)
+    assert not stars, f"{path.name}: `from {stars[0]} import *` re-exports another module's names"
+    assert exported <= defined, f"{path.name}: __all__ lists {sorted(exported - defined)}, which are defined elsewhere: import them from there"
+
+
+def test_the_names_probes_once_re_exported_are_defined_in_their_homes():
+    for home, names in HOMES.items():
+        defined, _, _ = _module_level(RAYDINO / home)
+        assert set(names.split()) <= defined, (home, sorted(set(names.split()) - defined))
+
+
+def test_every_import_of_a_raydino_name_names_the_module_that_defines_it():
+    import ast
+
+    repo = RAYDINO.parent
+    wrong = []
+    for path in sorted([*RAYDINO.rglob("*.py"), *(repo / "tests").rglob("*.py"), *(repo / "tools").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "raydino"):
+                continue
+            base = repo / node.module.replace(".", "/")
+            source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+            defined, _, _ = _module_level(source)
+            for alias in node.names:
+                submodule = (base / alias.name).is_dir() or (base / f"{alias.name}.py").is_file()
+                if not submodule and alias.name not in defined:
+                    wrong.append(f"{path.relative_to(repo)}:{node.lineno} from {node.module} import {alias.name}")
+    assert not wrong, "imported from a module that does not define them:\n" + "\n".join(wrong)
 
 
 def test_split_modules_import_alone_and_stay_on_their_side_of_the_ray_line():
     code = (
-        "import sys, raydino.metrics\n"
-        "assert 'torch' not in sys.modules, 'raydino.metrics is numpy/sklearn only'\n"
-        "import raydino.data.labelled, raydino.backbones, raydino.probe\n"
+        "import sys, raydino.eval.metrics\n"
+        "assert 'torch' not in sys.modules, 'raydino.eval.metrics is numpy/sklearn only'\n"
+        "import raydino.data.labelled, raydino.eval.backbones, raydino.eval.features, raydino.eval.probes\n"
         "assert 'ray' not in sys.modules, 'a component imported ray'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

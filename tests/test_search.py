@@ -12,8 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from raydino import search
 from raydino.config import ConfigError, load_config
+from raydino.eval.metrics import METRICS
+from raydino.search.report import (
+    HEATMAP_KEYS,
+    best_config_yaml,
+    paper_report,
+    plot_auroc_vs_params,
+    plot_scale_heatmap,
+    preset_table_markdown,
+    summary_markdown,
+)
+from raydino.search.results import best_row, history_table, paired_test, preset_table, results_table, table_bytes, trial_status
+from raydino.search.spec import check_space, load_spec, parse_spec, trial_config
 
 TUNING = Path(__file__).resolve().parents[1] / "tuning"
 
@@ -28,22 +39,22 @@ MINIMAL = {
 def spec_with(**changes):
     data = json.loads(json.dumps(MINIMAL))
     data.update(changes)
-    return search.parse_spec(data)
+    return parse_spec(data)
 
 
 @pytest.mark.parametrize("name", ["smoke.yaml", "aug_scales.yaml", "paper_presets.yaml"])
 def test_shipped_specs_validate_and_every_corner_is_a_valid_config(name):
-    spec = search.load_spec(TUNING / name)
-    base = search.check_space(spec)
+    spec = load_spec(TUNING / name)
+    base = check_space(spec)
     assert base.run.workers == spec.resources.workers
     assert base.train.epochs == spec.budget.epochs
 
 
 def test_smoke_spec_fits_a_small_machine():
-    spec = search.load_spec(TUNING / "smoke.yaml")
+    spec = load_spec(TUNING / "smoke.yaml")
     assert spec.num_samples >= 4 and spec.scheduler.kind == "asha" and spec.resources.workers == 1
     assert spec.time_budget_s and spec.time_budget_s < 300
-    base = search.check_space(spec)
+    base = check_space(spec)
     assert base.augment.global_crop_size == 32 and base.data.uri is None
 
 
@@ -71,32 +82,37 @@ def test_bad_specs_name_the_field(changes, words):
 
 
 def test_set_assigns_spec_fields_and_config_overrides():
-    spec = search.parse_spec(MINIMAL, sets=["num_samples=3", "budget.epochs=2", "optim.lr=0.002", "searcher.kind=random"])
+    spec = parse_spec(MINIMAL, sets=["num_samples=3", "budget.epochs=2", "optim.lr=0.002", "searcher.kind=random"])
     assert (spec.num_samples, spec.budget.epochs, spec.searcher.kind) == (3, 2, "random")
     assert "optim.lr=0.002" in spec.override_list()
-    cfg = search.trial_config(spec, {"augment.global_crop_scale.min": 0.3})
+    cfg = trial_config(spec, {"augment.global_crop_scale.min": 0.3})
     assert cfg.optim.lr == 0.002 and cfg.train.epochs == 2
     with pytest.raises(ConfigError, match="optim.lrr"):
-        search.parse_spec(MINIMAL, sets=["optim.lrr=1"])
+        parse_spec(MINIMAL, sets=["optim.lrr=1"])
     with pytest.raises(ConfigError, match="num_sample"):
-        search.parse_spec(MINIMAL, sets=["num_sample=3"])
+        parse_spec(MINIMAL, sets=["num_sample=3"])
 
 
 def test_trial_config_sets_range_ends_presets_and_jitter_strength():
-    spec = spec_with(space={"augment.preset": {"choice": ["strong", "weak"]}, "augment.local_crop_scale.max": {"uniform": [0.3, 0.6]},
-                            "augment.jitter_strength": {"uniform": [0.1, 0.4]}})
-    strong = search.trial_config(spec, {"augment.preset": "strong", "augment.local_crop_scale.max": 0.45, "augment.jitter_strength": 0.3})
+    spec = spec_with(
+        space={
+            "augment.preset": {"choice": ["strong", "weak"]},
+            "augment.local_crop_scale.max": {"uniform": [0.3, 0.6]},
+            "augment.jitter_strength": {"uniform": [0.1, 0.4]},
+        }
+    )
+    strong = trial_config(spec, {"augment.preset": "strong", "augment.local_crop_scale.max": 0.45, "augment.jitter_strength": 0.3})
     # the preset chose the range's other end (strong: local min 0.05); the searched end overrides the preset's
     assert strong.augment.local_crop_scale == (0.05, 0.45)
     assert strong.augment.global_crop_scale == (0.4, 1.0)
     assert strong.augment.jitter_brightness == strong.augment.jitter_contrast == 0.3
-    weak = search.trial_config(spec, {"augment.preset": "weak", "augment.local_crop_scale.max": 0.45, "augment.jitter_strength": 0.3})
+    weak = trial_config(spec, {"augment.preset": "weak", "augment.local_crop_scale.max": 0.45, "augment.jitter_strength": 0.3})
     assert weak.augment.local_crop_scale == (0.2, 0.45) and weak.augment.global_crop_scale == (0.5, 1.0)
 
 
 def test_trial_config_applies_budget_and_resources():
     spec = spec_with(budget={"steps": 25, "report_every": 1}, resources={"workers": 2, "cpus_per_worker": 0.5})
-    cfg = search.trial_config(spec, {"augment.global_crop_scale.min": 0.3}, steps_per_epoch=10)
+    cfg = trial_config(spec, {"augment.global_crop_scale.min": 0.3}, steps_per_epoch=10)
     assert (cfg.train.max_steps, cfg.train.epochs) == (25, 3)
     assert (cfg.run.workers, cfg.run.cpus_per_worker) == (2, 0.5)
     assert cfg.augment.global_crop_scale == (0.3, 1.0)
@@ -105,13 +121,13 @@ def test_trial_config_applies_budget_and_resources():
 def test_check_space_rejects_crossing_ranges_unknown_keys_and_invalid_values():
     crossing = spec_with(space={"augment.local_crop_scale.min": {"uniform": [0.1, 0.5]}, "augment.local_crop_scale.max": {"uniform": [0.4, 0.6]}})
     with pytest.raises(ConfigError, match="min > max"):
-        search.check_space(crossing)
+        check_space(crossing)
     with pytest.raises(ConfigError, match="augment.global_crop_scal.min: not a config key"):
-        search.check_space(spec_with(space={"augment.global_crop_scal.min": {"uniform": [0.1, 0.5]}}))
+        check_space(spec_with(space={"augment.global_crop_scal.min": {"uniform": [0.1, 0.5]}}))
     with pytest.raises(ConfigError, match=r"space.augment.n_local_crops=-1 gives an invalid trial config"):
-        search.check_space(spec_with(space={"augment.n_local_crops": {"choice": [2, -1]}}))
+        check_space(spec_with(space={"augment.n_local_crops": {"choice": [2, -1]}}))
     with pytest.raises(ConfigError, match=r"space.augment.global_crop_scale.min=1.5"):
-        search.check_space(spec_with(space={"augment.global_crop_scale.min": {"uniform": [0.2, 1.5]}}))
+        check_space(spec_with(space={"augment.global_crop_scale.min": {"uniform": [0.2, 1.5]}}))
 
 
 def report(epoch, auroc, **kw):
@@ -119,40 +135,52 @@ def report(epoch, auroc, **kw):
 
 
 TRIALS = [
-    {"trial_id": "a", "params": {"p": 0.1}, "error": None,
-     "history": [report(1, 0.6), report(2, 0.62, final=1, test_auroc=0.7, train_seconds=8.0, probe_seconds=1.0)]},
+    {
+        "trial_id": "a",
+        "params": {"p": 0.1},
+        "error": None,
+        "history": [report(1, 0.6), report(2, 0.62, final=1, test_auroc=0.7, train_seconds=8.0, probe_seconds=1.0)],
+    },
     {"trial_id": "b", "params": {"p": 0.2}, "error": None, "history": [report(1, 0.9, train_seconds=4.0, probe_seconds=0.5)]},
-    {"trial_id": "c", "params": {"p": 0.3}, "error": None,
-     "history": [report(1, 0.95, collapsed=1, collapse="uniform", train_seconds=4.0, probe_seconds=0.5)]},
-    {"trial_id": "d", "params": {"p": "x"}, "history": [],
-     "error": "Traceback (most recent call last):\n  ...\nRuntimeError: non-finite loss: loss became nan at step 3; stopping"},
+    {
+        "trial_id": "c",
+        "params": {"p": 0.3},
+        "error": None,
+        "history": [report(1, 0.95, collapsed=1, collapse="uniform", train_seconds=4.0, probe_seconds=0.5)],
+    },
+    {
+        "trial_id": "d",
+        "params": {"p": "x"},
+        "history": [],
+        "error": "Traceback (most recent call last):\n  ...\nRuntimeError: non-finite loss: loss became nan at step 3; stopping",
+    },
 ]
 
 
 def test_statuses_reasons_and_best_is_a_finished_trial():
-    rows = search.results_table(TRIALS, ["p"], budget_epochs=2, wall_seconds={"a": 10.0, "b": 5.0})
+    rows = results_table(TRIALS, ["p"], budget_epochs=2, wall_seconds={"a": 10.0, "b": 5.0})
     by = {r["trial_id"]: r for r in rows}
     assert [by[t]["status"] for t in "abcd"] == ["finished", "stopped", "collapsed", "errored"]
     assert "epoch 1 of 2" in by["b"]["reason"]
     assert "uniform" in by["c"]["reason"]
     assert "loss became nan at step 3" in by["d"]["reason"] and by["d"]["val_auroc"] is None
     # b's 0.9 is from an earlier report (a stopped trial); the best is the best *finished* trial
-    assert search.best_row(rows)["trial_id"] == "a"
+    assert best_row(rows)["trial_id"] == "a"
     assert by["a"]["overhead_fraction"] == pytest.approx((10.0 - 9.0) / 10.0)
-    assert search.best_row([r for r in rows if r["trial_id"] != "a"])["trial_id"] == "b"
-    assert search.best_row([by["c"], by["d"]]) is None
-    assert search.trial_status([], None, 2)[0] == "stopped"
+    assert best_row([r for r in rows if r["trial_id"] != "a"])["trial_id"] == "b"
+    assert best_row([by["c"], by["d"]]) is None
+    assert trial_status([], None, 2)[0] == "stopped"
 
 
 def test_tables_round_trip_through_csv_and_parquet():
-    rows = search.results_table(TRIALS, ["p"], budget_epochs=2)
+    rows = results_table(TRIALS, ["p"], budget_epochs=2)
     for fmt, read in (("csv", lambda b: pcsv.read_csv(io.BytesIO(b))), ("parquet", lambda b: pq.read_table(io.BytesIO(b)))):
-        table = read(search.table_bytes(rows, fmt))
+        table = read(table_bytes(rows, fmt))
         assert table.column("trial_id").to_pylist() == ["a", "b", "c", "d"]
         assert table.column("status").to_pylist() == ["finished", "stopped", "collapsed", "errored"]
         assert table.column("p").to_pylist() == ["0.1", "0.2", "0.3", "x"]  # mixed types become text
         assert table.column("val_auroc").to_pylist()[:3] == [0.62, 0.9, 0.95]
-    history = search.history_table(TRIALS)
+    history = history_table(TRIALS)
     assert len(history) == 4 and {h["trial_id"] for h in history} == {"a", "b", "c"}
 
 
@@ -161,9 +189,9 @@ def test_best_config_yaml_loads_as_the_trial_config(tmp_path):
     params = {"augment.local_crop_scale.min": 0.123, "augment.n_local_crops": 4}
     row = {"trial_id": "t1", "val_auroc": 0.7, "test_auroc": 0.65}
     path = tmp_path / "best.yaml"
-    path.write_text(search.best_config_yaml(spec, params, 10, row))
+    path.write_text(best_config_yaml(spec, params, 10, row))
     loaded = load_config(str(path))
-    expected = search.trial_config(spec, params, 10).to_dict()
+    expected = trial_config(spec, params, 10).to_dict()
     expected["run"]["name"] = None
     assert loaded.to_dict() == expected
     assert loaded.augment.local_crop_scale[0] == 0.123 and loaded.augment.n_local_crops == 4
@@ -174,16 +202,24 @@ def preset_rows(values):
     rows = []
     for preset, aurocs in values.items():
         for seed, a in enumerate(aurocs):
-            rows.append({"status": "finished", "augment.preset": preset, "train.seed": seed, "probe_seeds": 5,
-                         **{f"test_{m}": a - 0.1 for m in search.TEST_METRICS}, "test_auroc": a,
-                         "test_auroc_std": 0.01 * (seed + 1)})
+            rows.append(
+                {
+                    "status": "finished",
+                    "augment.preset": preset,
+                    "train.seed": seed,
+                    "probe_seeds": 5,
+                    **{f"test_{m}": a - 0.1 for m in METRICS},
+                    "test_auroc": a,
+                    "test_auroc_std": 0.01 * (seed + 1),
+                }
+            )
     return rows
 
 
 def test_preset_table_gives_mean_and_t_interval_over_seeds():
     values = {"strong": [0.80, 0.82, 0.81, 0.79, 0.83], "weak": [0.84, 0.85, 0.83, 0.86, 0.84]}
     rows = preset_rows(values) + [{"status": "stopped", "augment.preset": "weak", "train.seed": 9, "test_auroc": 0.0}]
-    table = {e["augment.preset"]: e for e in search.preset_table(rows)}
+    table = {e["augment.preset"]: e for e in preset_table(rows)}
     for preset, v in values.items():
         lo, hi = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
         e = table[preset]
@@ -193,7 +229,7 @@ def test_preset_table_gives_mean_and_t_interval_over_seeds():
         # the second axis, kept apart: the mean over checkpoints of the std over probe seeds
         assert e["auroc_probe_std"] == pytest.approx(np.mean([0.01 * (s + 1) for s in range(len(v))]))
         assert e["probe_seeds"] == 5 and e["aupr_probe_std"] is None
-    md = search.preset_table_markdown(search.preset_table(rows))
+    md = preset_table_markdown(preset_table(rows))
     assert "| weak | 5 | 5 |" in md and "AUROC" in md and "± 0.030" in md
 
 
@@ -201,43 +237,58 @@ def test_paired_test_pairs_by_seed():
     values = {"strong": [0.80, 0.82, 0.81, 0.79, 0.83], "weak": [0.84, 0.85, 0.83, 0.86, 0.84]}
     rows = preset_rows(values)
     rows = rows[::-1]  # order must not matter: pairs are by seed
-    res = search.paired_test(rows, "weak", "strong")["metrics"]["auroc"]
+    res = paired_test(rows, "weak", "strong")["metrics"]["auroc"]
     t = stats.ttest_rel(values["weak"], values["strong"])
     assert res["n"] == 5
     assert res["mean_difference"] == pytest.approx(np.mean(np.subtract(values["weak"], values["strong"])))
     assert res["p_t"] == pytest.approx(t.pvalue) and res["t"] == pytest.approx(t.statistic)
     assert res["p_wilcoxon"] == pytest.approx(stats.wilcoxon(values["weak"], values["strong"]).pvalue)
-    missing = search.paired_test(preset_rows({"weak": [0.8], "strong": [0.7]}), "weak", "strong")["metrics"]["auroc"]
+    missing = paired_test(preset_rows({"weak": [0.8], "strong": [0.7]}), "weak", "strong")["metrics"]["auroc"]
     assert "at least 2 seeds" in missing["note"]
-    report_ = search.paper_report(rows)
+    report_ = paper_report(rows)
     assert report_ and [p["a"] for p in report_["paired"]] == ["weak"]
-    assert search.paper_report([{"status": "finished", "augment.preset": "weak"}]) is None
+    assert paper_report([{"status": "finished", "augment.preset": "weak"}]) is None
 
 
 def test_plots_and_summary(tmp_path):
-    spec = spec_with(space={k: {"uniform": [0.05, 0.3]} for k in search.HEATMAP_KEYS} | {"augment.n_local_crops": {"choice": [2, 4]}})
+    spec = spec_with(space={k: {"uniform": [0.05, 0.3]} for k in HEATMAP_KEYS} | {"augment.n_local_crops": {"choice": [2, 4]}})
     rng = np.random.default_rng(0)
-    trials = [{"trial_id": f"t{i}", "error": None,
-               "params": {search.HEATMAP_KEYS[0]: float(rng.uniform(0.1, 0.3)), search.HEATMAP_KEYS[1]: float(rng.uniform(0.05, 0.3)),
-                          "augment.n_local_crops": int(rng.choice([2, 4]))},
-               "history": [report(2, float(rng.uniform(0.5, 0.9)), final=int(i % 2 == 0))]} for i in range(8)]
+    trials = [
+        {
+            "trial_id": f"t{i}",
+            "error": None,
+            "params": {
+                HEATMAP_KEYS[0]: float(rng.uniform(0.1, 0.3)),
+                HEATMAP_KEYS[1]: float(rng.uniform(0.05, 0.3)),
+                "augment.n_local_crops": int(rng.choice([2, 4])),
+            },
+            "history": [report(2, float(rng.uniform(0.5, 0.9)), final=int(i % 2 == 0))],
+        }
+        for i in range(8)
+    ]
     keys = list(spec.space)
-    rows = search.results_table(trials, keys, budget_epochs=2)
-    png = search.plot_auroc_vs_params(rows, keys, tmp_path / "a.png", "t")
-    heat = search.plot_scale_heatmap(rows, tmp_path / "h.png", "t")
+    rows = results_table(trials, keys, budget_epochs=2)
+    png = plot_auroc_vs_params(rows, keys, tmp_path / "a.png", "t")
+    heat = plot_scale_heatmap(rows, tmp_path / "h.png", "t")
     for p in (png, heat):
         assert p is not None and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert search.plot_scale_heatmap(rows[:1], tmp_path / "none.png", "t") is None
-    best = search.best_row(rows)
-    md = search.summary_markdown(spec, rows, best, keys, {"search time": "1m"})
+    assert plot_scale_heatmap(rows[:1], tmp_path / "none.png", "t") is None
+    best = best_row(rows)
+    md = summary_markdown(spec, rows, best, keys, {"search time": "1m"})
     assert f"`{best['trial_id']}`" in md and "4 finished, 4 stopped" in md and "scale_heatmap.png" in md
 
 
 def test_test_metrics_never_choose_the_best_trial():
     """The best trial is the one the search objective ranks first, whatever its test metrics say."""
-    trials = [{"trial_id": t, "params": {"p": i}, "error": None,
-               "history": [{"epoch": 2, "val_auroc": val, "final": 1, "final_val_auroc": fval, "test_auroc": test}]}
-              for i, (t, val, fval, test) in enumerate([("hi-val", 0.80, 0.60, 0.55), ("hi-test", 0.70, 0.90, 0.95)])]
-    rows = search.results_table(trials, ["p"], budget_epochs=2)
-    assert search.best_row(rows)["trial_id"] == "hi-val"
+    trials = [
+        {
+            "trial_id": t,
+            "params": {"p": i},
+            "error": None,
+            "history": [{"epoch": 2, "val_auroc": val, "final": 1, "final_val_auroc": fval, "test_auroc": test}],
+        }
+        for i, (t, val, fval, test) in enumerate([("hi-val", 0.80, 0.60, 0.55), ("hi-test", 0.70, 0.90, 0.95)])
+    ]
+    rows = results_table(trials, ["p"], budget_epochs=2)
+    assert best_row(rows)["trial_id"] == "hi-val"
     assert {r["trial_id"]: r["final_val_auroc"] for r in rows} == {"hi-val": 0.60, "hi-test": 0.90}

@@ -2,7 +2,7 @@
 
 A class-sorted RETFound tree (`train/<class>/...`, listed class by class) is sharded and read
 through the stream's own read + shuffle (`pretrain_rows_dataset` with `id`/`label` columns, and
-`local_shuffle_args`, the arguments every worker's iterator gets), on a real local Ray:
+`local_shuffle_args`, the arguments every worker's iterator gets), on a real local Ray (the slow tests):
 
 * batches mix classes as a random permutation does (and the order of before, source order with no
   shuffle in the stream, does not);
@@ -33,7 +33,7 @@ from raydino.config import ConfigError, load_config
 from raydino.data.shards import ShardSet, open_shards
 from raydino.data.synth import generate_dataset
 from raydino.data.writer import ShardJobOptions, shard_dataset
-from raydino.streaming import (
+from raydino.distributed.streaming import (
     build_pretrain_dataset,
     local_shuffle_args,
     pretrain_rows_dataset,
@@ -45,16 +45,15 @@ BATCH = 8
 COLUMNS = ("id", "label")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+@pytest.fixture(scope="module")
+def ordered_ray(local_ray):
+    """The module's local Ray (conftest's `local_ray`), told to preserve order: datasets built from here on
+    keep it, so comparisons are exact."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
     saved = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # datasets built from here on keep it: exact comparisons
+    ctx.execution_options.preserve_order = True
     yield
     ctx.execution_options.preserve_order = saved
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +92,10 @@ def cfg_for(*extra: str):
 
 def epoch_batches(it, cfg, epoch: int, rank: int = 0, drop_last: bool = True) -> list[list[tuple[str, str]]]:
     """One epoch of (id, label) batches, drawn as a training worker draws its crops."""
-    return [list(zip(b["id"], b["label"]))
-            for b in it.iter_batches(batch_size=BATCH, batch_format="numpy", drop_last=drop_last,
-                                     **local_shuffle_args(cfg, epoch, rank))]
+    return [
+        list(zip(b["id"], b["label"]))
+        for b in it.iter_batches(batch_size=BATCH, batch_format="numpy", drop_last=drop_last, **local_shuffle_args(cfg, epoch, rank))
+    ]
 
 
 def ids(batches: list[list[tuple[str, str]]]) -> list[str]:
@@ -118,6 +118,8 @@ def test_shards_record_their_row_order(shards, sorted_shards):
     assert shards.rows("train") == 140 and len(shards.shard_paths("train")) >= 8
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ordered_ray")
 def test_batches_mix_classes_like_a_random_permutation(shards, sorted_shards, in_process):
     counts = shards.manifest.totals.by_split_label["train"]
     assert len(counts) == 5
@@ -138,6 +140,8 @@ def test_batches_mix_classes_like_a_random_permutation(shards, sorted_shards, in
     assert mean_distinct(old) < 1.5 and abs(mean_distinct(old) - expected) > tolerance
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ordered_ray")
 def test_every_epoch_a_new_order_and_the_same_seed_the_same(shards, in_process):
     cfg = cfg_for()
     runs = []
@@ -156,8 +160,7 @@ def test_every_epoch_a_new_order_and_the_same_seed_the_same(shards, in_process):
 
 def shard_order(shards: ShardSet, row_ids: list[str]) -> list[int]:
     """The order in which the shard files were read, from the rows' order."""
-    where = {i: k for k, path in enumerate(shards.shard_paths("train"))
-             for i in pq.read_table(path, columns=["id"]).column("id").to_pylist()}
+    where = {i: k for k, path in enumerate(shards.shard_paths("train")) for i in pq.read_table(path, columns=["id"]).column("id").to_pylist()}
     order: list[int] = []
     for i in row_ids:
         if not order or order[-1] != where[i]:
@@ -165,6 +168,8 @@ def shard_order(shards: ShardSet, row_ids: list[str]) -> list[int]:
     return order
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ordered_ray")
 def test_each_mechanism_alone_reshuffles_every_epoch(shards, in_process):
     # The file shuffle alone (reseeded per execution of the stream = per epoch).
     files = cfg_for("data.shuffle_buffer=0")
@@ -187,6 +192,8 @@ def test_each_mechanism_alone_reshuffles_every_epoch(shards, in_process):
     assert ids(epoch_batches(it, plain, 0, drop_last=False)) == ids(epoch_batches(it, plain, 1, drop_last=False))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ordered_ray")
 def test_two_workers_see_every_row_exactly_once_per_epoch(shards, in_process):
     cfg = cfg_for()
     # As Ray Train splits the stream: streaming_split(world size, equal=True); ranks consume concurrently.
@@ -270,6 +277,8 @@ class CpuHolder:
         return True
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ordered_ray")
 def test_in_process_stream_needs_no_free_cpu(shards):
     """A one-worker Tune trial iterates the crop stream itself; its data tasks must run in its own CPUs."""
     holder = CpuHolder.remote()
@@ -279,8 +288,7 @@ def test_in_process_stream_needs_no_free_cpu(shards):
         it = build_pretrain_dataset(cfg, shards, in_process=True).iterator()
         got: list = []
         # A stream that waited for a free CPU would never finish: give up after a generous while.
-        t = threading.Thread(target=lambda: got.extend(worker_epoch_batches(cfg, it, "cpu", seed=0, rank=0, epoch_rows=140)(0)),
-                             daemon=True)
+        t = threading.Thread(target=lambda: got.extend(worker_epoch_batches(cfg, it, "cpu", seed=0, rank=0, epoch_rows=140)(0)), daemon=True)
         t.start()
         t.join(timeout=300)
         assert not t.is_alive(), "the in-process stream waited for CPUs that concurrent trials hold"

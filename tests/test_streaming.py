@@ -1,31 +1,23 @@
 """The Ray Data stream a training worker reads, both ways: crops made by CPU data tasks, or (with
 `augment.device: cuda`) encoded images streamed as they are and the crops made on the worker's device.
 
-A real local Ray; the worker's side (`worker_epoch_batches`) reads a real `DataIterator`, as
-`ray.train.get_dataset_shard` hands it over.  On a machine without a GPU the device pipeline runs
-on the CPU (the same code; tests/test_gpu.py covers CUDA itself).
+A real local Ray (conftest's `local_ray`); the worker's side (`worker_epoch_batches`) reads a real
+`DataIterator`, as `ray.train.get_dataset_shard` hands it over.  On a machine without a GPU the device
+pipeline runs on the CPU (the same code; tests/test_gpu.py covers CUDA itself).
 """
 
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from raydino.config import ConfigError, load_config
+from raydino.data.loader import pretrain_rows
 from raydino.data.shards import ShardSet, open_shards
 from raydino.data.synth import synthetic_shards
-from raydino.streaming import build_pretrain_dataset, pretrain_rows, worker_epoch_batches
+from raydino.distributed.streaming import build_pretrain_dataset, worker_epoch_batches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +40,15 @@ def check_crops(cfg, batches: list[list[torch.Tensor]], shards: ShardSet) -> Non
     a = cfg.augment
     assert len(batches) == pretrain_rows(shards) // cfg.train.batch_size  # every pretraining row, drop_last
     for crops in batches:
-        assert [tuple(c.shape) for c in crops] == \
-            [(4, 3, a.global_crop_size, a.global_crop_size)] * 2 + [(4, 3, a.local_crop_size, a.local_crop_size)] * 3
+        assert [tuple(c.shape) for c in crops] == [(4, 3, a.global_crop_size, a.global_crop_size)] * 2 + [
+            (4, 3, a.local_crop_size, a.local_crop_size)
+        ] * 3
         assert all(c.dtype == torch.uint8 for c in crops)
         assert crops[0].float().std() > 5  # real image content, not zeros
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_crops_made_by_cpu_data_tasks(shards):
     cfg = cfg_for()
     (batches,) = epochs(cfg, shards)
@@ -61,6 +56,8 @@ def test_crops_made_by_cpu_data_tasks(shards):
     assert all(c.device.type == "cpu" for crops in batches for c in crops)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_gpu_mode_streams_encoded_images_and_the_worker_makes_the_crops(shards):
     cfg = cfg_for("augment.device=cuda", "run.gpus_per_worker=1")
     ds = build_pretrain_dataset(cfg, shards)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from raydino.config import load_config
+from raydino.core.loop import LoopHooks, fit
+from raydino.core.step import build_train_state
 from raydino.data.loader import local_epoch_batches, pretrain_rows
 from raydino.data.shards import open_shards
 from raydino.data.synth import synthetic_shards
-from raydino.engine import build_train_state
-from raydino.trainer import LoopHooks, fit
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def shards(tmp_path_factory):
     return open_shards(synthetic_shards(160, 64, seed=3, cache_root=str(root), workers=2, progress=False))
 
 
+@pytest.mark.slow  # a real training loop: ~70 s on 2 cores
 def test_hundred_steps_lower_the_loss_without_collapse(shards):
     # The smoke preset as shipped (its training settings are demo.yaml's CPU ones: BN head, lr 0.005,
     # teacher momentum 0.99, teacher temperature 0.02; see the comments there), 32-px crops with the

@@ -21,12 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raydino import search, tune
+from raydino import tune
 from raydino.config import load_config
+from raydino.core.step import NonFiniteLossError, build_train_state
 from raydino.data.loader import local_epoch_batches, pretrain_rows
 from raydino.data.shards import open_shards
 from raydino.data.synth import synthetic_shards
-from raydino.engine import NonFiniteLossError, build_train_state
+from raydino.search.results import STATUSES, trial_status
+from raydino.search.spec import check_space, load_spec, parse_spec, trial_config
+from raydino.search.trial import TrialEvaluator, train_and_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tuning" / "smoke.yaml"
@@ -36,8 +39,8 @@ SMOKE = ROOT / "tuning" / "smoke.yaml"
 def cache(tmp_path_factory):
     """One synthetic data set for the module (the smoke spec's size)."""
     root = tmp_path_factory.mktemp("tune-cache")
-    spec = search.load_spec(SMOKE)
-    d = search.check_space(spec).data
+    spec = load_spec(SMOKE)
+    d = check_space(spec).data
     synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(root / "synthetic"), workers=2, progress=False)
     return root
 
@@ -57,9 +60,9 @@ def one_thread():
 
 
 def loop_setup(cache, sets):
-    spec = search.load_spec(SMOKE, sets)
+    spec = load_spec(SMOKE, sets)
     base, ctx = tune.prepare(spec, cache)
-    cfg = search.trial_config(spec, {"augment.global_crop_scale.min": 0.4}, ctx["steps_per_epoch"])
+    cfg = trial_config(spec, {"augment.global_crop_scale.min": 0.4}, ctx["steps_per_epoch"])
     state = build_train_state(cfg, ctx["steps_per_epoch"])
     batches = local_epoch_batches(open_shards(ctx["data_uri"]), cfg.augment, cfg.train.batch_size, seed=0)
     return spec, cfg, ctx, state, batches
@@ -67,36 +70,41 @@ def loop_setup(cache, sets):
 
 def test_collapsed_teacher_stops_the_trial_after_a_report(cache, one_thread):
     # A teacher temperature of 5 makes the teacher's output uniform from the first step.
-    spec, cfg, ctx, state, batches = loop_setup(cache, ["loss.teacher_temp=5", "loss.warmup_teacher_temp=5", "train.log_every=1",
-                                                       "collapse_patience=2", "budget.epochs=3"])
+    spec, cfg, ctx, state, batches = loop_setup(
+        cache, ["loss.teacher_temp=5", "loss.warmup_teacher_temp=5", "train.log_every=1", "collapse_patience=2", "budget.epochs=3"]
+    )
     reports = []
 
     def report(metrics, ckpt_dir):
         reports.append((dict(metrics), sorted(os.listdir(ckpt_dir)) if ckpt_dir else None))
 
-    assert tune.train_and_report(state, spec, batches, report, tune.TrialEvaluator(cfg, ctx)) == "collapsed"
+    assert train_and_report(state, spec, batches, report, TrialEvaluator(cfg, ctx)) == "collapsed"
     assert len(reports) == 1, "the trial must end at the first epoch end that sees the collapse"
     metrics, files = reports[0]
     assert metrics["collapsed"] == 1 and metrics["final"] == 0 and metrics["collapse"] == "uniform"
     assert metrics["epoch"] == 1 < cfg.train.epochs
     assert 0.0 <= metrics["val_auroc"] <= 1.0 and "final_val_auroc" not in metrics and "test_auroc" not in metrics
     assert "state.pt" in files
-    assert search.trial_status([metrics], None, 3)[0] == "collapsed"
+    assert trial_status([metrics], None, 3)[0] == "collapsed"
 
 
 def test_every_report_scores_the_same_probe(cache, one_thread):
     """val_auroc is the objective probe's, intermediate and final alike; the final probe has its own key."""
-    from raydino.probe import probe_backbone, selection_auroc
+    from raydino.eval.metrics import selection_auroc
+    from raydino.eval.probes import probe_backbone
 
     spec, cfg, ctx, state, _ = loop_setup(cache, ["evaluation.objective=fast", "evaluation.kind=knn", "evaluation.bootstrap=0"])
-    evaluator = tune.TrialEvaluator(cfg, ctx)
+    evaluator = TrialEvaluator(cfg, ctx)
     backbone = state.teacher.backbone
     mid, end = evaluator.evaluate(backbone, final=False), evaluator.evaluate(backbone, final=True)
     assert mid["val_auroc"] == end["val_auroc"], "intermediate and final reports must carry the same metric"
     feats = evaluator._features(backbone, ("train", "val", "test"))
-    expected = {kind: selection_auroc(probe_backbone(backbone, evaluator.data, kind, image_size=evaluator.size, n_bootstrap=0,
-                                                     feats=feats, progress=None)["per_seed"][0]["val"])
-                for kind in ("fast", "knn")}
+    expected = {
+        kind: selection_auroc(
+            probe_backbone(backbone, evaluator.data, kind, image_size=evaluator.size, n_bootstrap=0, feats=feats, progress=None)["per_seed"][0]["val"]
+        )
+        for kind in ("fast", "knn")
+    }
     assert end["val_auroc"] == pytest.approx(expected["fast"])
     assert end["final_val_auroc"] == pytest.approx(expected["knn"])  # the final probe, under its own key
     assert expected["fast"] != expected["knn"], "the two probes must differ for this test to mean anything"
@@ -105,15 +113,15 @@ def test_every_report_scores_the_same_probe(cache, one_thread):
 
 def test_old_intermediate_probe_setting_is_refused_with_the_new_names():
     with pytest.raises(Exception, match="objective: knn"):
-        search.load_spec(SMOKE, ["evaluation.intermediate=knn"])
+        load_spec(SMOKE, ["evaluation.intermediate=knn"])
     with pytest.raises(Exception, match="intermediate: false"):
-        search.load_spec(SMOKE, ["evaluation.intermediate=none", "scheduler.kind=fifo"])
+        load_spec(SMOKE, ["evaluation.intermediate=none", "scheduler.kind=fifo"])
 
 
 def test_non_finite_loss_raises_out_of_the_loop(cache, one_thread):
     spec, cfg, ctx, state, batches = loop_setup(cache, ["loss.student_temp=1e-40"])
     with pytest.raises(NonFiniteLossError, match="loss became"):
-        tune.train_and_report(state, spec, batches, lambda m, d: None, None)
+        train_and_report(state, spec, batches, lambda m, d: None, None)
 
 
 def test_cli_refuses_bad_input_without_starting_ray(cache, tmp_path, capsys):
@@ -143,8 +151,20 @@ def finished_results(exp: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_resume_after_killing_the_driver(cache, tmp_path):
     storage = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "raydino.tune", str(SMOKE), "--storage", str(storage), "--cache", str(cache),
-           "--set", "name=resume", "--set", "num_samples=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raydino.tune",
+        str(SMOKE),
+        "--storage",
+        str(storage),
+        "--cache",
+        str(cache),
+        "--set",
+        "name=resume",
+        "--set",
+        "num_samples=4",
+    ]
     log = open(tmp_path / "first.log", "w")
     # A session of its own: the driver and the local Ray it starts are killed together, by this group id.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -168,7 +188,7 @@ def test_resume_after_killing_the_driver(cache, tmp_path):
     for trial, text in before.items():
         assert (exp / trial / "result.json").read_text() == text, f"{trial} had finished but was run again"
     rows = pcsv.read_csv(exp / "results.csv").to_pylist()
-    assert len(rows) == 4 and all(r["status"] in search.STATUSES for r in rows)
+    assert len(rows) == 4 and all(r["status"] in STATUSES for r in rows)
     # Every trial folder is in the results, or named in the summary as left by the killed driver before
     # Tune recorded it (a kill can land between the two; the resumed search then samples a replacement).
     orphans = json.loads((exp / "summary.json").read_text())["orphaned_trial_folders"]
@@ -193,7 +213,9 @@ def test_resume_after_killing_the_driver(cache, tmp_path):
 def ray_local():
     import ray
 
-    tune.start_local_ray(num_cpus=4)  # ray.init(address="local", num_cpus=4, dashboard on at 127.0.0.1, State API pinned)
+    from raydino.distributed.cluster import init_ray
+
+    init_ray(num_cpus=4)  # a local Ray, dashboard on at 127.0.0.1, State API pinned: what `python -m raydino.tune` starts
     yield ray
     ray.shutdown()
 
@@ -202,7 +224,7 @@ def ray_local():
 def smoke(ray_local, cache, tmp_path_factory):
     storage = tmp_path_factory.mktemp("tune-runs")
     # The shipped 280 s budget, doubled: other jobs can load this 2-core machine; a hang still ends the search.
-    spec = search.load_spec(SMOKE, [f"storage={storage}", "time_budget_s=600"])
+    spec = load_spec(SMOKE, [f"storage={storage}", "time_budget_s=600"])
     summary = tune.run_search(spec, cache=cache)
     return spec, summary, storage / spec.name
 
@@ -216,7 +238,7 @@ def test_smoke_search_lists_every_trial_with_status_and_auroc(smoke):
         rows = (pcsv.read_csv if name.endswith("csv") else pq.read_table)(exp / name).to_pylist()
         assert {r["trial_id"] for r in rows} == trial_dirs
         for r in rows:
-            assert r["status"] in search.STATUSES
+            assert r["status"] in STATUSES
             if r["status"] != "errored":
                 assert 0.0 <= r["val_auroc"] <= 1.0, r
     statuses = [r["status"] for r in summary["rows"]]
@@ -253,7 +275,7 @@ def test_best_config_yaml_trains_as_a_pretraining_config(smoke, cache, one_threa
     assert cfg.augment.n_local_crops == best["augment.n_local_crops"]
     d = cfg.data
     shards = open_shards(synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(cache / "synthetic"), progress=False))
-    from raydino.trainer import fit
+    from raydino.core.loop import fit
 
     state = build_train_state(cfg, pretrain_rows(shards) // cfg.train.batch_size)
     out = fit(state, local_epoch_batches(shards, cfg.augment, cfg.train.batch_size, seed=0))
@@ -267,10 +289,18 @@ def test_multi_worker_trials_free_their_workers_and_report_non_finite_loss(ray_l
     from ray.util import placement_group_table
 
     data = yaml.safe_load(SMOKE.read_text())
-    data.update(name="multi", storage=str(tmp_path), num_samples=1, max_concurrent_trials=1, time_budget_s=600,
-                budget={"epochs": 1, "report_every": 1}, space={"loss.student_temp": {"grid": [0.1, 1e-40]}},
-                searcher={"kind": "grid"}, resources={"workers": 2, "cpus_per_worker": 1})
-    summary = tune.run_search(search.parse_spec(data), cache=cache)
+    data.update(
+        name="multi",
+        storage=str(tmp_path),
+        num_samples=1,
+        max_concurrent_trials=1,
+        time_budget_s=600,
+        budget={"epochs": 1, "report_every": 1},
+        space={"loss.student_temp": {"grid": [0.1, 1e-40]}},
+        searcher={"kind": "grid"},
+        resources={"workers": 2, "cpus_per_worker": 1},
+    )
+    summary = tune.run_search(parse_spec(data), cache=cache)
     rows = sorted(summary["rows"], key=lambda r: r["trial_id"])
     assert [r["status"] for r in rows] == ["finished", "errored"], rows
     assert rows[0]["val_auroc"] is not None and rows[0]["test_auroc"] is not None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 4 and 8, on one CUDA node with raydino's dependencies installed:
+# The GPU checks (bf16, NCCL, throughput), on one CUDA node with raydino's dependencies installed:
 #   1. tests/test_gpu.py (bf16, NCCL + DDP, device augmentation) and tests/test_streaming.py on the GPU;
 #   2. `python -m raydino.pretrain` of the paper's ViT-S/16 (224 px, batch 64, bf16, NCCL) under Ray Train
 #      on one GPU, with the crops made by Ray Data's CPU tasks and then on the GPU (augment.device);

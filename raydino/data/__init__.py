@@ -6,25 +6,12 @@ Components only (no Ray here; the recipes `raydino.shard` and `raydino.synth` ar
 * `imagebytes`  recognise / strip metadata from / validate encoded images
 * `sources`     list a folder, RETFound-layout tree or CSV of photographs
 * `writer`      shard a source into Parquet + manifest.json, in parallel and resumably
+* `shardplan`   the job's plan, fingerprints and receipts (what a rerun keeps)
+* `shardwork`   reading and preparing images in pool processes, writing one shard
 * `shards`      the shard format, manifest, and the verifying reader (`open_shards`)
-* `synth`       procedural colour fundus photographs with DR and glaucoma labels
+* `fundus`      drawing one procedural colour fundus photograph
+* `synth`       synthetic datasets of them, with DR and glaucoma labels (and the cached shards)
 * `catalog`     the paper's downstream datasets (classes, split sizes) and tree checks
 * `loader`      in-process multi-crop batches from shards (single-process training)
 * `labelled`    labelled splits (RETFound trees or shards) for probes
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["ShardError", "ShardSet", "StorageOptions", "open_shards", "resolve"]
-_HOME = {"ShardError": "shards", "ShardSet": "shards", "open_shards": "shards", "StorageOptions": "storage", "resolve": "storage"}
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy: worker processes that only need `synth` should not pay for importing pyarrow.
-    if name in _HOME:
-        import importlib
-
-        return getattr(importlib.import_module(f"raydino.data.{_HOME[name]}"), name)
-    raise AttributeError(f"module 'raydino.data' has no attribute {name!r}")

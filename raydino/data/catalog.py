@@ -14,7 +14,7 @@ Split sizes are those of the RETFound benchmark splits the paper evaluates on; e
 ``provenance`` says where its class names and sizes come from and what is still unchecked.
 
 ``ordinal`` says whether the classes are a severity scale (kappa is then quadratic-weighted,
-otherwise Cohen's unweighted kappa; see `raydino.metrics`): the ICDR diabetic-retinopathy grades
+otherwise Cohen's unweighted kappa; see `raydino.eval.metrics`): the ICDR diabetic-retinopathy grades
 are, and so are the two glaucoma sets, whose classes order the amount (or likelihood) of
 glaucomatous damage (normal < suspect / early < glaucoma / advanced), so that mistaking glaucoma
 for normal costs more than mistaking it for suspect.  JSIEC's 39 conditions and Retina's four
@@ -62,39 +62,90 @@ class DatasetInfo:
 CATALOG: dict[str, DatasetInfo] = {
     d.name: d
     for d in (
-        DatasetInfo("messidor2", "MESSIDOR-2", "diabetic retinopathy grade (ICDR 0-4)", _DR_RETFOUND, 1744,
-                    {"train": 972, "val": 246, "test": 526}, False,
-                    "https://www.adcis.net/en/third-party/messidor2/", ordinal=True,
-                    provenance="split sizes recalled from RETFound's benchmark split, unverified"),
-        DatasetInfo("idrid", "IDRiD", "diabetic retinopathy grade (ICDR 0-4)", _DR_IDRID, 516,
-                    {"train": 329, "val": 84, "test": 103}, True,
-                    "https://idrid.grand-challenge.org/", ordinal=True,
-                    provenance="split sizes marked verified when the catalog was written (its source not recorded)"),
-        DatasetInfo("aptos2019", "APTOS-2019", "diabetic retinopathy grade (ICDR 0-4)", _DR_RETFOUND, 3662,
-                    {"train": 2048, "val": 514, "test": 1100}, True,
-                    "https://www.kaggle.com/competitions/aptos2019-blindness-detection", ordinal=True,
-                    provenance="split sizes marked verified when the catalog was written (its source not recorded)"),
-        DatasetInfo("papila", "PAPILA", "glaucoma (normal / suspect / glaucoma)",
-                    ("anormal", "bsuspectglaucoma", "cglaucoma"), 488,
-                    {"train": 311, "val": 79, "test": 98}, False,
-                    "https://doi.org/10.1038/s41597-022-01388-1", ordinal=True,
-                    provenance="split sizes as public copies of RETFound's split give them; unverified against "
-                               "RETFound's own download"),
-        DatasetInfo("glaucoma_fundus", "Glaucoma_fundus", "glaucoma stage (normal / early / advanced)",
-                    ("anormal_control", "bearly_glaucoma", "cadvanced_glaucoma"), 1544,
-                    {"train": 861, "val": 218, "test": 465}, False,
-                    "https://doi.org/10.7910/DVN/1YRRAC", ordinal=True,
-                    provenance="Harvard Dataverse 'Machine learn for glaucoma' (Ahn et al. 2018: 788 normal, "
-                               "289 early, 467 advanced); folder names and split sizes as public copies of "
-                               "RETFound's split give them, unverified against RETFound's own download"),
-        DatasetInfo("jsiec", "JSIEC", "39 fundus conditions", _JSIEC, 1000, None, False,
-                    "https://doi.org/10.1038/s41467-021-25138-w",
-                    provenance="split sizes unknown (only the total); class folder names unverified"),
-        DatasetInfo("retina", "Retina", "normal / cataract / glaucoma / retinal disease",
-                    ("anormal", "bcataract", "cglaucoma", "ddretina_disease"), 601,
-                    {"train": 336, "val": 84, "test": 181}, False,
-                    "https://www.kaggle.com/datasets/jr2ngb/cataractdataset",
-                    provenance="split sizes recalled from RETFound's benchmark split, unverified"),
+        DatasetInfo(
+            "messidor2",
+            "MESSIDOR-2",
+            "diabetic retinopathy grade (ICDR 0-4)",
+            _DR_RETFOUND,
+            1744,
+            {"train": 972, "val": 246, "test": 526},
+            False,
+            "https://www.adcis.net/en/third-party/messidor2/",
+            ordinal=True,
+            provenance="split sizes recalled from RETFound's benchmark split, unverified",
+        ),
+        DatasetInfo(
+            "idrid",
+            "IDRiD",
+            "diabetic retinopathy grade (ICDR 0-4)",
+            _DR_IDRID,
+            516,
+            {"train": 329, "val": 84, "test": 103},
+            True,
+            "https://idrid.grand-challenge.org/",
+            ordinal=True,
+            provenance="split sizes marked verified when the catalog was written (its source not recorded)",
+        ),
+        DatasetInfo(
+            "aptos2019",
+            "APTOS-2019",
+            "diabetic retinopathy grade (ICDR 0-4)",
+            _DR_RETFOUND,
+            3662,
+            {"train": 2048, "val": 514, "test": 1100},
+            True,
+            "https://www.kaggle.com/competitions/aptos2019-blindness-detection",
+            ordinal=True,
+            provenance="split sizes marked verified when the catalog was written (its source not recorded)",
+        ),
+        DatasetInfo(
+            "papila",
+            "PAPILA",
+            "glaucoma (normal / suspect / glaucoma)",
+            ("anormal", "bsuspectglaucoma", "cglaucoma"),
+            488,
+            {"train": 311, "val": 79, "test": 98},
+            False,
+            "https://doi.org/10.1038/s41597-022-01388-1",
+            ordinal=True,
+            provenance="split sizes as public copies of RETFound's split give them; unverified against RETFound's own download",
+        ),
+        DatasetInfo(
+            "glaucoma_fundus",
+            "Glaucoma_fundus",
+            "glaucoma stage (normal / early / advanced)",
+            ("anormal_control", "bearly_glaucoma", "cadvanced_glaucoma"),
+            1544,
+            {"train": 861, "val": 218, "test": 465},
+            False,
+            "https://doi.org/10.7910/DVN/1YRRAC",
+            ordinal=True,
+            provenance="Harvard Dataverse 'Machine learn for glaucoma' (Ahn et al. 2018: 788 normal, "
+            "289 early, 467 advanced); folder names and split sizes as public copies of "
+            "RETFound's split give them, unverified against RETFound's own download",
+        ),
+        DatasetInfo(
+            "jsiec",
+            "JSIEC",
+            "39 fundus conditions",
+            _JSIEC,
+            1000,
+            None,
+            False,
+            "https://doi.org/10.1038/s41467-021-25138-w",
+            provenance="split sizes unknown (only the total); class folder names unverified",
+        ),
+        DatasetInfo(
+            "retina",
+            "Retina",
+            "normal / cataract / glaucoma / retinal disease",
+            ("anormal", "bcataract", "cglaucoma", "ddretina_disease"),
+            601,
+            {"train": 336, "val": 84, "test": 181},
+            False,
+            "https://www.kaggle.com/datasets/jr2ngb/cataractdataset",
+            provenance="split sizes recalled from RETFound's benchmark split, unverified",
+        ),
     )  # fmt: skip
 }
 

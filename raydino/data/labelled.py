@@ -95,8 +95,7 @@ def load_retfound_tree(root: str | os.PathLike, name: str | None = None) -> Labe
     if missing:
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise DataError(
-            f"{root}: not a RETFound-layout tree; split folder(s) {missing} missing "
-            f"(found {found}); expected ROOT/train|val|test/<class>/<image>"
+            f"{root}: not a RETFound-layout tree; split folder(s) {missing} missing (found {found}); expected ROOT/train|val|test/<class>/<image>"
         )
     per_split = {s: sorted(p.name for p in (root / s).iterdir() if p.is_dir()) for s in SPLITS}
     classes = per_split["train"]
@@ -128,7 +127,7 @@ def load_retfound_tree(root: str | os.PathLike, name: str | None = None) -> Labe
 def load_shard_data(uri: str, name: str | None = None, storage_options: Any = None) -> LabelledData:
     """Labelled Parquet shards written by `python -m raydino.shard` (rows with id, image, label, split)."""
     try:
-        from .shards import open_shards  # local import: RETFound trees need no pyarrow
+        from raydino.data.shards import open_shards  # local import: RETFound trees need no pyarrow
     except ImportError as e:
         raise DataError(f"{uri}: reading shards needs raydino.data.shards ({e})") from None
     try:
@@ -203,7 +202,7 @@ def load_labelled(
             )
     else:
         data = load_shard_data(src, dataset, storage_options)
-    from . import catalog  # local import: sources and shards need none of the catalog
+    from raydino.data import catalog  # local import: sources and shards need none of the catalog
 
     info = catalog.find(dataset)
     if info is not None:
@@ -223,7 +222,7 @@ def resolve_ordinal(classes: Sequence[str], dataset: str | None = None, ordinal:
     `--dataset`, or the synthetic DR and glaucoma sets, which use RETFound's folder names); else
     nominal, the safe reading: unweighted kappa assumes nothing about the class order.
     """
-    from . import catalog
+    from raydino.data import catalog
 
     if ordinal is not None:
         return bool(ordinal), "given (--ordinal)" if ordinal else "given (--nominal)"
@@ -282,8 +281,7 @@ def eval_transform(image_size: int, crop_pct: float = CROP_PCT) -> v2.Transform:
 class DecodedImages(torch.utils.data.Dataset):
     """Items (paths or bytes) decoded, and transformed when a transform is given, for a DataLoader."""
 
-    def __init__(self, items: Sequence[str | bytes], transform: Callable | None,
-                 ids: Sequence[str] | None = None) -> None:
+    def __init__(self, items: Sequence[str | bytes], transform: Callable | None, ids: Sequence[str] | None = None) -> None:
         self.items, self.transform, self.ids = items, transform, ids
 
     def __len__(self) -> int:

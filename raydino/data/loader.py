@@ -4,7 +4,7 @@ Used where pretraining runs in one process without Ray (unit tests, notebooks); 
 trial reads the Ray Data stream itself.  Same shuffle as that stream: every epoch the shards in a
 new order seeded by (seed, epoch), then a bounded shuffle buffer.  It reads one shard at a time and
 augments batch by batch, so memory stays flat whatever the dataset size.  Same crop keys and dtype
-as `raydino.streaming`.
+as `raydino.distributed.streaming`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from raydino.augment import MultiCropAugment
-from raydino.augment_gpu import build_augment
+from raydino.augment.cpu import MultiCropAugment
+from raydino.augment.device import build_augment
 from raydino.config import AugmentConfig
 from raydino.data.shards import ShardSet
 
@@ -68,8 +68,7 @@ def local_epoch_batches(
         for i in order:
             pf = shards.read_shard(entries[i], verify=False)
             for batch in pf.iter_batches(columns=["image", "split"]):
-                buffer.extend(img for img, split in zip(batch.column("image").to_pylist(), batch.column("split").to_pylist())
-                              if split in present)
+                buffer.extend(img for img, split in zip(batch.column("image").to_pylist(), batch.column("split").to_pylist()) if split in present)
                 yield from drain(shuffle_buffer)
         yield from drain(0)  # the rest, full batches only (drop_last, as the Ray stream)
 

@@ -247,9 +247,7 @@ class ShardSet:
                 if batch.num_rows:
                     yield batch.select(cols)
 
-    def iter_rows(
-        self, split: str | None = None, columns: list[str] | None = None, verify: bool = True
-    ) -> Iterator[dict[str, Any]]:
+    def iter_rows(self, split: str | None = None, columns: list[str] | None = None, verify: bool = True) -> Iterator[dict[str, Any]]:
         """Rows as dicts, shard by shard; a shard that disagrees with the manifest raises ShardError."""
         for batch in self.iter_batches(split=split, columns=columns, verify=verify):
             yield from batch.to_pylist()
@@ -267,4 +265,3 @@ def _check_rows(batch: pa.RecordBatch, where: str) -> None:
 def open_shards(uri: str, options: StorageOptions | None = None) -> ShardSet:
     """Open a sharded dataset (local folder, ``file://`` or ``s3://``) by its manifest."""
     return ShardSet(uri, options)
-

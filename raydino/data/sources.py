@@ -77,9 +77,7 @@ def normalise_split(value: str, where: str) -> str:
     v = value.strip().lower()
     if v in SPLIT_ALIASES:
         return SPLIT_ALIASES[v]
-    raise SourceError(
-        f"{where}: split {value!r} is not one of train, val, test, unlabelled (or training/valid/validation/testing)"
-    )
+    raise SourceError(f"{where}: split {value!r} is not one of train, val, test, unlabelled (or training/valid/validation/testing)")
 
 
 def list_source(
@@ -188,9 +186,7 @@ def _clean_rel(raw: str) -> str:
     return posixpath.normpath(raw.strip().replace("\\", "/"))
 
 
-def _csv_columns(
-    rows: list[list[str]], label_column: str, where: str
-) -> tuple[list[tuple[int, list[str]]], int, int | None, int | None]:
+def _csv_columns(rows: list[list[str]], label_column: str, where: str) -> tuple[list[tuple[int, list[str]]], int, int | None, int | None]:
     """(numbered data rows, path index, label index, split index) for a header-optional CSV."""
     if not rows:
         raise SourceError(f"{where} has no rows")

@@ -26,15 +26,19 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow.fs as pafs
 
 T = TypeVar("T")
 
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+# The one list of credential variables: `redact` hides their values, `forwardable_env` never sends
+# them to other nodes (each node reads its own credential chain).  AWS_SECURITY_TOKEN is the older
+# name of AWS_SESSION_TOKEN that boto and some SDKs still read.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
 class StorageError(OSError):
@@ -60,7 +64,7 @@ class StorageOptions:
     extra: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_config(cls, data_cfg: Any, **kw: Any) -> "StorageOptions":
+    def from_config(cls, data_cfg: Any, **kw: Any) -> StorageOptions:
         """Build from a `raydino.config.DataConfig` (fields s3_endpoint, s3_region)."""
         return cls(endpoint=getattr(data_cfg, "s3_endpoint", None), region=getattr(data_cfg, "s3_region", None), **kw)
 
@@ -74,13 +78,7 @@ class StorageOptions:
 
     def resolved_region(self) -> str | None:
         """The configured region, or None (pyarrow and boto3 then use us-east-1)."""
-        return (
-            self.region
-            or dict(self.extra).get("region")
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or None
-        )
+        return self.region or dict(self.extra).get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ class Location:
         rel = "/".join(p.strip("/") for p in parts if p)
         return f"{self.path.rstrip('/')}/{rel}" if rel else self.path
 
-    def child(self, *parts: str) -> "Location":
+    def child(self, *parts: str) -> Location:
         return replace(self, path=self.join(*parts))
 
     def uri_of(self, *parts: str) -> str:
@@ -148,8 +146,9 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):  # file://data/x would silently mean /x
-            raise StorageError(f"storage URI {uri!r}: {parts.netloc!r} would be read as a host name; use "
-                               f"file:///absolute/path or a plain (relative) path")
+            raise StorageError(
+                f"storage URI {uri!r}: {parts.netloc!r} would be read as a host name; use file:///absolute/path or a plain (relative) path"
+            )
         return Location(pafs.LocalFileSystem(), os.path.abspath(unquote(parts.path)), "file", opts)
     if scheme in ("s3", "s3a"):
         if parts.username or parts.password:
@@ -159,14 +158,15 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
             )
         bucket = parts.netloc  # not .hostname: that lower-cases and drops a port, hiding a typo
         if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-            raise StorageError(f"storage URI {display_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name "
-                               "(3-63 lower-case letters, digits, dots and hyphens; an endpoint goes in "
-                               "?endpoint_override= or AWS_ENDPOINT_URL)")
+            raise StorageError(
+                f"storage URI {display_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name "
+                "(3-63 lower-case letters, digits, dots and hyphens; an endpoint goes in "
+                "?endpoint_override= or AWS_ENDPOINT_URL)"
+            )
         given = parse_qs(parts.query, keep_blank_values=True)
         unknown = sorted(set(given) - set(S3_URI_QUERY_KEYS))
         if unknown:
-            raise StorageError(f"storage URI {display_uri(uri)!r}: unknown query key(s) {unknown}; allowed: "
-                               f"{', '.join(S3_URI_QUERY_KEYS)}")
+            raise StorageError(f"storage URI {display_uri(uri)!r}: unknown query key(s) {unknown}; allowed: {', '.join(S3_URI_QUERY_KEYS)}")
         query = {k: v[-1] for k, v in given.items()}
         if query:
             opts = replace(opts, extra=tuple(sorted({**dict(opts.extra), **query}.items())))
@@ -201,12 +201,17 @@ def display_uri(uri: str) -> str:
 def redact(text: str) -> str:
     """Remove credential values (from the environment) and URI user info from a message."""
     out = str(text)
-    for name in _SECRET_ENV:
+    for name in SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             out = out.replace(value, "***")
     out = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", out)
     return out
+
+
+def forwardable_env() -> dict[str, str]:
+    """The AWS_* settings (endpoint, region, profile...) every node of a run needs, without a credential."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") and k not in SECRET_ENV}
 
 
 # ------------------------------------------------------------------ retries
@@ -266,9 +271,7 @@ def with_retries(fn: Callable[[], T], *, what: str, options: StorageOptions | No
                     ) from None
                 raise
             if attempt >= opts.max_attempts:
-                raise TransientStorageError(
-                    f"{what}: storage unreachable after {attempt} attempts ({redact(str(e)).splitlines()[0]})"
-                ) from None
+                raise TransientStorageError(f"{what}: storage unreachable after {attempt} attempts ({redact(str(e)).splitlines()[0]})") from None
             time.sleep(delay * (0.75 + 0.5 * random.random()))
             delay = min(delay * 2, opts.backoff_max_s)
     raise AssertionError("unreachable")

@@ -1,6 +1,7 @@
 """Write a source of photographs as verified Parquet shards plus a manifest, resumably.
 
-The pipeline, and why it is shaped this way:
+The pipeline, and why it is shaped this way (planning and receipts in `raydino.data.shardplan`,
+reading, preparing and writing in `raydino.data.shardwork`):
 
 1. List the source (`sources.list_source`) and order it: by split, then in a seeded random
    order (``shuffle_seed``; a hash of seed and id, so the order does not depend on how the
@@ -27,10 +28,6 @@ message that says which shard and that rerunning resumes.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import multiprocessing
 import os
 import time
@@ -38,34 +35,19 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from raydino.data import catalog, storage
-from raydino.data.imagebytes import ImageRejected, PreparedImage, prepare_image
-from raydino.data.progress import Progress
-from raydino.data.shards import (
-    MANIFEST_NAME,
-    PROGRESS_DIR,
-    REJECTS_NAME,
-    SCHEMA,
-    SCHEMA_VERSION,
-    SHARDS_DIR,
-    Manifest,
-    ShardEntry,
-    ShardError,
-    Totals,
-    check_shard_bytes,
-    shard_name,
-)
+from raydino.data.imagebytes import PreparedImage
+from raydino.data.shardplan import PlannedShard, Reject, load_receipt, order_items, plan_shards, remove_stale, row_order, write_rejects
+from raydino.data.shards import MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry, Totals, shard_name
+from raydino.data.shardwork import ignore_sigint, process_chunk, write_shard
 from raydino.data.sources import SPLIT_ORDER, SourceItem, SourceListing, list_source
 from raydino.data.storage import Location, StorageError, StorageOptions
+from raydino.progress import Progress
 
-_ROW_GROUP_BYTES = 32 * 2**20  # ~32 MB row groups: streaming readers hold one at a time
 _CHUNK_ITEMS = 16  # images per pool task: amortises process hand-off, keeps results small
 _CHUNK_BYTES = 32 * 2**20
 
@@ -101,13 +83,6 @@ class ShardJobOptions:
 
 
 @dataclass
-class Reject:
-    id: str
-    kind: str  # "rejected" or "skipped"
-    reason: str
-
-
-@dataclass
 class ShardSummary:
     dest: str
     rows: int
@@ -126,222 +101,19 @@ class ShardSummary:
         splits = ", ".join(f"{k} {v}" for k, v in self.by_split.items())
         lines = [
             f"{self.rows} images in {self.shards} shards ({self.bytes / 2**20:.1f} MiB) at {self.dest} [{splits}]",
-            f"  {self.written_shards} shards written, {self.reused_shards} kept from an earlier run, "
-            f"{self.elapsed_s:.1f} s",
+            f"  {self.written_shards} shards written, {self.reused_shards} kept from an earlier run, {self.elapsed_s:.1f} s",
         ]
         if self.rejected or self.skipped:
-            lines.append(
-                f"  {self.rejected} files rejected, {self.skipped} skipped; reasons in {self.dest.rstrip('/')}/{REJECTS_NAME}"
-            )
+            lines.append(f"  {self.rejected} files rejected, {self.skipped} skipped; reasons in {self.dest.rstrip('/')}/{REJECTS_NAME}")
             for reason, n in Counter(r.reason for r in self.rejects).most_common(5):
                 lines.append(f"    {n} x {reason}")
         return "\n".join(lines)
 
 
-@dataclass
-class _Planned:
-    index: int
-    items: list[SourceItem]
-    fingerprint: str
-
-
-# ------------------------------------------------------------------ worker side
-
-_worker_locations: dict[tuple[str, StorageOptions], Location] = {}
-
-
-def _source_location(root_uri: str, options: StorageOptions) -> Location:
-    key = (root_uri, options)
-    if key not in _worker_locations:
-        _worker_locations[key] = storage.resolve(root_uri, options)
-    return _worker_locations[key]
-
-
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group; the parent alone handles it (and stops the pool).
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _process_chunk(
-    root_uri: str, options: StorageOptions, paths: list[str], keep_metadata: bool
-) -> list[PreparedImage | str]:
-    """Read and prepare a few images; a string in the result is a rejection reason.
-
-    Transient storage errors propagate (the run stops and can be resumed); per-file problems
-    become reasons.  Runs in pool processes, so it only takes picklable arguments.
-    """
-    loc = _source_location(root_uri, options)
-    out: list[PreparedImage | str] = []
-    for path in paths:
-        try:
-            data = storage.read_bytes(loc, path)
-        except storage.TransientStorageError:
-            raise
-        except FileNotFoundError:
-            out.append("unreadable: file disappeared after listing")
-            continue
-        except PermissionError:
-            out.append("unreadable: permission denied")
-            continue
-        except (OSError, StorageError) as e:
-            out.append(f"unreadable: {storage.redact(str(e)).splitlines()[0]}")
-            continue
-        try:
-            out.append(prepare_image(data, keep_metadata=keep_metadata))
-        except ImageRejected as e:
-            out.append(e.reason)
-    return out
-
-
-# ------------------------------------------------------------------ planning
-
-
-def row_order(opts: ShardJobOptions) -> dict[str, Any]:
-    """How rows are ordered in the shards (recorded in the manifest as ``row_order``)."""
-    return {"shuffled": opts.shuffle_seed is not None, "seed": opts.shuffle_seed}
-
-
-def order_items(items: list[SourceItem], shuffle_seed: int | None) -> list[SourceItem]:
-    """Splits in their usual order; within a split, a random order seeded by ``shuffle_seed``.
-
-    The key is a hash of (seed, id), not a permutation of the listing: the same files get the
-    same order however the source lists them (local or S3 listings, a CSV in any order).
-    """
-
-    def key(it: SourceItem) -> tuple[Any, ...]:
-        split = (SPLIT_ORDER.get(it.split, 9), it.split)
-        if shuffle_seed is None:
-            return (*split, it.id)
-        return (*split, hashlib.blake2b(f"{shuffle_seed}\0{it.id}".encode(), digest_size=8).digest(), it.id)
-
-    return sorted(items, key=key)
-
-
-def _plan(items: list[SourceItem], target_bytes: float, opts: ShardJobOptions) -> list[_Planned]:
-    shards: list[list[SourceItem]] = []
-    current: list[SourceItem] = []
-    size = 0
-    for it in items:
-        # A shard never mixes splits: readers of one split (Ray Data) then read only its shards.
-        if current and (size + it.size > target_bytes or it.split != current[-1].split):
-            shards.append(current)
-            current, size = [], 0
-        current.append(it)
-        size += it.size
-    if current:
-        shards.append(current)
-    settings: dict[str, Any] = {"schema": SCHEMA_VERSION, "keep_metadata": opts.keep_metadata, "dataset": opts.dataset}
-    if opts.shuffle_seed is not None:
-        # Only when shuffled: unshuffled plans keep the fingerprints (and receipts) of earlier raydino versions.
-        settings["row_order"] = row_order(opts)
-    planned = []
-    for i, members in enumerate(shards):
-        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-        for it in members:
-            h.update(json.dumps([it.id, it.size, it.mtime_ns, it.label, it.split]).encode())
-        planned.append(_Planned(i, members, h.hexdigest()))
-    return planned
-
-
-def _receipt_path(dest: Location, index: int) -> str:
-    return dest.join(PROGRESS_DIR, f"shard-{index:05d}.json")
-
-
-def _load_receipt(dest: Location, plan: _Planned) -> dict[str, Any] | None:
-    """The receipt of an earlier run for this shard, if its shard file is intact."""
-    path = _receipt_path(dest, plan.index)
-    if not storage.exists(dest, path):
-        return None
-    try:
-        receipt = json.loads(storage.read_bytes(dest, path))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if receipt.get("fingerprint") != plan.fingerprint:
-        return None
-    entry = receipt.get("entry")
-    if entry is None:  # every file of this shard was rejected: nothing to verify
-        return receipt
-    shard_path = dest.join(entry["path"])
-    if not storage.exists(dest, shard_path):
-        return None
-    try:
-        check_shard_bytes(ShardEntry(**entry), storage.read_bytes(dest, shard_path), dest.uri_of(entry["path"]))
-    except ShardError:
-        return None
-    return receipt
-
-
-# ------------------------------------------------------------------ writing one shard
-
-
-def _encode_shard(rows: list[tuple[SourceItem, PreparedImage]], dataset: str | None, fingerprint: str) -> bytes:
-    table = pa.table(
-        {
-            "id": [it.id for it, _ in rows],
-            "image": [p.data for _, p in rows],
-            "format": [p.format for _, p in rows],
-            "height": [p.height for _, p in rows],
-            "width": [p.width for _, p in rows],
-            "label": [it.label for it, _ in rows],
-            "split": [it.split for it, _ in rows],
-            "dataset": [dataset] * len(rows),
-            "sha256": [p.sha256 for _, p in rows],
-        },
-        schema=SCHEMA.with_metadata({"raydino.schema_version": str(SCHEMA_VERSION), "raydino.fingerprint": fingerprint}),
-    )
-    avg = max(1, sum(len(p.data) for _, p in rows) // len(rows))
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=max(1, min(len(rows), _ROW_GROUP_BYTES // avg)),
-        # Image bytes are already compressed (JPEG/PNG): compressing again costs CPU for nothing.
-        compression={c: ("NONE" if c == "image" else "ZSTD") for c in table.column_names},
-        use_dictionary=["format", "label", "split", "dataset"],
-        write_statistics=["id", "height", "width", "label", "split"],
-    )
-    return sink.getvalue().to_pybytes()
-
-
-def _write_shard(
-    dest: Location,
-    plan: _Planned,
-    results: list[PreparedImage | str],
-    opts: ShardJobOptions,
-) -> dict[str, Any]:
-    rows = [(it, r) for it, r in zip(plan.items, results) if isinstance(r, PreparedImage)]
-    rejects = [asdict(Reject(it.id, "rejected", r)) for it, r in zip(plan.items, results) if isinstance(r, str)]
-    receipt: dict[str, Any] = {"fingerprint": plan.fingerprint, "index": plan.index, "entry": None, "rejects": rejects}
-    name = shard_name(plan.index)
-    if rows:
-        data = _encode_shard(rows, opts.dataset, plan.fingerprint)
-        storage.write_bytes(dest, dest.join(name), data)
-        receipt["entry"] = {
-            "path": name,
-            "rows": len(rows),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "splits": dict(Counter(it.split for it, _ in rows)),
-            "labels": dict(Counter(it.label or "" for it, _ in rows)),
-        }
-        split_labels: dict[str, Counter[str]] = {}
-        for it, _ in rows:
-            split_labels.setdefault(it.split, Counter())[it.label or ""] += 1
-        receipt["split_labels"] = {k: dict(v) for k, v in split_labels.items()}
-        receipt["metadata_stripped"] = sum(1 for _, p in rows if p.removed and p.source_format in ("jpeg", "png"))
-        receipt["transcoded"] = sum(1 for _, p in rows if p.format != p.source_format)
-    else:
-        storage.delete_file(dest, dest.join(name))  # a stale file from an earlier plan
-    storage.write_bytes(dest, _receipt_path(dest, plan.index), json.dumps(receipt).encode())
-    return receipt
-
-
 # ------------------------------------------------------------------ the job
 
 
-def _chunks(pending: list[_Planned]) -> Iterable[tuple[int, list[SourceItem]]]:
+def _chunks(pending: list[PlannedShard]) -> Iterable[tuple[int, list[SourceItem]]]:
     for plan in pending:
         chunk: list[SourceItem] = []
         size = 0
@@ -355,7 +127,7 @@ def _chunks(pending: list[_Planned]) -> Iterable[tuple[int, list[SourceItem]]]:
             yield plan.index, chunk
 
 
-def _default_workers(listing: SourceListing, pending: list[_Planned]) -> int:
+def _default_workers(listing: SourceListing, pending: list[PlannedShard]) -> int:
     """All cores when the work outweighs starting them (~1-2 s to spawn and import).
 
     Local JPEGs are validated and written at roughly 50-100 MB/s per core, so a pool pays off from
@@ -370,7 +142,7 @@ def _default_workers(listing: SourceListing, pending: list[_Planned]) -> int:
 def _run_pending(
     listing: SourceListing,
     dest: Location,
-    pending: list[_Planned],
+    pending: list[PlannedShard],
     opts: ShardJobOptions,
     progress: Progress,
     on_written: Callable[[dict[str, Any]], None],
@@ -387,7 +159,7 @@ def _run_pending(
         plan = by_index[index]
         if len(collected[index]) == len(plan.items):
             try:
-                receipt = _write_shard(dest, plan, collected.pop(index), opts)
+                receipt = write_shard(dest, plan, collected.pop(index), opts.dataset)
             except storage.TransientStorageError as e:
                 raise ShardingError(f"{e}. Finished shards are kept; rerun the same command to resume.") from None
             except (OSError, StorageError) as e:
@@ -401,17 +173,15 @@ def _run_pending(
     chunks = _chunks(pending)
     if workers == 1 or sum(len(p.items) for p in pending) <= _CHUNK_ITEMS:
         for index, chunk in chunks:
-            _finish_chunk(index, _process_chunk(root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata))
+            _finish_chunk(index, process_chunk(root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata))
         return
     ctx = multiprocessing.get_context("spawn")
     in_flight: deque[tuple[int, Future]] = deque()
     window = workers * 3
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=ignore_sigint) as pool:
         try:
             for index, chunk in chunks:
-                in_flight.append(
-                    (index, pool.submit(_process_chunk, root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata))
-                )
+                in_flight.append((index, pool.submit(process_chunk, root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata)))
                 while len(in_flight) >= window:
                     i, fut = in_flight.popleft()
                     _finish_chunk(i, fut.result())
@@ -467,12 +237,12 @@ def shard_dataset(
                 on_warning(w)
 
     items = order_items(listing.items, opts.shuffle_seed)
-    plan = _plan(items, opts.target_shard_mb * 2**20, opts)
+    plan = plan_shards(items, opts.target_shard_mb * 2**20, keep_metadata=opts.keep_metadata, dataset=opts.dataset, shuffle_seed=opts.shuffle_seed)
     storage.delete_file(dest_loc, dest_loc.join(MANIFEST_NAME))  # DEST is incomplete from here on
 
     receipts: dict[int, dict[str, Any]] = {}
     for p in plan:
-        r = _load_receipt(dest_loc, p)
+        r = load_receipt(dest_loc, p)
         if r is not None:
             receipts[p.index] = r
     reused = len(receipts)
@@ -498,11 +268,11 @@ def shard_dataset(
     rejects = [Reject(s.id, s.kind, s.reason) for s in listing.skipped]
     for p in plan:
         rejects += [Reject(**r) for r in receipts[p.index]["rejects"]]
-    _write_rejects(dest_loc, rejects)
+    write_rejects(dest_loc, rejects)
     entries = [ShardEntry(**receipts[p.index]["entry"]) for p in plan if receipts[p.index]["entry"]]
     n_rejected = sum(1 for r in rejects if r.kind == "rejected")
     n_skipped = len(rejects) - n_rejected
-    _remove_stale(dest_loc, len(plan))
+    remove_stale(dest_loc, len(plan))
     if not entries:
         raise NothingReadableError(
             f"none of the {len(items) + len(listing.skipped)} files in {listing.root.uri} could be used "
@@ -552,7 +322,7 @@ def _manifest(
         source_kind=listing.kind,
         dataset=opts.dataset,
         classes=sorted(k for k in by_label if k),
-        row_order=row_order(opts),
+        row_order=row_order(opts.shuffle_seed),
         options={
             "target_shard_mb": opts.target_shard_mb,
             "keep_metadata": opts.keep_metadata,
@@ -573,21 +343,3 @@ def _manifest(
             source_files=len(listing.items) + len(listing.skipped),
         ),
     )
-
-
-def _write_rejects(dest: Location, rejects: list[Reject]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "kind", "reason"])
-    for r in sorted(rejects, key=lambda r: r.id):
-        w.writerow([r.id, r.kind, r.reason])
-    storage.write_bytes(dest, dest.join(REJECTS_NAME), buf.getvalue().encode())
-
-
-def _remove_stale(dest: Location, n_planned: int) -> None:
-    """Delete shard files and receipts of an earlier, larger plan (and crash leftovers)."""
-    wanted = {dest.join(shard_name(i)) for i in range(n_planned)} | {_receipt_path(dest, i) for i in range(n_planned)}
-    for sub in (SHARDS_DIR, PROGRESS_DIR):
-        for info in storage.list_files(dest, dest.join(sub)):
-            if info.path not in wanted:
-                storage.delete_file(dest, info.path)

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m raydino.bench {aug,train,data,gpu,all}."""

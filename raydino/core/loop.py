@@ -1,0 +1,120 @@
+"""The training loop, free of Ray: epochs of batches → `train_step`, with logging and checkpoint hooks.
+
+The pretraining recipe runs it inside each Ray Train worker (hooks call `ray.train.report`); a
+one-worker Tune trial runs it in the trial process.  Reading order: `fit` is the whole loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raydino.core.loss import CollapseStats
+from raydino.core.model import log_uniform_entropy
+from raydino.core.step import TrainState, train_step
+
+Batch = Sequence[torch.Tensor]  # crops, globals first, each [B, 3, S, S] uint8
+
+
+@dataclass
+class LoopHooks:
+    """Called by `fit`.  Every hook runs on every rank (Ray's report is a barrier)."""
+
+    on_log: Callable[[TrainState, dict[str, Any]], None] = lambda state, metrics: None
+    on_checkpoint: Callable[[TrainState, dict[str, Any], bool], None] = lambda state, metrics, epoch_end: None
+
+
+@dataclass
+class LoopSummary:
+    steps: int
+    epochs: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    collapse: str | None = None
+    images: int = 0
+    seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit(
+    state: TrainState,
+    epoch_batches: Callable[[int], Iterable[Batch]],
+    hooks: LoopHooks | None = None,
+    world_size: int = 1,
+) -> LoopSummary:
+    """Train until the schedule's last step; resumes from `state.step` / `state.epoch` as restored.
+
+    `epoch_batches(epoch)` returns that epoch's batches; the loop stops an epoch after
+    `steps_per_epoch` steps so every rank takes the same number of steps (and of reports).
+    """
+    hooks = hooks or LoopHooks()
+    cfg = state.cfg
+    spe = state.schedules.steps_per_epoch
+    summary = LoopSummary(steps=state.step, epochs=state.epoch)
+    max_entropy = log_uniform_entropy(cfg.model.out_dim)
+    window: dict[str, float] = {"images": 0, "wait": 0.0, "t0": time.perf_counter()}
+    t_start = time.perf_counter()
+    state.student.train()
+    state.teacher.train()
+
+    while not state.done:
+        epoch_end_step = min((state.epoch + 1) * spe, state.schedules.total_steps)
+        t_wait = time.perf_counter()
+        for batch in epoch_batches(state.epoch):
+            if state.step >= epoch_end_step:
+                # Drain instead of break: a Ray Data streaming split expects every rank to finish
+                # its epoch (this happens after a mid-epoch resume or when rows don't divide evenly).
+                continue
+            crops = [c.to(state.device, non_blocking=True) for c in batch]
+            wait = time.perf_counter() - t_wait
+            metrics = train_step(state, crops)
+            n_images = crops[0].shape[0] * world_size
+            window["images"] += n_images
+            window["wait"] += wait
+            summary.images += n_images
+            summary.data_wait_seconds += wait
+            summary.first_loss = metrics["loss"] if summary.first_loss is None else summary.first_loss
+            summary.last_loss = metrics["loss"]
+
+            if state.step % cfg.train.log_every == 0 or state.step == epoch_end_step:
+                elapsed = time.perf_counter() - window["t0"]
+                stats = state.loss_fn.last_stats or CollapseStats(float("nan"), float("nan"), max_entropy)
+                metrics.update(
+                    step=state.step,
+                    epoch=state.epoch,
+                    images_per_s=window["images"] / max(elapsed, 1e-9),
+                    data_wait_fraction=window["wait"] / max(elapsed, 1e-9),
+                    max_entropy=max_entropy,
+                    collapse=stats.collapse,
+                )
+                summary.history.append(dict(metrics))
+                hooks.on_log(state, metrics)
+                window = {"images": 0, "wait": 0.0, "t0": time.perf_counter()}
+            if state.step % cfg.train.checkpoint_every == 0 and state.step < epoch_end_step:
+                hooks.on_checkpoint(state, {"loss": metrics["loss"], "step": state.step, "epoch": state.epoch}, False)
+            t_wait = time.perf_counter()
+        if state.step < epoch_end_step:
+            raise RuntimeError(
+                f"epoch {state.epoch} ended after step {state.step} but {epoch_end_step} was planned: the data "
+                f"stream gave fewer batches than steps_per_epoch={spe} (too few rows for the global batch?)"
+            )
+        state.epoch += 1
+        last = summary.history[-1] if summary.history else {}
+        hooks.on_checkpoint(state, {"loss": summary.last_loss, "step": state.step, "epoch": state.epoch, **_scalars(last)}, True)
+
+    summary.steps, summary.epochs = state.step, state.epoch
+    summary.seconds = time.perf_counter() - t_start
+    # Collapse is judged on the end of training: early DINO steps pass through near-uniform outputs.
+    tail = summary.history[-3:]
+    if tail and all(h.get("collapse") for h in tail):
+        summary.collapse = tail[-1]["collapse"]
+    return summary
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}

@@ -1,0 +1,111 @@
+"""DINO loss: cross-entropy between the sharpened, centred teacher and the student, with collapse stats.
+
+For every pair (teacher view of global crop i, student view of crop j ≠ i):
+    loss_ij = mean_batch( sum_k  -softmax((t_i - c) / τ_t)_k · log_softmax(s_j / τ_s)_k )
+and the loss is the mean over all such pairs.  The centre c is an EMA of the teacher's mean output,
+all-reduced over workers when torch.distributed runs, so that every rank centres identically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def teacher_temperature_schedule(warmup_temp: float, final_temp: float, warmup_epochs: int, total_epochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up, then constant (DINO's schedule)."""
+    warm = np.linspace(warmup_temp, final_temp, warmup_epochs) if warmup_epochs else np.array([])
+    rest = np.full(max(total_epochs - warmup_epochs, 0), final_temp)
+    return np.concatenate([warm, rest]) if total_epochs else np.array([final_temp])
+
+
+@dataclass
+class CollapseStats:
+    """Entropy of the teacher's (centred, sharpened) output distribution.
+
+    `entropy` is the mean per-sample entropy, `marginal_entropy` the entropy of the batch-mean
+    distribution.  Uniform collapse: every sample ≈ uniform, entropy → ln K.  One-hot collapse:
+    every sample puts its mass on the same dimension, so even the batch mean is near one-hot.
+    """
+
+    entropy: float
+    marginal_entropy: float
+    max_entropy: float
+
+    @property
+    def distance_to_uniform(self) -> float:
+        return self.max_entropy - self.entropy
+
+    @property
+    def collapse(self) -> str | None:
+        if self.entropy >= 0.98 * self.max_entropy:
+            return "uniform"
+        if self.marginal_entropy <= 0.02 * self.max_entropy:
+            return "one-hot"
+        return None
+
+
+class DINOLoss(nn.Module):
+    def __init__(
+        self,
+        out_dim: int,
+        n_crops: int,
+        teacher_temps: np.ndarray,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.n_crops = n_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.teacher_temps = teacher_temps
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.last_stats: CollapseStats | None = None
+
+    def teacher_temp(self, epoch: int) -> float:
+        return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
+        student_out = student_out.float()
+        teacher_out = teacher_out.float()
+        student_logp = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(self.n_crops)
+        temp = self.teacher_temp(epoch)
+        teacher_p = F.softmax((teacher_out - self.center) / temp, dim=-1).detach()
+        teacher_chunks = teacher_p.chunk(2)
+
+        total = student_out.new_zeros(())
+        n_terms = 0
+        for iq, q in enumerate(teacher_chunks):
+            for v, logp in enumerate(student_logp):
+                if v == iq:  # a view is never compared with itself
+                    continue
+                total = total + torch.sum(-q * logp, dim=-1).mean()
+                n_terms += 1
+        self.last_stats = collapse_stats(teacher_p)
+        self.update_center(teacher_out)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        batch_sum = teacher_out.detach().float().sum(dim=0, keepdim=True)
+        count = torch.tensor(float(len(teacher_out)), device=teacher_out.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        batch_center = batch_sum / count
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+@torch.no_grad()
+def collapse_stats(probs: torch.Tensor) -> CollapseStats:
+    probs = probs.float().clamp_min(1e-12)
+    entropy = float(-(probs * probs.log()).sum(-1).mean())
+    mean_p = probs.mean(0)
+    marginal = float(-(mean_p * mean_p.log()).sum())
+    return CollapseStats(entropy, marginal, math.log(probs.shape[-1]))

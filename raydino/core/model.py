@@ -1,0 +1,153 @@
+"""Backbones from timm, the DINO projection head, and the multi-crop student/teacher pair.
+
+The backbone is any `timm.create_model` name with its classifier removed (`num_classes=0`), so
+its forward returns the pooled feature ([CLS] for ViTs, global average pool for CNNs).  ViTs
+are built with timm's dynamic image size so one network takes both the global and the local
+crop resolution (position embeddings are interpolated on the fly).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import timm
+import torch
+from timm.layers import DropPath
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from raydino.config import Config, ModelConfig
+from raydino.core.weights import load_backbone_weights
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    """True for transformer backbones with a patch embedding and a block list (timm ViT family)."""
+    return hasattr(backbone, "patch_embed") and hasattr(backbone, "blocks")
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def build_backbone(cfg: ModelConfig, img_size: int | None = None) -> nn.Module:
+    """A timm backbone without classifier.  `img_size` sets a ViT's native grid (dynamic size on)."""
+    kwargs: dict = {"pretrained": False, "num_classes": 0, "drop_path_rate": cfg.drop_path_rate}
+    try:
+        extra = {"dynamic_img_size": True} | ({"img_size": img_size} if img_size else {})
+        return timm.create_model(cfg.arch, **kwargs, **extra)
+    except TypeError:
+        # CNNs (ResNet, ConvNeXt, ...) take any input size and reject the ViT-only arguments.
+        return timm.create_model(cfg.arch, **kwargs)
+
+
+class DINOHead(nn.Module):
+    """MLP projection head: layers → L2-normalised bottleneck → weight-normalised linear to out_dim.
+
+    With `norm_last_layer` the weight-norm gain is frozen at 1, which DINO found stabilises training.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:  # no activation after the bottleneck projection
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            gain.fill_(1.0)
+        gain.requires_grad = not norm_last_layer
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = nn.functional.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + head over a list of crops.
+
+    Crops of the same resolution are concatenated and go through the backbone in one forward
+    (two forwards for 2 global + N local crops); the head then runs once on all features.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        feats = []
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            feats.append(self.backbone(torch.cat(list(crops[start:end]))))
+            start = end
+        return self.head(torch.cat(feats))
+
+
+def build_student_teacher(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwork]:
+    """Student and teacher start identical; the teacher never receives gradients (EMA only)."""
+    backbone = build_backbone(cfg.model, img_size=cfg.augment.global_crop_size)
+    m = cfg.model
+    head = DINOHead(
+        backbone.num_features,
+        m.out_dim,
+        m.head_hidden_dim,
+        m.head_bottleneck_dim,
+        m.head_layers,
+        m.head_use_bn,
+        m.norm_last_layer,
+    )
+    student = MultiCropNetwork(backbone, head)
+    if m.pretrained_init:
+        load_backbone_weights(student.backbone, m.pretrained_init)
+    teacher = copy.deepcopy(student)
+    disable_stochastic_depth(teacher)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def disable_stochastic_depth(network: nn.Module) -> None:
+    """Turn every DropPath into the identity, in place.
+
+    DINO builds its teacher without stochastic depth (only the student gets `drop_path_rate`);
+    the teacher runs in train mode, so a copied DropPath would randomly drop residual branches
+    of the teacher and add noise to its targets.  DropPath has no weights: the state dicts of
+    student and teacher stay identical, and the EMA pairs parameters exactly as before.
+    """
+    for module in network.modules():
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
+
+
+def log_uniform_entropy(out_dim: int) -> float:
+    """ln(K): the entropy of a uniform distribution over the K head outputs (collapse reference)."""
+    return math.log(out_dim)

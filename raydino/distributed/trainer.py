@@ -1,0 +1,100 @@
+"""The TorchTrainer factory every recipe uses, and what each Ray Train worker does first.
+
+One place decides how raydino's config becomes Ray Train's: workers and their CPUs/GPUs, gloo on CPU
+and NCCL on GPU, checkpoints kept, failure budgets, where runs are stored, the dataset's execution
+options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from raydino.config import Config, RunConfig
+from raydino.distributed.cluster import hide_report_dumps
+
+
+def torch_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    run: RunConfig,
+    *,
+    name: str,
+    storage_path: str,
+    storage_filesystem: Any = None,
+    keep_checkpoints: int | None = None,
+    max_failures: int = 0,
+    start_attempts: int = -1,
+    label_selector: dict[str, str] | None = None,
+    dataset: Any = None,
+    data_cfg: Config | None = None,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """A `TorchTrainer` running `loop(loop_config)` on `run.workers` workers of `run.cpus_per_worker` CPU
+    and `run.gpus_per_worker` GPU each (gloo on CPU, NCCL on GPU).
+
+    `start_attempts` is Ray Train's `controller_failure_limit` (worker-group start timeouts; -1: no limit);
+    `dataset` becomes the "train" dataset, with `data_cfg`'s execution options (Train replaces a
+    dataset's own, which would drop `data.node_labels`).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydino.distributed.streaming import data_execution_options
+
+    gpus = run.gpus_per_worker
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+            label_selector=label_selector,
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=start_attempts),
+            callbacks=list(callbacks) or None,
+        ),
+        datasets={"train": dataset} if dataset is not None else None,
+        dataset_config=ray.train.DataConfig(execution_options=data_execution_options(data_cfg)) if data_cfg is not None else None,
+    )
+
+
+def worker_state(cfg: Config, steps_per_epoch: int) -> tuple[Any, int, int, Any, bool]:
+    """On a Ray Train worker: the DINO state on this worker's device (student in DDP when there are
+    several workers), restored from Ray Train's latest checkpoint if there is one.
+
+    Returns (state, rank, world size, device, whether it was restored).
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raydino.core.checkpoint import load_checkpoint, restore_state
+    from raydino.core.step import build_train_state
+
+    hide_report_dumps()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.run.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    state = build_train_state(cfg, steps_per_epoch, world, device)
+    if world > 1:
+        state.student = DistributedDataParallel(state.student, device_ids=[device] if device.type == "cuda" else None)
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            restore_state(state, load_checkpoint(d), restore_rng=False)
+    return state, rank, world, device, resumed is not None
+
+
+def worker_seed(cfg: Config, rank: int, step: int) -> int:
+    """A seed of its own per rank and per (re)start, so a replaced worker does not replay its crops."""
+    return cfg.train.seed * 1_000_003 + rank * 10_007 + step

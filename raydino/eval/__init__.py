@@ -1,0 +1,1 @@
+"""Frozen-backbone evaluation: features, probes, metrics, reports. No Ray."""

@@ -1,0 +1,1 @@
+"""The augmentation search without Ray: its spec, the rows of its trials, and the report a person reads."""

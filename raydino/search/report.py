@@ -1,0 +1,202 @@
+"""What a person reads of an augmentation search: plots, the summary page, Table 3 and `best.yaml`.
+
+Pure presentation of `raydino.search.results` rows; headless matplotlib and markdown tables are
+`raydino.eval.report`'s, shared with the evaluation reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raydino.eval.metrics import METRICS
+from raydino.eval.report import markdown_grid, pyplot, save_figure
+from raydino.search.results import METRIC, STATUSES, paired_test, preset_table
+from raydino.search.spec import SearchSpec, trial_config
+
+HEATMAP_KEYS = ("augment.global_crop_scale.min", "augment.local_crop_scale.min")
+
+
+def format_value(v: Any, digits: int = 3) -> str:
+    """A table cell: `digits` decimals, or significant digits when tiny or huge; None and NaN are a dash."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        tiny_or_huge = v != 0 and not 10**-digits <= abs(v) < 1e4
+        return f"{v:.{digits}g}" if tiny_or_huge else f"{v:.{digits}f}"
+    return str(v)
+
+
+_STATUS_STYLE = {"finished": ("tab:green", "o"), "stopped": ("tab:orange", "v"), "collapsed": ("tab:red", "x"), "errored": ("black", "s")}
+
+
+def plot_auroc_vs_params(rows: list[dict[str, Any]], param_keys: list[str], out: Path, title: str) -> Path | None:
+    """One panel per searched parameter: val AUROC of each trial, coloured by status."""
+    plt = pyplot()
+    plotted = [r for r in rows if r[METRIC] is not None]
+    if not plotted or not param_keys:
+        return None
+    n = len(param_keys)
+    cols = min(n, 3)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False)
+    for ax, key in zip(axes.flat, param_keys):
+        values = [r.get(key) for r in plotted]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        cats = sorted({json.dumps(v) for v in values}) if not numeric else []
+        for status, (colour, marker) in _STATUS_STYLE.items():
+            pts = [(r.get(key), r[METRIC]) for r in plotted if r["status"] == status]
+            if pts:
+                xs = [x if numeric else cats.index(json.dumps(x)) for x, _ in pts]
+                ax.scatter(xs, [y for _, y in pts], c=colour, marker=marker, label=status, alpha=0.8)
+        if not numeric:
+            ax.set_xticks(range(len(cats)), [c.strip('"') for c in cats], rotation=30)
+        ax.set_xlabel(key)
+        ax.set_ylabel("val AUROC")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title + "  (stopped / collapsed: last intermediate value)", fontsize=10)
+    return save_figure(plt, fig, out)
+
+
+def plot_scale_heatmap(rows: list[dict[str, Any]], out: Path, title: str, bins: int = 5) -> Path | None:
+    """Mean val AUROC over global × local minimum crop scale (binned), with every trial on top."""
+    plt = pyplot()
+    gx, lx = HEATMAP_KEYS
+    pts = [(r[gx], r[lx], r[METRIC], r["status"]) for r in rows if r.get(gx) is not None and r.get(lx) is not None and r[METRIC] is not None]
+    if len(pts) < 2:
+        return None
+    x, y, z = (np.array([p[i] for p in pts], dtype=float) for i in range(3))
+    # Edges padded by half a bin so trials at the extremes sit inside a cell, not on the frame.
+    xp, yp = (max(np.ptp(v), 1e-3) / (2 * bins) for v in (x, y))
+    xe = np.linspace(x.min() - xp, x.max() + xp, bins + 1)
+    ye = np.linspace(y.min() - yp, y.max() + yp, bins + 1)
+    total, _, _ = np.histogram2d(x, y, bins=(xe, ye), weights=z)
+    count, _, _ = np.histogram2d(x, y, bins=(xe, ye))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    mesh = ax.pcolormesh(xe, ye, mean.T, cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax, label="mean val AUROC (bin)")
+    for status, (colour, marker) in _STATUS_STYLE.items():
+        sel = [p for p in pts if p[3] == status]
+        if sel:
+            face = colour if marker == "x" else "white"  # unfilled markers take no edge colour
+            ax.scatter([p[0] for p in sel], [p[1] for p in sel], c=face, edgecolors=colour if marker != "x" else None, marker=marker, label=status)
+    ax.set_xlabel("global crop scale min")
+    ax.set_ylabel("local crop scale min")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    return save_figure(plt, fig, out)
+
+
+def preset_table_markdown(table: list[dict[str, Any]], group_key: str = "augment.preset") -> str:
+    """Mean [95% t-interval over pretraining seeds] and, after ±, the mean std over probe seeds."""
+    cols = ["preset", "pretraining seeds", "probe seeds"] + [m.upper() if m in ("auroc", "aupr") else m for m in METRICS]
+    rows: list[list[str]] = []
+    for e in table:
+        cells = [str(e[group_key]), str(e["n"]), format_value(e.get("probe_seeds"))]
+        for m in METRICS:
+            lo, hi, sd = e.get(f"{m}_low"), e.get(f"{m}_high"), e.get(f"{m}_probe_std")
+            cell = f"{format_value(e[m])} [{format_value(lo)}, {format_value(hi)}]" if lo is not None else format_value(e[m])
+            cells.append(cell + (f" ± {format_value(sd)}" if sd is not None else ""))
+        rows.append(cells)
+    return markdown_grid(cols, rows)
+
+
+def summary_markdown(
+    spec: SearchSpec,
+    rows: list[dict[str, Any]],
+    best: dict[str, Any] | None,
+    param_keys: list[str],
+    extra: dict[str, Any] | None = None,
+    paper: dict[str, Any] | None = None,
+) -> str:
+    """The experiment on one page: what ran, how trials ended, the best, and the figures."""
+    extra = extra or {}
+    counts = Counter(r["status"] for r in rows)
+    out = [f"# Augmentation search `{spec.name}`", ""]
+    if spec.description:
+        out += [spec.description.strip(), ""]
+    budget = f"{spec.budget.epochs} epochs" if spec.budget.epochs else f"{spec.budget.steps} steps"
+    out += [
+        f"- base config `{spec.base}`, budget {budget} per trial, report every {spec.budget.report_every} epoch(s)",
+        f"- searcher {spec.searcher.kind}, scheduler {spec.scheduler.kind}, {len(rows)} trials "
+        f"({', '.join(f'{counts.get(s, 0)} {s}' for s in STATUSES)})",
+        f"- objective: `{METRIC}` = validation macro AUROC of the `{spec.evaluation.objective}` probe at every report "
+        f"({'every ' + str(spec.budget.report_every) + ' epoch(s) and ' if spec.evaluation.intermediate else ''}at the end); "
+        f"test metrics: the `{spec.evaluation.kind}` probe at the end, never used to choose",
+        f"- resources per trial: {spec.resources.workers} worker(s) × {spec.resources.gpus_per_worker:g} GPU × "
+        f"{spec.resources.cpus_per_worker:g} CPU",
+    ]
+    for k, v in extra.items():
+        out.append(f"- {k}: {v}")
+    out.append("")
+    if best:
+        tests = ", ".join(
+            f"{m} {format_value(best.get(f'test_{m}'))} [{format_value(best.get(f'test_{m}_low'))}, {format_value(best.get(f'test_{m}_high'))}]"
+            for m in ("auroc", "aupr", "sensitivity")
+        )
+        out += [
+            "## Best trial",
+            "",
+            f"`{best['trial_id']}`: val AUROC {format_value(best[METRIC])}; test {tests}",
+            "",
+            markdown_grid(["parameter", "value"], [[k, format_value(best.get(k), 4)] for k in param_keys]),
+        ]
+        out += ["", "Its full configuration is `best.yaml` (`python -m raydino.pretrain --config best.yaml`).", ""]
+    else:
+        out += ["## Best trial", "", "No trial finished or was stopped with an AUROC.", ""]
+    ranked = sorted(rows, key=lambda r: (r["status"] != "finished", -(r[METRIC] if r[METRIC] is not None else -1)))
+    cols = ["trial_id", "status", *param_keys, METRIC, "test_auroc", "epoch", "reason"]
+    out += ["## Trials", "", markdown_grid(cols, [[format_value(r.get(c)) for c in cols] for r in ranked]), ""]
+    if paper:
+        out += [
+            "## Presets (Table 3 shape)",
+            "",
+            "Test metrics: mean [95% t-interval over pretraining seeds] ± mean std over probe seeds "
+            "(the paper's ± is over probe seeds of one checkpoint).",
+            "",
+            paper["table_md"],
+            "",
+        ]
+        for test in paper.get("paired", []):
+            r = test["metrics"]["auroc"]
+            out.append(
+                f"Paired {test['a']} vs {test['b']} over seeds {test['pairs']}: AUROC difference "
+                f"{format_value(r.get('mean_difference'), 4)}, paired t p = {format_value(r.get('p_t'))}, "
+                f"Wilcoxon p = {format_value(r.get('p_wilcoxon'))}"
+            )
+        out.append("")
+    out += ["## Figures", "", "![val AUROC against each parameter](plots/auroc_vs_params.png)", ""]
+    if all(k in param_keys for k in HEATMAP_KEYS):
+        out += ["![global × local minimum crop scale](plots/scale_heatmap.png)", ""]
+    return "\n".join(out)
+
+
+def paper_report(rows: list[dict[str, Any]], group_key: str = "augment.preset", pair_key: str = "train.seed") -> dict[str, Any] | None:
+    """Table 3 and the paired weak-vs-strong (and weak_med-vs-strong) tests, when presets were searched."""
+    presets = {r.get(group_key) for r in rows if r.get(group_key) is not None}
+    if len(presets) < 2:
+        return None
+    table = preset_table(rows, group_key)
+    paired = [paired_test(rows, a, "strong", group_key, pair_key) for a in ("weak", "weak_med") if {a, "strong"} <= presets]
+    return {"table": table, "table_md": preset_table_markdown(table, group_key), "paired": paired}
+
+
+def best_config_yaml(spec: SearchSpec, params: dict[str, Any], steps_per_epoch: int | None, row: dict[str, Any]) -> str:
+    """The best trial's full config as a pretraining YAML (a fresh run name; comments say where it came from)."""
+    cfg = trial_config(spec, params, steps_per_epoch)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": None})})
+    head = (
+        f"# Best trial {row['trial_id']} of search {spec.name!r}: val AUROC {format_value(row[METRIC])}, "
+        f"test AUROC {format_value(row.get('test_auroc'))}\n# params: {json.dumps(params)}\n"
+        f"# Run it: python -m raydino.pretrain --config best.yaml  (raise train.epochs for a full run)\n"
+    )
+    return head + cfg.to_yaml()
