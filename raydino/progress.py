@@ -10,7 +10,12 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
+
+# Where a component's progress lines go: print, a logger's info, list.append, or None (silent).
+# Probes report through one so that the recipe (pretraining on Ray, a search trial) chooses.
+LinePrinter = Callable[[str], None] | None
 
 
 def say(line: str) -> None:
@@ -45,18 +50,22 @@ class Progress:
         stream: TextIO | None = None,
         enabled: bool = True,
         min_interval_s: float | None = None,
+        sink: LinePrinter = None,
     ):
         self.total = max(0, int(total))
         self.label = label
         self.unit = unit
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.sink = sink  # lines go to this callback instead of the stream (never redrawn in place)
+        self.tty = sink is None and bool(getattr(self.stream, "isatty", lambda: False)())
         self.min_interval_s = min_interval_s if min_interval_s is not None else (0.2 if self.tty else 5.0)
         self.done = 0
         self.note = ""
         self.start = time.monotonic()
-        self._last = 0.0
+        # A terminal or log gets a first line at once; a callback (a probe inside a job) only after
+        # min_interval_s, so short extractions stay silent.
+        self._last = self.start if sink is not None else 0.0
         self._drawn_done = -1
 
     def update(self, n: int = 1, note: str | None = None) -> None:
@@ -88,6 +97,9 @@ class Progress:
         if not self.enabled or (final and not self.tty and self._drawn_done == self.done):
             return
         self._drawn_done = self.done
+        if self.sink is not None:
+            self.sink(self.line())
+            return
         if self.tty:
             self.stream.write("\r\x1b[2K" + self.line() + ("\n" if final else ""))
         else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from raydino.data import catalog
 from raydino.data.fundus import FundusLabel, render_fundus
 
 from helpers.images import jpeg_bytes, write_tree
+from helpers.recipes import run_recipe
 
 
 def test_catalog_has_the_papers_datasets():
@@ -78,15 +77,12 @@ def test_mismatches_are_reported(tmp_path, tiny_jpeg):
 def test_shard_cli_warns_on_a_mismatched_tree(tmp_path, tiny_jpeg):
     info = catalog.get("papila")
     root = _tree(tmp_path / "papila", tiny_jpeg, {"train": 6, "val": 3, "test": 2}, info.classes)
-    out = subprocess.run(
-        [sys.executable, "-m", "raydino.shard", str(root), str(tmp_path / "out"), "--dataset", "PAPILA", "--workers", "1"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    out = run_recipe("shard", str(root), str(tmp_path / "out"), "--dataset", "PAPILA", "--workers", "1", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "warning: PAPILA: split 'test' lacks classes ['cglaucoma']" in out.stderr
     assert "warning: PAPILA: split 'train' has 6 images, the paper's has 311" in out.stderr
     assert "not yet verified" in out.stderr
-    listing = subprocess.run([sys.executable, "-m", "raydino.shard", "--list-datasets"], capture_output=True, text=True)
+    listing = run_recipe("shard", "--list-datasets")
     assert listing.returncode == 0 and "jsiec" in listing.stdout and "39 classes" in listing.stdout
     line = next(x for x in listing.stdout.splitlines() if x.startswith("glaucoma_fundus"))
     assert "Glaucoma_fundus" in line and "3 classes" in line and "861/218/465" in line and "unverified" in line

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from raydino.data.storage import StorageOptions, s3_client  # noqa: E402
 from raydino.data.synth import generate_dataset  # noqa: E402
 from raydino.data.writer import ShardingError, ShardJobOptions, shard_dataset  # noqa: E402
 
+from helpers.recipes import run_recipe
 from helpers.s3 import KEY_ID, SECRET, LoopbackS3  # noqa: E402
 
 BUCKET = "raydino-test"
@@ -102,9 +101,8 @@ def test_s3_source_to_local(s3, source, tmp_path):
 
 
 def test_cli_against_s3_never_shows_credentials(s3, source, tmp_path):
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "raydino.shard", *a, "--retries", "2"],  # noqa: E731
-                                    capture_output=True, text=True, env=env, timeout=180)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": s3.endpoint}
+    run = lambda *a: run_recipe("shard", *a, "--retries", "2", timeout=180, **env)  # noqa: E731
     ok = run(str(source), f"s3://{BUCKET}/cli", "--workers", "1", "--target-shard-mb", "0.05")
     assert ok.returncode == 0, ok.stderr
     assert run("--verify", f"s3://{BUCKET}/cli").returncode == 0

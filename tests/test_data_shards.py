@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from raydino.data.synth import generate_dataset
 from raydino.data.writer import NothingReadableError, ShardingError, ShardJobOptions, shard_dataset
 
 from helpers.images import jpeg_bytes
+from helpers.recipes import run_recipe
 
 SECRET = "PATIENT Jane Roe ID 4711"
 N_IMAGES = 40
@@ -221,7 +221,7 @@ def test_errors_nothing_readable_and_unwritable(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raydino.shard", *args], capture_output=True, text=True, timeout=120)
+    return run_recipe("shard", *args, timeout=120)
 
 
 def test_cli_exit_codes_and_summary(source, sharded, tmp_path):

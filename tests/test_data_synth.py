@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +15,8 @@ from PIL import Image
 from raydino.data import synth
 from raydino.data.fundus import FundusLabel, render_fundus
 from raydino.data.synth import DR_CLASSES, generate_dataset, sample_labels
+
+from helpers.recipes import run_recipe
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -95,7 +95,7 @@ def test_glaucoma_cup_and_left_eye_mirror():
 
 
 def test_cli_writes_png_and_rejects_bad_arguments(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "raydino.synth", *a], capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: run_recipe("synth", *a)  # noqa: E731
     ok = run(str(tmp_path / "p"), "--n", "8", "--size", "32", "--format", "png", "--task", "glaucoma", "--quiet", "--workers", "1")
     assert ok.returncode == 0, ok.stderr
     files = sorted((tmp_path / "p").rglob("*.png"))

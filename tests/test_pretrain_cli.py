@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -20,6 +18,7 @@ from raydino.config import build_config, load_config  # noqa: E402
 from raydino.data.synth import synthetic_shards  # noqa: E402
 from raydino.pretrain import main  # noqa: E402
 
+from helpers.recipes import run_recipe
 from helpers.s3 import KEY_ID, SECRET  # noqa: E402
 
 BUCKET = "raydino-cli"
@@ -144,31 +143,10 @@ def test_resume_needs_an_existing_run(shards, tmp_path, capsys):
 @pytest.mark.timeout(180)
 def test_more_workers_than_this_machine_can_host(shards, tmp_path):
     """64 workers on a local Ray (capped at 2× the cores): refused once Ray is up, instead of waiting forever."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raydino.pretrain",
-            "--config",
-            "smoke",
-            "--data",
-            shards,
-            "--storage",
-            str(tmp_path / "runs"),
-            "--name",
-            "many",
-            "--workers",
-            "64",
-            "--set",
-            "train.batch_size=1",
-            "--no-probe",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
+    done = run_recipe(
+        "pretrain", "--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "many",
+        "--workers", "64", "--set", "train.batch_size=1", "--no-probe", cwd=tmp_path, timeout=170, local_ray=True,
+    )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "run.workers=64" in done.stderr and "room for" in done.stderr and "Lower --workers" in done.stderr
     assert not (tmp_path / "runs" / "many" / "workers").exists()
@@ -178,35 +156,11 @@ def test_more_workers_than_this_machine_can_host(shards, tmp_path):
 def test_with_an_autoscaler_a_run_that_never_fits_gives_up_after_max_node_wait(shards, tmp_path):
     """An autoscaled cluster (assumed here) may add nodes, so nothing is refused up front; but a request no
     node will ever satisfy must not wait forever: after run.max_node_wait_s the run ends with a clear error."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAYDINO_ASSUME_AUTOSCALER="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raydino.pretrain",
-            "--config",
-            "smoke",
-            "--data",
-            shards,
-            "--storage",
-            str(tmp_path / "runs"),
-            "--name",
-            "wait",
-            "--workers",
-            "64",
-            "--set",
-            "train.batch_size=1",
-            "--set",
-            "run.max_node_wait_s=6",
-            "--no-probe",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-        env=env,
-    )
+    done = run_recipe(
+        "pretrain", "--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "wait",
+        "--workers", "64", "--set", "train.batch_size=1", "--set", "run.max_node_wait_s=6", "--no-probe",
+        cwd=tmp_path, timeout=240, local_ray=True, RAYDINO_ASSUME_AUTOSCALER="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3",
+    )  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
     assert "the training workers never started" in done.stderr and "run.max_node_wait_s=6.0" in done.stderr
     assert "run.workers=64" in done.stderr

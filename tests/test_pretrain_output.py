@@ -3,14 +3,13 @@ Ray's warnings, and not Ray Train's per-report dumps (those stay in Ray's log fi
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers.recipes import run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -18,28 +17,10 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_terminal_shows_progress_once_and_no_report_dumps(tmp_path):
     started = time.time()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raydino.pretrain",
-            "--config",
-            "smoke",
-            "--no-probe",
-            "--storage",
-            str(tmp_path / "runs"),
-            "--name",
-            "terminal",
-            "--cache",
-            str(tmp_path / "cache"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=380,
-        cwd=tmp_path,
-        env=env,
-    )
+    done = run_recipe(
+        "pretrain", "--config", "smoke", "--no-probe", "--storage", str(tmp_path / "runs"), "--name", "terminal",
+        "--cache", str(tmp_path / "cache"), cwd=tmp_path, timeout=380, local_ray=True,
+    )  # fmt: skip
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "TrainingReport(" not in out and "Reporting training result" not in out, out[-3000:]

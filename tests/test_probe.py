@@ -541,7 +541,7 @@ HOMES = {
     "backbone_fingerprint decode_train_images extract_features feature_precision frozen split_features train_crops",
     "eval/probes.py": "C_GRID PAPER PaperProtocol SeedRun default_seeds fast_probe knn_auroc knn_probe knn_scores paper_probe "
     "parse_seeds probe_backbone",
-    "eval/metrics.py": "METRICS Progress bootstrap_intervals compute_metrics mean_metrics selection_auroc",
+    "eval/metrics.py": "METRICS bootstrap_intervals compute_metrics mean_metrics selection_auroc",
     "data/labelled.py": "CROP_PCT DataError IMAGE_SUFFIXES LabelledData LabelledSplit SPLITS check_labelled decode_image "
     "decode_split eval_transform load_labelled load_retfound_tree load_shard_data",
     "eval/backbones.py": "LoadedBackbone fetch_checkpoint find_latest_checkpoint load_teacher_backbone new_backbone resolve_device",

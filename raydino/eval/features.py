@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from raydino.augment.ops import normalize
 from raydino.core.model import is_vit
 from raydino.data.labelled import CROP_PCT, SPLITS, DecodedImages, LabelledData, LabelledSplit, decode_image, eval_transform
-from raydino.eval.metrics import Progress, ProgressMeter
+from raydino.progress import LinePrinter, Progress
 
 N_LAST_BLOCKS = 4
 FEATURE_VERSION = 2  # bump when the feature definition changes (invalidates caches); 2: fp32 by default
@@ -91,7 +91,7 @@ def extract_features(
     batch_size: int = 64,
     crop_pct: float = CROP_PCT,
     num_workers: int | None = None,
-    progress: Progress = print,
+    progress: LinePrinter = print,
     label: str = "features",
     dtype: str = "fp32",
 ) -> np.ndarray:
@@ -114,14 +114,13 @@ def extract_features(
             generator=torch.Generator(),  # its own: iterating must not draw from the caller's RNG
         )
         total = len(images)
-    meter = ProgressMeter(label, total, progress)
-    out, done = [], 0
+    meter = Progress(total, label, unit="images", sink=progress, enabled=progress is not None, min_interval_s=10.0)
+    out = []
     with frozen(backbone), feature_precision(device, dtype):
         for batch in batches:
             x = normalize(batch.to(device, non_blocking=True))
             out.append(backbone_features(backbone, x).float().cpu())
-            done += len(batch)
-            meter.update(done)
+            meter.update(len(batch))
     return torch.cat(out).numpy()
 
 
@@ -172,7 +171,7 @@ def split_features(
     batch_size: int = 64,
     crop_pct: float = CROP_PCT,
     cache_dir: str | os.PathLike | None = None,
-    progress: Progress = print,
+    progress: LinePrinter = print,
     dtype: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Features of train, val and test, read from / written to `cache_dir` when given."""

@@ -15,12 +15,13 @@ Pure numpy / scikit-learn: no torch, no Ray.  `raydino.eval.probes` produces the
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from raydino.progress import LinePrinter, Progress
 
 METRICS = ("auroc", "aupr", "sensitivity", "specificity", "accuracy", "f1", "kappa")
 KAPPA_WEIGHTING = {True: "quadratic", False: "none"}  # ordinal task → sklearn's `weights=` name
@@ -29,30 +30,6 @@ KAPPA_WEIGHTING = {True: "quadratic", False: "none"}  # ordinal task → sklearn
 def kappa_weighting(ordinal: bool) -> str:
     """The kappa weighting of a task: quadratic for an ordinal one, none (Cohen's unweighted) for a nominal one."""
     return KAPPA_WEIGHTING[bool(ordinal)]
-
-
-Progress = Callable[[str], None] | None  # a line printer (print, a logger's info, list.append) or None: silent
-
-
-class ProgressMeter:
-    """Progress lines with rate and ETA, at most every `every` seconds (and at the end).
-
-    Hand-written rather than `raydino.progress.Progress`: that one writes to a stream, while
-    probes report through a callback so that recipes (pretraining on Ray) choose where lines go.
-    """
-
-    def __init__(self, label: str, total: int, progress: Progress, every: float = 10.0, unit: str = "images") -> None:
-        self.label, self.total, self.progress, self.every, self.unit = label, total, progress, every, unit
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if self.progress is None or (now - self.last < self.every and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        self.progress(f"{self.label}: {done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {eta:.0f}s")
 
 
 def compute_metrics(y_true: Sequence[int], scores: np.ndarray, n_classes: int, ordinal: bool = False) -> dict[str, Any]:
@@ -160,7 +137,7 @@ def bootstrap_intervals(
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
-    progress: Progress = None,
+    progress: LinePrinter = None,
     ordinal: bool = False,
     stratified: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -175,15 +152,15 @@ def bootstrap_intervals(
     rng = np.random.default_rng(seed)
     y = np.asarray(y_true)
     values: dict[str, list[float]] = {m: [] for m in METRICS}
-    meter = ProgressMeter("bootstrap", n_resamples, progress, every=15.0, unit="resamples")
-    for b in range(n_resamples):
+    meter = Progress(n_resamples, "bootstrap", unit="resamples", sink=progress, enabled=progress is not None, min_interval_s=15.0)
+    for _ in range(n_resamples):
         idx = stratified_resample(y, rng) if stratified else rng.integers(0, len(y), len(y))
         runs = [compute_metrics(y[idx], sc[idx], n_classes, ordinal) for sc in seed_scores]
         mean, _ = mean_metrics(runs)
         for m in METRICS:
             if mean[m] is not None:
                 values[m].append(mean[m])
-        meter.update(b + 1)
+        meter.update(1)
     alpha = (1 - level) / 2
     out = {}
     for m in METRICS:

@@ -43,7 +43,8 @@ from raydino.eval.features import (
     split_features,
     train_crops,
 )
-from raydino.eval.metrics import METRICS, Progress, bootstrap_intervals, compute_metrics, kappa_weighting, mean_metrics, selection_auroc
+from raydino.eval.metrics import METRICS, bootstrap_intervals, compute_metrics, kappa_weighting, mean_metrics, selection_auroc
+from raydino.progress import LinePrinter
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -195,7 +196,7 @@ def paper_probe(
     feature_dtype: str = "fp32",
     ordinal: bool = False,
     num_workers: int | None = None,
-    progress: Progress = print,
+    progress: LinePrinter = print,
 ) -> SeedRun:
     """A linear layer on frozen features of fresh random training crops each epoch (`PaperProtocol`).
 
@@ -324,7 +325,7 @@ def probe_backbone(
     ordinal: bool | None = None,
     num_workers: int | None = None,
     return_scores: bool = False,
-    progress: Progress = print,
+    progress: LinePrinter = print,
 ) -> dict[str, Any]:
     """One probe of a frozen backbone on a labelled set: per-seed, mean, std and bootstrap intervals.
 
@@ -422,7 +423,7 @@ def knn_auroc(
     temperature: float = 0.07,
     batch_size: int = 64,
     images: dict[str, torch.Tensor] | None = None,
-    progress: Progress = None,
+    progress: LinePrinter = None,
     feature_dtype: str = "fp32",
 ) -> float:
     """The cheap signal between epochs: kNN macro AUROC on `split` (NaN if undefined there).
