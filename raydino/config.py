@@ -194,6 +194,10 @@ class DataConfig(_Strict):
     synthetic_n: int = Field(600, ge=1)
     synthetic_size: int = Field(128, ge=16)
     synthetic_seed: int = 0
+    # The label the synthetic set's class folders (and so the demo's probe) carry: "dr" (ICDR grade,
+    # lesions of a few pixels) or "glaucoma" (cup-to-disc class, visible at 64 px).  Pretraining never
+    # sees labels; only the probe after it does.
+    synthetic_task: Literal["dr", "glaucoma"] = "dr"
     s3_endpoint: str | None = None
     s3_region: str | None = None
     decode_batch_size: int = Field(32, ge=1)
@@ -232,6 +236,10 @@ class ProbeConfig(_Strict):
 
     data: str | None = None  # labelled shards or RETFound tree; None: the synthetic set's labels
     kind: Literal["fast", "paper", "knn"] = "fast"
+    # At every epoch end of pretraining, the teacher's validation AUROC under this cheap probe on
+    # `data` (or the synthetic labels): learning, or its absence, visible during the run.  The test
+    # split is never read.  "off" when no labelled set is at hand.
+    monitor: Literal["fast", "knn", "off"] = "fast"
     image_size: int | None = Field(None, ge=8)  # None: augment.global_crop_size
     batch_size: int = Field(64, ge=1)  # feature extraction (eval views); not the paper probe's training batch
     seeds: list[int] | None = None  # None: paper 0-4 (eval.sh), fast / knn [0] (deterministic)

@@ -33,7 +33,9 @@ from raydino.cli import USER_ERRORS, user_error
 from raydino.config import ConfigError, ProbeConfig
 from raydino.data.labelled import CROP_PCT, load_labelled
 from raydino.eval.backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone, resolve_device
+from raydino.eval.compare import difference_line
 from raydino.eval.features import FEATURE_DTYPES
+from raydino.eval.metrics import paired_bootstrap_difference
 from raydino.eval.probes import C_GRID, default_seeds, parse_seeds, probe_backbone
 from raydino.eval.report import markdown_report, markdown_table, plot_roc
 
@@ -242,6 +244,16 @@ def evaluate(
         "seconds": round(time.perf_counter() - started, 1),
     }
     report = {"meta": meta, "results": results, "pretraining_config": loaded.config}
+    if baseline == "random":
+        # Pretrained minus random init on the same test cases, each probe's seed-mean scores: the paired interval.
+        report["differences"] = {}
+        for kind in kinds:
+            y, ours = curves[kind]
+            _, theirs = curves[f"{kind} (random init)"]
+            d = paired_bootstrap_difference(y, ours, theirs, data.n_classes, "auroc", n_bootstrap or 2000)
+            report["differences"][kind] = d
+            line = difference_line(results[kind]["mean"]["auroc"], results[f"{kind} (random init)"]["mean"]["auroc"], d)
+            progress(f"[raydino.evaluate] {kind} probe: {line}")
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     (out_dir / "metrics.md").write_text(markdown_report(f"raydino evaluation: {name}", meta, results))
     plot_roc(curves, data.classes, out_dir / "roc.png")

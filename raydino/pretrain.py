@@ -24,6 +24,7 @@ from typing import Any
 
 from raydino.cli import EXIT_NON_FINITE, EXIT_TRAINING_FAILED, USER_ERRORS, user_error
 from raydino.config import Config, ConfigError, build_config, load_config, preset_names
+from raydino.data import storage as st
 from raydino.distributed.capacity import check_resources, never_started, start_attempts, training_label_selector, warn_about_locality
 from raydino.distributed.cluster import init_ray, local_cpu_tokens, quiet_ray_data
 from raydino.distributed.trainer import torch_trainer, worker_seed, worker_state
@@ -136,6 +137,26 @@ def default_run_name(cfg: Config, config_name: str) -> str:
     return f"dino-{stem}-{cfg.augment.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def monitor_source(cfg: Config, data_uri: str) -> dict[str, Any] | None:
+    """The labelled set the epoch-end probe reads (`probe.data`, else the synthetic set's own labels), or None."""
+    if cfg.probe.monitor == "off":
+        return None
+    if cfg.probe.data:
+        return {"uri": cfg.probe.data, "dataset": None}
+    return {"uri": data_uri, "dataset": "synthetic"} if cfg.data.uri is None else None
+
+
+def build_monitor(cfg: Config, source: dict[str, Any]) -> Any:
+    """The epoch-end probe on the labelled set `source` names (decoded once; raises DataError when unusable)."""
+    from raydino.data.labelled import load_labelled
+    from raydino.eval.monitor import ProbeMonitor
+
+    opts = st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
+    data = load_labelled(source["uri"], dataset=source["dataset"], storage_options=opts)
+    p = cfg.probe
+    return ProbeMonitor(data, p.image_size or cfg.augment.global_crop_size, p.monitor, p.batch_size, p.knn_k, p.knn_temperature)
+
+
 def train_worker(conf: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build state, restore, stream crops, fit, report."""
     import ray.train
@@ -163,13 +184,25 @@ def train_worker(conf: dict[str, Any]) -> None:
     epoch_batches = worker_epoch_batches(
         cfg, ray.train.get_dataset_shard("train"), device, seed=worker_seed(cfg, rank, state.step), rank=rank, epoch_rows=spe * cfg.train.batch_size
     )
+    monitor = build_monitor(cfg, conf["monitor"]) if rank == 0 and conf.get("monitor") else None
 
     def on_log(state, metrics):
         if rank == 0:
             tracker.log(state.step, state.epoch, metrics)
 
+    def probe_teacher(state) -> dict[str, Any]:
+        value, seconds = monitor.val_auroc(state.teacher.backbone)
+        probe = {"probe_val_auroc": value, "probe_kind": monitor.kind, "probe_n_val": monitor.n_val, "probe_seconds": round(seconds, 2)}
+        tracker.log_probe(state.step, state.epoch, probe)
+        return probe
+
+    if monitor is not None and state.step == 0:
+        probe_teacher(state)  # the starting point: the randomly initialised teacher, the curve's reference
+
     def on_checkpoint(state, metrics, epoch_end):
         metrics = {**metrics, "epoch_end": epoch_end, "world_size": world}
+        if monitor is not None and epoch_end:  # rank 0 probes while the others wait at the report's barrier
+            metrics.update(probe_teacher(state))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -243,6 +276,11 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     data_uri = cfg.data.uri or ensure_dataset(cfg, cache)
     shards = open_dataset(data_uri, cfg)
     rows = pretrain_rows(shards)
+    monitor = monitor_source(cfg, data_uri)
+    if monitor and cfg.probe.data:  # a probe.data that cannot be read fails now, not at the first epoch's end
+        from raydino.data.labelled import load_labelled
+
+        load_labelled(monitor["uri"], storage_options=st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region))
     global_batch = cfg.train.batch_size * cfg.run.workers
     steps_per_epoch = cfg.train.steps_per_epoch or rows // global_batch
     if steps_per_epoch < 1:
@@ -273,7 +311,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     # 3. Train.
     trainer = torch_trainer(
         train_worker,
-        {"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "log_dir": str(log_dir), "storage": storage.to_dict(name)},
+        {"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "log_dir": str(log_dir), "storage": storage.to_dict(name), "monitor": monitor},
         cfg.run,
         name=name,
         storage_path=storage.train_storage_path,
@@ -314,27 +352,27 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
 
 
 def probe_demo(checkpoint: Any, cfg: Config, data_uri: str) -> dict[str, Any]:
-    """Linear probe (fast) of the trained teacher next to a randomly initialised backbone of the same arch."""
+    """The demo's evidence: a linear probe (fast) of the trained teacher beside a randomly initialised backbone
+    of the same architecture and the raw pixels, on the synthetic set's val/test splits (never trained on)."""
     from raydino.data.labelled import load_labelled
     from raydino.eval.backbones import load_teacher_backbone
-    from raydino.eval.probes import probe_backbone
+    from raydino.eval.compare import compare_backbones, comparison_line
 
     data = load_labelled(data_uri, dataset="synthetic")
     size = cfg.probe.image_size or cfg.augment.global_crop_size
-    results = {}
     with checkpoint.as_directory() as d:
         trained = load_teacher_backbone(d)
-    random_init = load_teacher_backbone("random", arch=cfg.model.arch, image_size=cfg.augment.global_crop_size)
-    for label, loaded in (("pretrained", trained), ("random_init", random_init)):
-        r = probe_backbone(loaded.backbone, data, "fast", image_size=size, batch_size=cfg.probe.batch_size, n_bootstrap=200, progress=None)
-        results[label] = {"auroc": r["mean"]["auroc"], "aupr": r["mean"]["aupr"], "ci95_auroc": r.get("ci95", {}).get("auroc")}
-    fmt = lambda v: "undefined" if v is None else f"{v:.3f}"  # noqa: E731
+    random_init = load_teacher_backbone("random", arch=cfg.model.arch, image_size=cfg.augment.global_crop_size, seed=cfg.train.seed)
+    result = compare_backbones(trained.backbone, random_init.backbone, data, size, batch_size=cfg.probe.batch_size)
+    rows = result["rows"]
+    task = {"dr": "DR grade", "glaucoma": "glaucoma (cup-to-disc)"}[cfg.data.synthetic_task]
     say(
-        f"[raydino] linear probe on the synthetic DR-grading test split ({len(data.splits['test'])} images): "
-        f"test AUROC {fmt(results['pretrained']['auroc'])} pretrained vs {fmt(results['random_init']['auroc'])} "
-        f"random init (AUPR {fmt(results['pretrained']['aupr'])} vs {fmt(results['random_init']['aupr'])})"
+        f"[raydino] linear probe (fast) on the synthetic {task} labels, {size} px, {result['n']['test']} test images "
+        f"never trained on: raw pixels test AUROC {rows['raw_pixels']['auroc']:.3f}; AUPR "
+        f"{rows['pretrained']['aupr']:.3f} pretrained vs {rows['random_init']['aupr']:.3f} random init"
     )
-    return results
+    say(f"[raydino] {comparison_line(result)}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,3 +141,13 @@ def test_rerun_replaces_an_earlier_set_but_never_foreign_files(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         generate_dataset(str(foreign), 5, 32, workers=1, progress=False)
     assert (foreign / "patient.jpg").exists()
+
+
+def test_synthetic_shards_carry_the_task_asked_for_and_cache_each_apart(tmp_path):
+    from raydino.data.labelled import load_labelled
+
+    dr = synth.synthetic_shards(30, 32, seed=1, cache_root=str(tmp_path), workers=1, progress=False)
+    glaucoma = synth.synthetic_shards(30, 32, seed=1, cache_root=str(tmp_path), workers=1, progress=False, task="glaucoma")
+    assert dr != glaucoma
+    assert load_labelled(dr, dataset="synthetic").classes == list(synth.TASKS["dr"])
+    assert load_labelled(glaucoma, dataset="synthetic").classes == list(synth.TASKS["glaucoma"])

@@ -53,6 +53,13 @@ def test_evaluate_end_to_end_with_random_baseline(tmp_path, run_dir, capsys):
     assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "| fast | 1 (deterministic) |" in printed and "ETA" in printed
+    # Pretrained minus random init, paired on the same test cases, for every probe.
+    for kind in ("fast", "knn", "paper"):
+        d = report["differences"][kind]
+        gap = report["results"][kind]["mean"]["auroc"] - report["results"][f"{kind} (random init)"]["mean"]["auroc"]
+        assert d["difference"] == pytest.approx(gap, abs=1e-9) and d["low"] <= d["difference"] <= d["high"]
+        assert f"[raydino.evaluate] {kind} probe: test AUROC" in printed
+    assert printed.count("(paired bootstrap)") == 3
 
     assert evaluate.main(args + ["--probe", "knn"]) == 0  # the second probe reads the cached features
     assert capsys.readouterr().out.count("from cache") == 3

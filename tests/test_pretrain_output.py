@@ -1,5 +1,6 @@
-"""What a user's terminal shows of `python -m raydino.pretrain`: raydino's progress lines once each,
-Ray's warnings, and not Ray Train's per-report dumps (those stay in Ray's log files)."""
+"""What a user's terminal shows of `python -m raydino.pretrain`: raydino's progress lines once each, the
+teacher's probe at every epoch end, Ray's warnings, and not Ray Train's per-report dumps (those stay in
+Ray's log files)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from raydino.runs.tracking import read_metrics
 
 from helpers.recipes import run_recipe
 
@@ -28,6 +31,12 @@ def test_terminal_shows_progress_once_and_no_report_dumps(tmp_path):
     steps = re.findall(r"\[raydino\] epoch \d+/\d+ step (\d+)/\d+", out)
     assert steps and len(steps) == len(set(steps)), f"progress lines repeated: {steps}"
     assert "[raydino] done: terminal" in out
+    # Learning visible during the run: the teacher's val AUROC before training and at every epoch end.
+    probes = re.findall(r"\[raydino\] epoch (\d+)/(\d+) done: teacher's val AUROC (\d\.\d{3}) \(fast probe, (\d+) val images", out)
+    assert [int(p[0]) for p in probes] == list(range(1, int(probes[0][1]) + 1)), out[-3000:]
+    rows = read_metrics(tmp_path / "runs" / "terminal" / "logs" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "probe_val_auroc" in r] == [0] + [int(p[0]) for p in probes]
+    assert "[raydino] epoch 0/2 before training: teacher's val AUROC" in out  # the random teacher: the reference
     # The dumps are still written to Ray Train's log files of this session.
     logs = [p for p in Path("/tmp/ray").glob("session_*/logs/train/ray-train-app-worker-*.log") if p.stat().st_mtime >= started]
     assert any("Reporting training result" in p.read_text(errors="replace") for p in logs), [str(p) for p in logs]

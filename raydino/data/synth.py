@@ -237,7 +237,9 @@ def write_preview(out: str, labels: list[FundusLabel], task: str, fmt: str, per_
     return path
 
 
-def synthetic_shards(n: int, size: int, seed: int, cache_root: str = ".raydino/synthetic", workers: int | None = None, progress: bool = True) -> str:
+def synthetic_shards(
+    n: int, size: int, seed: int, cache_root: str = ".raydino/synthetic", workers: int | None = None, progress: bool = True, task: str = "dr"
+) -> str:
     """Shards of a synthetic dataset, built once and cached; returns their local URI.
 
     The embedded default (``data.uri: null``) trains on these.  The cache key holds every
@@ -246,7 +248,8 @@ def synthetic_shards(n: int, size: int, seed: int, cache_root: str = ".raydino/s
     from raydino.data.shards import MANIFEST_NAME  # local: keep synth importable on its own
     from raydino.data.writer import ShardJobOptions, shard_dataset
 
-    root = os.path.abspath(os.path.join(cache_root, f"n{n}-s{size}-seed{seed}-v{SYNTH_VERSION}"))
+    key = f"n{n}-s{size}-seed{seed}-v{SYNTH_VERSION}" + ("" if task == "dr" else f"-{task}")  # dr: the key older caches have
+    root = os.path.abspath(os.path.join(cache_root, key))
     shards = os.path.join(root, "shards")
     manifest = os.path.join(shards, MANIFEST_NAME)
     if os.path.exists(manifest):
@@ -257,7 +260,7 @@ def synthetic_shards(n: int, size: int, seed: int, cache_root: str = ".raydino/s
     images = os.path.join(root, "images")
     if not os.path.exists(os.path.join(images, "synth.json")):  # written last: absent = never made, or interrupted
         shutil.rmtree(images, ignore_errors=True)  # the cache's own folder: a half-made set is started again
-        generate_dataset(images, n, size, seed, workers=workers, progress=progress)
+        generate_dataset(images, n, size, seed, task=task, workers=workers, progress=progress)
     est_mb = sum(f.stat().st_size for f in Path(images).rglob("*.jpg")) / 2**20
     # Several shards even for a small set, so Ray Data can read them in parallel.
     target = max(0.001, est_mb / max(4, 2 * (workers or os.cpu_count() or 1)))

@@ -174,6 +174,74 @@ def bootstrap_intervals(
     return out
 
 
+def macro_auroc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float | None:
+    """Macro one-vs-rest AUROC over the classes present with both outcomes (Mann-Whitney U on ranks, ties
+    averaged): `compute_metrics`'s `auroc` without the other metrics.  None when no class is defined."""
+    from scipy.stats import rankdata
+
+    per = []
+    for c in range(n_classes):
+        pos = y == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            ranks = rankdata(scores[:, c])
+            per.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    if n_classes == 2 and len(per) == 2:
+        return float(per[1])
+    return float(np.mean(per)) if per else None
+
+
+def _per_seed(scores: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    arr = np.asarray(scores)
+    return [arr] if arr.ndim == 2 else [np.asarray(s) for s in scores]
+
+
+def paired_bootstrap_difference(
+    y_true: np.ndarray,
+    scores_a: np.ndarray | Sequence[np.ndarray],
+    scores_b: np.ndarray | Sequence[np.ndarray],
+    n_classes: int,
+    metric: str = "auroc",
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    ordinal: bool = False,
+) -> dict[str, Any]:
+    """metric(a) - metric(b) on one test set, with a percentile interval from resampling its cases.
+
+    `scores_a` / `scores_b`: one N x C array, or one per probe seed; then each side's metric is the mean
+    over its seeds, as the reported numbers are.  Paired: every resample scores both models on the
+    same cases (stratified by class), so what the two share (which cases are hard, the test set's luck)
+    cancels and the interval is that of the difference, narrower than two separate intervals suggest.
+    """
+    y = np.asarray(y_true)
+    a, b = (_per_seed(s) for s in (scores_a, scores_b))
+
+    def score(idx: np.ndarray, seeds: list[np.ndarray]) -> float | None:
+        if metric == "auroc":  # the same number as compute_metrics, ~50x faster: thousands of resamples in a second
+            values = [macro_auroc(y[idx], s[idx], n_classes) for s in seeds]
+        else:
+            values = [compute_metrics(y[idx], s[idx], n_classes, ordinal)[metric] for s in seeds]
+        return None if any(v is None for v in values) else float(np.mean(values))
+
+    everything = np.arange(len(y))
+    full_a, full_b = score(everything, a), score(everything, b)
+    diff = None if full_a is None or full_b is None else full_a - full_b
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        idx = stratified_resample(y, rng)
+        ma, mb = score(idx, a), score(idx, b)
+        if ma is not None and mb is not None:
+            values.append(ma - mb)
+    alpha = (1 - level) / 2
+    v = np.asarray(values)
+    return {
+        "metric": metric, "difference": diff, "level": level, "n_resamples": n_resamples, "n_valid": int(len(v)),
+        "low": float(np.quantile(v, alpha)) if len(v) else None, "high": float(np.quantile(v, 1 - alpha)) if len(v) else None,
+    }  # fmt: skip
+
+
 def selection_auroc(metrics: dict[str, Any]) -> float:
     """Model selection score: val macro AUROC, or the mean over the classes where it is defined."""
     if metrics["auroc"] is not None:

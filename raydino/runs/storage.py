@@ -117,7 +117,8 @@ class RunStorage:
             text = local.read_text()
         if text is None:
             return
-        kept = [line for line in text.splitlines() if line.strip() and _step_of(line) <= resume_step]
+        # From step 0 nothing is kept: the starting point's probe (step 0) is logged again as well.
+        kept = [line for line in text.splitlines() if line.strip() and 0 < _step_of(line) <= resume_step]
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text("".join(line + "\n" for line in kept))
 
@@ -162,7 +163,7 @@ def ensure_dataset(cfg: Config, cache: Path) -> str:
     from raydino.data.synth import synthetic_shards
 
     d = cfg.data
-    return synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(cache / "synthetic"))
+    return synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(cache / "synthetic"), task=d.synthetic_task)
 
 
 def open_dataset(uri: str, cfg: Config) -> Any:

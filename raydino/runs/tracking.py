@@ -71,6 +71,23 @@ class RunTracker:
             f"collapse {collapse} ETA {format_duration(eta)}",
         )
 
+    def log_probe(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        """An epoch end's probe of the teacher (`probe_val_auroc`, `probe_kind`, `probe_seconds`): a JSON line and a progress line."""
+        record = {"step": step, "epoch": epoch, "time": time.time(), **metrics}
+        if self.log_dir:
+            with self._jsonl.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self._tb is not None and metrics.get("probe_val_auroc") is not None:
+                self._tb.add_scalar("probe_val_auroc", metrics["probe_val_auroc"], step)
+                self._tb.flush()
+        value = metrics.get("probe_val_auroc")
+        when = "before training" if step == 0 else "done"
+        self.printer(
+            f"[raydino] epoch {epoch}/{self.total_epochs} {when}: teacher's val AUROC "
+            f"{'undefined' if value is None else f'{value:.3f}'} ({metrics.get('probe_kind')} probe, "
+            f"{metrics.get('probe_n_val')} val images, {metrics.get('probe_seconds', 0):.0f}s)"
+        )
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -84,8 +101,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(metrics_jsonl: str | Path, out_png: str | Path, title: str = "DINO pretraining") -> Path | None:
-    """Loss (and teacher entropy) against step; returns the PNG path, or None without data."""
-    rows = [r for r in read_metrics(metrics_jsonl) if "loss" in r]
+    """Loss (and teacher entropy) against step, and below it the epoch-end probe's val AUROC when the run
+    logged one; returns the PNG path, or None without data."""
+    everything = read_metrics(metrics_jsonl)
+    rows = [r for r in everything if "loss" in r]
+    probes = [r for r in everything if r.get("probe_val_auroc") is not None]
     if not rows:
         return None
     import matplotlib
@@ -94,9 +114,17 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path, title: str = "DINO
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if probes:
+        fig, (ax, ax_probe) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 2))
+        ax_probe.plot([r["step"] for r in probes], [r["probe_val_auroc"] for r in probes], "o-", color="tab:green")
+        ax_probe.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax_probe.set_ylabel(f"val AUROC ({probes[-1].get('probe_kind', 'probe')})")
+        ax_probe.set_xlabel("step")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
-    ax.set_xlabel("step")
+    if not probes:
+        ax.set_xlabel("step")
     ax.set_ylabel("DINO loss", color="tab:blue")
     if any("teacher_entropy" in r for r in rows):
         ax2 = ax.twinx()

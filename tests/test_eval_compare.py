@@ -1,0 +1,93 @@
+"""Pretraining's evidence: the paired pretrained-vs-random difference, the raw-pixel baseline, and the
+epoch-end probe that shows learning during a run (raydino.eval.metrics, .compare, .monitor)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from raydino.data import labelled
+from raydino.eval import backbones, compare, metrics, monitor
+from raydino.runs.tracking import RunTracker, plot_loss, read_metrics
+
+from helpers.images import make_tree
+
+
+def _scores(rng, y, n_classes, signal):
+    s = rng.random((len(y), n_classes)) + signal * np.eye(n_classes)[y]
+    return s / s.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5])
+def test_macro_auroc_is_compute_metrics_auroc(n_classes):
+    rng = np.random.default_rng(n_classes)
+    y = rng.integers(0, n_classes, 150)
+    for signal in (0.0, 0.4):
+        s = _scores(rng, y, n_classes, signal)
+        assert metrics.macro_auroc(y, s, n_classes) == pytest.approx(metrics.compute_metrics(y, s, n_classes)["auroc"], abs=1e-12)
+
+
+def test_paired_difference_finds_a_real_gap_and_none_where_there_is_none():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    good, chance = _scores(rng, y, 3, 0.5), _scores(rng, y, 3, 0.0)
+    d = metrics.paired_bootstrap_difference(y, good, chance, 3, n_resamples=500)
+    expected = metrics.compute_metrics(y, good, 3)["auroc"] - metrics.compute_metrics(y, chance, 3)["auroc"]
+    assert d["difference"] == pytest.approx(expected) and d["low"] > 0 and d["low"] < d["difference"] < d["high"]
+    same = metrics.paired_bootstrap_difference(y, good, good, 3, n_resamples=200)
+    assert same["difference"] == 0 and same["low"] == 0 and same["high"] == 0  # paired: identical models never differ
+    flipped = metrics.paired_bootstrap_difference(y, chance, good, 3, n_resamples=500)
+    assert flipped["high"] < 0
+    # Per-seed scores: each side is the mean over its seeds, as reported
+    seeds_a, seeds_b = [good, _scores(rng, y, 3, 0.3)], [chance, _scores(rng, y, 3, 0.1)]
+    per_seed = metrics.paired_bootstrap_difference(y, seeds_a, seeds_b, 3, n_resamples=100)
+    auroc = lambda s: metrics.compute_metrics(y, s, 3)["auroc"]  # noqa: E731
+    assert per_seed["difference"] == pytest.approx(np.mean([auroc(s) for s in seeds_a]) - np.mean([auroc(s) for s in seeds_b]))
+
+
+def test_compare_backbones_probes_three_inputs_on_one_test_set(tmp_path):
+    data = labelled.load_labelled(make_tree(tmp_path / "tree", per_split=(8, 4, 4), n_classes=2))
+    torch.manual_seed(0)
+    a, b = backbones.new_backbone("vit_tiny_patch16_224", 32).eval(), backbones.new_backbone("vit_tiny_patch16_224", 32).eval()
+    result = compare.compare_backbones(a, b, data, 32, n_resamples=200)
+    assert set(result["rows"]) == {"pretrained", "random_init", "raw_pixels"}
+    assert all(0 <= row["auroc"] <= 1 for row in result["rows"].values())
+    assert result["rows"]["raw_pixels"]["auroc"] > 0.9  # the class is the disc's colour: pixels see it
+    d = result["difference"]
+    assert d["difference"] == pytest.approx(result["rows"]["pretrained"]["auroc"] - result["rows"]["random_init"]["auroc"])
+    line = compare.comparison_line(result)
+    assert re.fullmatch(
+        r"test AUROC \d\.\d{3} pretrained vs \d\.\d{3} random init, difference [+-]\d\.\d{3} "
+        r"\[95% CI [+-]\d\.\d{3}, [+-]\d\.\d{3}\] \(paired bootstrap\)", line), line  # fmt: skip
+    assert compare.pixel_features(torch.zeros(3, 3, 8, 8, dtype=torch.uint8)).shape == (3, 192)
+
+
+def test_monitor_scores_val_and_never_reads_test(tmp_path):
+    root = make_tree(tmp_path / "tree", per_split=(6, 3, 3), n_classes=2)
+    for f in (root / "test").rglob("*.png"):
+        f.write_bytes(b"not an image")  # decoding the test split would fail
+    data = labelled.load_labelled(root)
+    vit = backbones.new_backbone("vit_tiny_patch16_224", 32).eval()
+    for kind in ("fast", "knn"):
+        m = monitor.ProbeMonitor(data, 32, kind)
+        value, seconds = m.val_auroc(vit)
+        assert 0 <= value <= 1 and seconds >= 0 and m.n_val == 6
+    with pytest.raises(ValueError, match="probe.monitor='paper'"):
+        monitor.ProbeMonitor(data, 32, "paper")
+
+
+def test_epoch_probe_is_logged_printed_and_plotted(tmp_path):
+    lines: list[str] = []
+    tracker = RunTracker(tmp_path, total_steps=20, total_epochs=2, printer=lines.append)
+    for step in (5, 10):
+        tracker.log(step, 0, {"loss": 8.0 - step / 10, "teacher_entropy": 3.0})
+    tracker.log_probe(10, 1, {"probe_val_auroc": 0.61, "probe_kind": "fast", "probe_n_val": 9, "probe_seconds": 1.2})
+    tracker.close()
+    assert "[raydino] epoch 1/2 done: teacher's val AUROC 0.610 (fast probe, 9 val images, 1s)" in lines
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[-1]["probe_val_auroc"] == 0.61 and rows[-1]["epoch"] == 1
+    png = plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert png is not None and png.stat().st_size > 1000
