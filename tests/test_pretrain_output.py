@@ -4,6 +4,7 @@ Ray's log files)."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.slow
 def test_terminal_shows_progress_once_and_no_report_dumps(tmp_path):
     started = time.time()
     done = run_recipe(
-        "pretrain", "--config", "smoke", "--no-probe", "--storage", str(tmp_path / "runs"), "--name", "terminal",
-        "--cache", str(tmp_path / "cache"), cwd=tmp_path, timeout=380, local_ray=True,
+        "pretrain", "--config", "smoke", "--set", "data.synthetic_task=glaucoma", "--storage", str(tmp_path / "runs"),
+        "--name", "terminal", "--cache", str(tmp_path / "cache"), cwd=tmp_path, timeout=380, local_ray=True,
     )  # fmt: skip
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
@@ -37,6 +38,16 @@ def test_terminal_shows_progress_once_and_no_report_dumps(tmp_path):
     rows = read_metrics(tmp_path / "runs" / "terminal" / "logs" / "metrics.jsonl")
     assert [r["epoch"] for r in rows if "probe_val_auroc" in r] == [0] + [int(p[0]) for p in probes]
     assert "[raydino] epoch 0/2 before training: teacher's val AUROC" in out  # the random teacher: the reference
+    # The run ends with its evidence: the teacher beside a random backbone and the raw pixels, the paired difference.
+    last = [line for line in out.splitlines() if "[raydino]" in line and "done:" not in line][-1]
+    assert re.search(r"test AUROC \d\.\d{3} pretrained vs \d\.\d{3} random init, difference [+-]\d\.\d{3} \[95% CI [+-]\d\.\d{3}, "
+                     r"[+-]\d\.\d{3}\] \(paired bootstrap\)$", last), last  # fmt: skip
+    assert "synthetic glaucoma (cup-to-disc) labels" in out and "raw pixels test AUROC" in out
+    summary = json.loads((tmp_path / "runs" / "terminal" / "summary.json").read_text())
+    assert set(summary["probe"]["rows"]) == {"pretrained", "random_init", "raw_pixels"}
+    assert summary["probe"]["classes"] == ["anormal", "bsuspectglaucoma", "cglaucoma"]
+    d = summary["probe"]["difference"]
+    assert d["low"] <= d["difference"] <= d["high"]
     # The dumps are still written to Ray Train's log files of this session.
     logs = [p for p in Path("/tmp/ray").glob("session_*/logs/train/ray-train-app-worker-*.log") if p.stat().st_mtime >= started]
     assert any("Reporting training result" in p.read_text(errors="replace") for p in logs), [str(p) for p in logs]
