@@ -161,6 +161,9 @@ class LossConfig(_Strict):
     warmup_teacher_temp: float = Field(0.04, gt=0)
     warmup_teacher_temp_epochs: int = Field(0, ge=0)
     center_momentum: float = Field(0.9, ge=0, le=1)
+    # DINOv2's KoLeo regulariser on the student's backbone features of each global crop (0: off, DINO v1;
+    # DINOv2 uses 0.1).  It keeps a short run's features from collapsing onto a few directions.
+    koleo_weight: float = Field(0.0, ge=0)
 
 
 class OptimConfig(_Strict):
@@ -198,8 +201,23 @@ class DataConfig(_Strict):
     # lesions of a few pixels) or "glaucoma" (cup-to-disc class, visible at 64 px).  Pretraining never
     # sees labels; only the probe after it does.
     synthetic_task: Literal["dr", "glaucoma"] = "dr"
+    # The DR lesions' radius and number, times the generator's default (raydino.data.fundus.LesionScale):
+    # at 128 px a default haemorrhage is 1-2 px across.
+    synthetic_lesion_size: float = Field(1.0, gt=0, le=20)
+    synthetic_lesion_count: float = Field(1.0, gt=0, le=20)
+    # train, val, test fractions of the synthetic set.  Pretraining reads only `train`; a larger test
+    # split narrows the interval of the probe that judges it (the demo: 0.3, 0.1, 0.6).
+    synthetic_splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
     s3_endpoint: str | None = None
     s3_region: str | None = None
+
+    @field_validator("synthetic_splits")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) < 0 or abs(sum(v) - 1) > 1e-6 or v[0] == 0:
+            raise ValueError(f"{list(v)}: need train, val, test fractions >= 0 that sum to 1, with train > 0")
+        return v
+
     decode_batch_size: int = Field(32, ge=1)
     augment_concurrency: int | None = Field(None, ge=1)  # cap on concurrent augmentation tasks; None: as many as free CPUs allow
     augment_cpus: float = Field(1.0, gt=0)  # logical CPUs each data task (Parquet read, augmentation) reserves

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from raydino.cli import user_error
+from raydino.data.fundus import LesionScale
 from raydino.data.synth import TASKS, generate_dataset
 
 
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("jpeg", "png"), default="jpeg", help="image encoding (default jpeg)")
     p.add_argument("--task", choices=tuple(TASKS), default="dr", help="which label names the class folders (default dr)")
     p.add_argument("--splits", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test fractions (default 0.7,0.15,0.15)")
+    p.add_argument(
+        "--lesion-size", type=float, default=1.0, help="DR lesions' radius, times the default drawing (default 1; 3 makes them visible at 128 px)"
+    )
+    p.add_argument("--lesion-count", type=float, default=1.0, help="DR lesions per image, times the default counts (default 1)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores from ~200 images at 256 px)")
     p.add_argument("--preview", action="store_true", help="also write preview.png, a contact sheet per grade")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -48,14 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         return user_error("raydino.synth", f"--workers {args.workers}: need at least 1")
     try:
+        lesions = LesionScale(args.lesion_size, args.lesion_count)
         s = generate_dataset(
             args.out, args.n, args.size, args.seed, fmt=args.format, task=args.task, split_fractions=args.splits,
-            workers=args.workers, preview=args.preview, progress=not args.quiet,
+            lesions=lesions, workers=args.workers, preview=args.preview, progress=not args.quiet,
         )  # fmt: skip
     except (FileExistsError, ValueError) as e:
         return user_error("raydino.synth", e)
     print(
-        f"{s.n} synthetic fundus images ({s.size} px, {s.format}, seed {s.seed}) in {s.out}: "
+        f"{s.n} synthetic fundus images ({s.size} px, {s.format}, seed {s.seed}"
+        + ("" if lesions.is_default else f", lesions {s.lesion_size:g}x size, {s.lesion_count:g}x count")
+        + f") in {s.out}: "
         f"{s.elapsed_s:.1f} s, {s.images_per_s:.0f} images/s on {s.workers} processes"
     )
     print(f"  splits {s.by_split}; DR grades {s.by_dr_grade}; glaucoma {s.by_glaucoma}")

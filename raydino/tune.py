@@ -43,6 +43,7 @@ from raydino.search.report import (
     format_value,
     paper_report,
     plot_auroc_vs_params,
+    plot_presets,
     plot_scale_heatmap,
     summary_markdown,
 )
@@ -361,6 +362,7 @@ def write_report(
         for made in (
             plot_auroc_vs_params(rows, keys, Path(tmp) / "auroc_vs_params.png", title),
             plot_scale_heatmap(rows, Path(tmp) / "scale_heatmap.png", spec.name) if all(k in keys for k in HEATMAP_KEYS) else None,
+            plot_presets(rows, paper["table"], Path(tmp) / "presets.png", spec.name) if paper else None,
         ):
             if made:
                 files[f"plots/{made.name}"] = made.read_bytes()

@@ -108,3 +108,17 @@ def test_pretrain_cli_rejects_bad_config_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "augment.n_local_crops" in proc.stderr and "-2" in proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / ".raydino").exists()  # nothing was started
+
+
+def test_synthetic_set_settings_are_validated_with_the_field_named():
+    cfg = load_config("demo", ["data.synthetic_splits=[0.3, 0.1, 0.6]", "data.synthetic_lesion_size=3"])
+    assert cfg.data.synthetic_splits == (0.3, 0.1, 0.6) and cfg.data.synthetic_lesion_size == 3
+    bad_values = {
+        "data.synthetic_splits=[0.5, 0.5, 0.5]": "synthetic_splits",
+        "data.synthetic_splits=[0, 0.5, 0.5]": "synthetic_splits",
+        "data.synthetic_lesion_size=0": "synthetic_lesion_size",
+        "data.synthetic_lesion_count=-1": "synthetic_lesion_count",
+    }
+    for bad, field in bad_values.items():
+        with pytest.raises(ConfigError, match=field):
+            load_config("demo", [bad])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from raydino.config import load_config
 from raydino.core.checkpoint import load_checkpoint, restore_state, save_checkpoint
-from raydino.core.loss import DINOLoss, collapse_stats
+from raydino.core.loss import DINOLoss, collapse_stats, koleo_loss
 from raydino.core.model import DINOHead, build_student_teacher
 from raydino.core.schedule import build_schedules, cosine_schedule, param_groups, scaled_lr
 from raydino.core.step import build_train_state, ema_update, train_step
@@ -75,6 +75,30 @@ def test_dino_loss_matches_hand_computation():
     # centre: c ← 0.9 c + 0.1 · mean(teacher outputs)
     expected_center = center0 * 0.9 + t.mean(0, keepdim=True) * 0.1
     assert torch.allclose(loss_fn.center, expected_center, atol=1e-6)
+
+
+def test_koleo_is_minus_mean_log_nearest_neighbour_distance_and_spreads_features():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.6, 0.8]])
+    u = F.normalize(x, dim=-1)
+    d = torch.cdist(u, u) + torch.eye(4) * 10
+    assert torch.allclose(koleo_loss(x), -torch.log(d.min(dim=1).values).mean(), atol=1e-5)
+    # Gradient descent on it moves collapsed features apart.
+    feats = (torch.tensor([[1.0, 0.0, 0.0]]) + 0.01 * torch.randn(8, 3, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    before = float(koleo_loss(feats.detach()))
+    opt = torch.optim.SGD([feats], lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        koleo_loss(feats).backward()
+        opt.step()
+    assert float(koleo_loss(feats.detach())) < before - 1.0
+
+
+def test_koleo_weight_adds_the_regulariser_to_the_step():
+    cfg = tiny_cfg()
+    plain, reg = build_train_state(cfg, 10), build_train_state(tiny_cfg("loss.koleo_weight=0.5"), 10)
+    m_plain, m_reg = train_step(plain, random_crops(cfg, 4)), train_step(reg, random_crops(cfg, 4))
+    assert "koleo" not in m_plain and math.isfinite(m_reg["koleo"])
+    assert m_reg["loss"] == pytest.approx(m_plain["loss"] + 0.5 * m_reg["koleo"], rel=1e-4)  # same init, same crops
 
 
 def test_teacher_temperature_warmup_then_constant():

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from raydino.data import synth
-from raydino.data.fundus import FundusLabel, render_fundus
+from raydino.data.fundus import DEFAULT_LESIONS, FundusLabel, LesionScale, render_fundus
 from raydino.data.synth import DR_CLASSES, generate_dataset, sample_labels
 
 from helpers.recipes import run_recipe
@@ -79,6 +79,43 @@ def test_lesions_are_small_and_only_where_the_grade_says():
     assert 0 < changed[0] < 150  # mild: a few microaneurysms, a handful of pixels at 256 px
     assert changed[1] > 3 * changed[0]  # severe: many haemorrhages
     assert changed[1] < 0.15 * 256 * 256  # lesions are still small: crops can miss them
+
+
+def _lesion_pixels(label: FundusLabel, lesions: LesionScale = DEFAULT_LESIONS, size: int = 128) -> int:
+    healthy = render_fundus(size, replace(label, dr_grade=0), seed=1).astype(int)
+    return int((np.abs(render_fundus(size, label, seed=1, lesions=lesions).astype(int) - healthy).sum(axis=2) > 30).sum())
+
+
+def test_lesion_size_and_count_scale_the_lesions_and_nothing_else():
+    label = FundusLabel(index=7, dr_grade=3, glaucoma=0, cup_disc_ratio=0.3, eye="right", split="train")
+    assert np.array_equal(render_fundus(128, label, seed=1, lesions=LesionScale(1, 1)), render_fundus(128, label, seed=1))
+    default, bigger, more = _lesion_pixels(label), _lesion_pixels(label, LesionScale(size=3)), _lesion_pixels(label, LesionScale(count=3))
+    assert bigger > 3 * default and more > 1.5 * default  # area grows ~size^2, ~count
+    healthy = replace(label, dr_grade=0)
+    assert np.array_equal(render_fundus(128, healthy, seed=1, lesions=LesionScale(3, 3)), render_fundus(128, healthy, seed=1))
+    mild = replace(label, dr_grade=1)  # a grade keeps at least one lesion of each kind it draws, however few
+    assert _lesion_pixels(mild, LesionScale(count=0.01)) > 0
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="lesion size"):
+            LesionScale(size=bad)  # type: ignore[arg-type]
+
+
+def test_lesion_scale_reaches_the_files_the_summary_and_the_cache_key(tmp_path):
+    s = generate_dataset(str(tmp_path / "big"), 12, 64, seed=0, workers=1, progress=False, lesions=LesionScale(2.5, 2))
+    assert (s.lesion_size, s.lesion_count) == (2.5, 2)
+    assert json.loads((tmp_path / "big" / "synth.json").read_text())["lesion_size"] == 2.5
+    plain = synth.synthetic_shards(12, 32, seed=0, cache_root=str(tmp_path / "c"), workers=1, progress=False)
+    scaled = synth.synthetic_shards(12, 32, seed=0, cache_root=str(tmp_path / "c"), workers=1, progress=False, lesions=LesionScale(3))
+    assert plain != scaled and "lesions3x1" in scaled and "lesions" not in plain  # default sets keep their old key
+    from raydino.data.shards import open_shards
+
+    big_test = synth.synthetic_shards(40, 32, seed=0, cache_root=str(tmp_path / "c"), workers=1, progress=False, split_fractions=(0.3, 0.1, 0.6))
+    shards = open_shards(big_test)
+    assert "splits0.3-0.1-0.6" in big_test and shards.rows("test") > shards.rows("train") + shards.rows("val")
+    ok = run_recipe("synth", str(tmp_path / "cli"), "--n", "6", "--size", "32", "--lesion-size", "3", "--quiet", "--workers", "1")
+    assert ok.returncode == 0 and "lesions 3x size" in ok.stdout, ok.stderr
+    bad = run_recipe("synth", str(tmp_path / "bad"), "--n", "6", "--lesion-count", "0")
+    assert bad.returncode == 2 and "lesion count=0" in bad.stderr, bad.stderr
 
 
 def test_glaucoma_cup_and_left_eye_mirror():

@@ -19,6 +19,7 @@ from raydino.search.report import (
     best_config_yaml,
     paper_report,
     plot_auroc_vs_params,
+    plot_presets,
     plot_scale_heatmap,
     preset_table_markdown,
     summary_markdown,
@@ -128,6 +129,9 @@ def test_check_space_rejects_crossing_ranges_unknown_keys_and_invalid_values():
         check_space(spec_with(space={"augment.n_local_crops": {"choice": [2, -1]}}))
     with pytest.raises(ConfigError, match=r"space.augment.global_crop_scale.min=1.5"):
         check_space(spec_with(space={"augment.global_crop_scale.min": {"uniform": [0.2, 1.5]}}))
+    # The data set is built once from the base config: a searched data.* value would silently change nothing.
+    with pytest.raises(ConfigError, match=r"space.data.synthetic_lesion_size: data settings cannot be searched.*--set"):
+        check_space(spec_with(space={"data.synthetic_lesion_size": {"choice": [1, 3]}}))
 
 
 def report(epoch, auroc, **kw):
@@ -248,6 +252,18 @@ def test_paired_test_pairs_by_seed():
     report_ = paper_report(rows)
     assert report_ and [p["a"] for p in report_["paired"]] == ["weak"]
     assert paper_report([{"status": "finished", "augment.preset": "weak"}]) is None
+
+
+def test_preset_plot_draws_every_seed_and_refuses_an_empty_table(tmp_path):
+    from PIL import Image
+
+    rows = preset_rows({"strong": [0.80, 0.82, 0.81], "weak": [0.84, 0.85, 0.83], "weak_med": [0.79, 0.9, 0.7]})
+    with Image.open(plot_presets(rows, preset_table(rows), tmp_path / "both.png", "t")) as im:
+        both = im.size[0]
+    auroc_only = [{k: v for k, v in r.items() if k != "test_aupr"} for r in rows]
+    with Image.open(plot_presets(auroc_only, preset_table(auroc_only), tmp_path / "auroc.png", "t")) as im:
+        assert im.size[0] < 0.6 * both  # one panel per metric measured
+    assert plot_presets(rows, [], tmp_path / "none.png", "t") is None and not (tmp_path / "none.png").exists()
 
 
 def test_plots_and_summary(tmp_path):

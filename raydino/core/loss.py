@@ -109,3 +109,17 @@ def collapse_stats(probs: torch.Tensor) -> CollapseStats:
     mean_p = probs.mean(0)
     marginal = float(-(mean_p * mean_p.log()).sum())
     return CollapseStats(entropy, marginal, math.log(probs.shape[-1]))
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy estimator (DINOv2's KoLeo regulariser): -mean log(nearest-neighbour distance).
+
+    On L2-normalised features of one batch it pushes each image away from its nearest neighbour, so
+    the features spread over the sphere instead of collapsing onto a few directions.  Hand-written:
+    three lines of torch, no library has it as a function.
+    """
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    sim = x @ x.T
+    sim.fill_diagonal_(-2.0)  # never one's own neighbour (cosine >= -1 elsewhere)
+    nearest = (2 - 2 * sim.max(dim=1).values).clamp_min(0).sqrt()  # Euclidean distance on the unit sphere
+    return -torch.log(nearest + eps).mean()

@@ -100,7 +100,8 @@ class MultiCropNetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: Sequence[torch.Tensor], return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs of every crop, in crop order; with `return_features`, also the backbone's features."""
         feats = []
         start = 0
         while start < len(crops):
@@ -109,7 +110,9 @@ class MultiCropNetwork(nn.Module):
                 end += 1
             feats.append(self.backbone(torch.cat(list(crops[start:end]))))
             start = end
-        return self.head(torch.cat(feats))
+        features = torch.cat(feats)
+        out = self.head(features)
+        return (out, features) if return_features else out
 
 
 def build_student_teacher(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwork]:

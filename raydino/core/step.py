@@ -19,7 +19,7 @@ from torch import nn
 
 from raydino.augment.ops import normalize
 from raydino.config import Config
-from raydino.core.loss import DINOLoss
+from raydino.core.loss import DINOLoss, koleo_loss
 from raydino.core.model import MultiCropNetwork, build_student_teacher, has_batchnorm
 from raydino.core.schedule import Schedules, build_schedules, param_groups
 
@@ -150,8 +150,15 @@ def train_step(state: TrainState, crops: list[torch.Tensor]) -> dict[str, float]
     with amp:
         with torch.no_grad():
             teacher_out = state.teacher(crops[:2])  # the teacher sees only the global crops
-        student_out = state.student(crops)
-        loss = state.loss_fn(student_out, teacher_out, state.epoch)
+        koleo = None
+        if cfg.loss.koleo_weight > 0:
+            student_out, features = state.student(crops, return_features=True)
+            # per global crop, over this worker's batch (as DINOv2)
+            koleo = sum(koleo_loss(f) for f in features[: 2 * len(crops[0])].chunk(2))
+            loss = state.loss_fn(student_out, teacher_out, state.epoch) + cfg.loss.koleo_weight * koleo
+        else:
+            student_out = state.student(crops)
+            loss = state.loss_fn(student_out, teacher_out, state.epoch)
 
     value = float(loss.detach())
     finite = torch.tensor(1.0 if math.isfinite(value) else 0.0, device=loss.device)
@@ -189,4 +196,5 @@ def train_step(state: TrainState, crops: list[torch.Tensor]) -> dict[str, float]
         "teacher_marginal_entropy": stats.marginal_entropy if stats else float("nan"),
         "entropy_gap": stats.distance_to_uniform if stats else float("nan"),
         "grad_norm_max": max(grad_norms) if grad_norms else 0.0,
+        **({"koleo": float(koleo.detach())} if koleo is not None else {}),
     }

@@ -39,6 +39,33 @@ class FundusLabel:
     split: str
 
 
+@dataclass(frozen=True)
+class LesionScale:
+    """How big and how many the DR lesions are, relative to the default drawing (1, 1).
+
+    `size` multiplies every lesion's radius (and new vessels' width); `count` multiplies how many of
+    each kind a grade draws.  The grade still decides which kinds appear.  At 128 px a default
+    haemorrhage is ~1-2 px across; `size=3` makes it visible at the resolution a CPU run trains on,
+    and sweeping `size` tests the paper's claim that the best crop scale depends on lesion size.
+    """
+
+    size: float = 1.0
+    count: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("size", "count"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"lesion {name}={value!r}: must be a number > 0 (1 = the default drawing)")
+
+    @property
+    def is_default(self) -> bool:
+        return self.size == 1.0 and self.count == 1.0
+
+
+DEFAULT_LESIONS = LesionScale()
+
+
 # ------------------------------------------------------------------ drawing helpers
 
 
@@ -178,35 +205,43 @@ def _random_points(rng: np.random.Generator, k: int, centre: np.ndarray, r_max: 
 
 
 def _lesions(rng: np.random.Generator, grade: int, red: _Canvas, exudate: _Canvas, cotton: _Canvas,
-             nv: _Canvas, disc: np.ndarray, fovea: np.ndarray, disc_r: float) -> None:  # fmt: skip
-    """Draw the lesions that define ICDR grade ``grade``."""
+             nv: _Canvas, disc: np.ndarray, fovea: np.ndarray, disc_r: float, scale: LesionScale = DEFAULT_LESIONS) -> None:  # fmt: skip
+    """Draw the lesions that define ICDR grade ``grade``, `scale` times the default size and count.
+
+    Sizes are scaled after drawing, so a sweep over `scale.size` changes the lesions of one eye and
+    keeps where they are; the anatomy never depends on `scale`."""
     if grade == 0:
         return
     pole = (disc + fovea) / 2
+    k = scale.size
+
+    def n(x: int) -> int:  # at least one of a kind the grade draws: the grade stays what it says
+        return max(1, round(x * scale.count)) if x else 0
+
     counts = {  # (microaneurysms, haemorrhages, exudate clusters, cotton-wool spots)
         1: (rng.integers(1, 5), 0, 0, 0),
         2: (rng.integers(2, 11), rng.integers(1, 7), rng.integers(0, 3), rng.integers(0, 3)),
         3: (rng.integers(5, 16), rng.integers(12, 31), rng.integers(0, 4), rng.integers(1, 5)),
         4: (rng.integers(3, 13), rng.integers(4, 21), rng.integers(0, 4), rng.integers(0, 4)),
     }[grade]
-    n_ma, n_hem, n_he, n_cws = (int(x) for x in counts)
+    n_ma, n_hem, n_he, n_cws = (n(int(x)) for x in counts)
     for p in _random_points(rng, n_ma, pole, 0.75, disc, disc_r * 1.2):
-        r = rng.uniform(0.004, 0.008)
+        r = rng.uniform(0.004, 0.008) * k
         red.blob(p[0], p[1], r, r, 0.0)
     for p in _random_points(rng, n_hem, pole if grade < 3 else np.zeros(2), 0.85, disc, disc_r * 1.3):
         if rng.random() < 0.6:  # dot / blot: a few overlapping blobs
             for _ in range(rng.integers(1, 4)):
-                q = p + rng.normal(0, 0.008, 2)
-                red.blob(q[0], q[1], rng.uniform(0.01, 0.025), rng.uniform(0.01, 0.025), rng.uniform(0, math.pi))
+                q = p + rng.normal(0, 0.008 * k, 2)
+                red.blob(q[0], q[1], rng.uniform(0.01, 0.025) * k, rng.uniform(0.01, 0.025) * k, rng.uniform(0, math.pi))
         else:  # flame: elongated, radial to the disc
             d = p - disc
-            red.blob(p[0], p[1], rng.uniform(0.025, 0.045), rng.uniform(0.008, 0.014), math.atan2(d[1], d[0]))
+            red.blob(p[0], p[1], rng.uniform(0.025, 0.045) * k, rng.uniform(0.008, 0.014) * k, math.atan2(d[1], d[0]))
     for centre in _random_points(rng, n_he, fovea, 0.35, disc, disc_r * 1.5):
-        for q in _random_points(rng, int(rng.integers(4, 16)), centre, 0.06, fovea, 0.02):
-            r = rng.uniform(0.004, 0.011)
+        for q in _random_points(rng, int(rng.integers(4, 16)), centre, 0.06 * k, fovea, 0.02):
+            r = rng.uniform(0.004, 0.011) * k
             exudate.blob(q[0], q[1], r, r * rng.uniform(0.6, 1.0), rng.uniform(0, math.pi))
     for p in _random_points(rng, n_cws, pole, 0.55, disc, disc_r * 1.4):
-        cotton.blob(p[0], p[1], rng.uniform(0.02, 0.04), rng.uniform(0.015, 0.03), rng.uniform(0, math.pi))
+        cotton.blob(p[0], p[1], rng.uniform(0.02, 0.04) * k, rng.uniform(0.015, 0.03) * k, rng.uniform(0, math.pi))
     if grade == 4:
         sites = [disc] if rng.random() < 0.55 else []
         sites += _random_points(rng, int(rng.integers(0 if sites else 1, 3)), pole, 0.7, fovea, 0.15)
@@ -216,21 +251,21 @@ def _lesions(rng: np.random.Generator, grade: int, red: _Canvas, exudate: _Canva
                 h = rng.uniform(0, 2 * math.pi)
                 for _ in range(rng.integers(4, 9)):
                     h += rng.normal(0, 0.9)
-                    q = p + 0.015 * np.array([math.cos(h), math.sin(h)])
-                    nv.line(p, q, rng.uniform(0.003, 0.005))
+                    q = p + 0.015 * k * np.array([math.cos(h), math.sin(h)])
+                    nv.line(p, q, rng.uniform(0.003, 0.005) * k)
                     p = q
         if rng.random() < 0.3:  # preretinal (boat-shaped) haemorrhage below an arcade
             p = _random_points(rng, 1, pole, 0.5, disc, disc_r * 1.5)
             if p:
-                red.blob(p[0][0], p[0][1], rng.uniform(0.05, 0.09), rng.uniform(0.03, 0.05), rng.normal(0, 0.2))
+                red.blob(p[0][0], p[0][1], rng.uniform(0.05, 0.09) * k, rng.uniform(0.03, 0.05) * k, rng.normal(0, 0.2))
         if rng.random() < 0.25:  # panretinal laser scars in the periphery
             for p in _random_points(rng, int(rng.integers(30, 80)), np.zeros(2), 0.93, fovea, 0.6):
                 exudate.blob(p[0], p[1], 0.012, 0.012, 0.0, value=150)
                 red.blob(p[0], p[1], 0.006, 0.006, 0.0, value=200)
 
 
-def render_fundus(size: int, label: FundusLabel, seed: int) -> np.ndarray:
-    """One synthetic colour fundus photograph, uint8 (size, size, 3)."""
+def render_fundus(size: int, label: FundusLabel, seed: int, lesions: LesionScale = DEFAULT_LESIONS) -> np.ndarray:
+    """One synthetic colour fundus photograph, uint8 (size, size, 3); `lesions` scales the DR lesions."""
     if size < 16:
         raise ValueError(f"size={size}: synthetic fundus images need at least 16 px")
     # Three independent streams: the same eye (anatomy) and camera with or without disease.
@@ -280,7 +315,7 @@ def render_fundus(size: int, label: FundusLabel, seed: int) -> np.ndarray:
     _composite(img, veins.mask(), (0.36, 0.06, 0.05), 0.88)
     _composite(img, arteries.mask(), (0.62, 0.13, 0.08), 0.80)
     red, exu, cws, nv = (_Canvas(s, c, radius) for _ in range(4))
-    _lesions(lesion_rng, label.dr_grade, red, exu, cws, nv, disc, fovea, disc_r)
+    _lesions(lesion_rng, label.dr_grade, red, exu, cws, nv, disc, fovea, disc_r, lesions)
     if exu.used:
         _composite(img, exu.mask(), (0.96, 0.86, 0.38), 0.9)
     if cws.used:

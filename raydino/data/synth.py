@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from raydino.data.fundus import FundusLabel, render_fundus
+from raydino.data.fundus import DEFAULT_LESIONS, FundusLabel, LesionScale, render_fundus
 from raydino.progress import Progress
 
 SYNTH_VERSION = 1  # bump when the pictures change: cache keys include it
@@ -98,10 +98,10 @@ def image_relpath(label: FundusLabel, task: str, fmt: str) -> str:
     return f"{label.split}/{cls}/synth-{label.index:06d}.{ext}"
 
 
-def _write_images(out: str, labels: list[FundusLabel], size: int, seed: int, fmt: str, task: str) -> int:
+def _write_images(out: str, labels: list[FundusLabel], size: int, seed: int, fmt: str, task: str, lesions: LesionScale) -> int:
     written = 0
     for lab in labels:
-        arr = render_fundus(size, lab, seed)
+        arr = render_fundus(size, lab, seed, lesions)
         path = os.path.join(out, image_relpath(lab, task, fmt))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         img = Image.fromarray(arr)
@@ -130,6 +130,8 @@ class SynthSummary:
     by_dr_grade: dict[str, int]
     by_glaucoma: dict[str, int]
     workers: int
+    lesion_size: float = 1.0
+    lesion_count: float = 1.0
     version: int = SYNTH_VERSION
 
 
@@ -142,6 +144,7 @@ def generate_dataset(
     fmt: str = "jpeg",
     task: str = "dr",
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    lesions: LesionScale = DEFAULT_LESIONS,
     workers: int | None = None,
     preview: bool = False,
     progress: bool = True,
@@ -149,7 +152,7 @@ def generate_dataset(
     """Write n synthetic photographs as ``out/{train,val,test}/<class>/`` plus ``labels.csv``.
 
     ``task`` picks the folder classes ("dr": ICDR grade, "glaucoma": cup-to-disc class);
-    ``labels.csv`` always carries both tasks.  Also writes ``synth.json`` (parameters, counts,
+    ``labels.csv`` always carries both tasks; ``lesions`` scales the DR lesions' size and count.  Also writes ``synth.json`` (parameters, counts,
     speed) and, with ``preview``, ``preview.png`` (a contact sheet per grade).
     """
     if fmt not in ("jpeg", "png"):
@@ -169,12 +172,12 @@ def generate_dataset(
     chunks = [labels[i : i + 16] for i in range(0, n, 16)]
     if workers == 1:
         for chunk in chunks:
-            total_bytes += _write_images(out, chunk, size, seed, fmt, task)
+            total_bytes += _write_images(out, chunk, size, seed, fmt, task, lesions)
             bar.update(len(chunk))
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [(len(ch), pool.submit(_write_images, out, ch, size, seed, fmt, task)) for ch in chunks]
+            futures = [(len(ch), pool.submit(_write_images, out, ch, size, seed, fmt, task, lesions)) for ch in chunks]
             for k, fut in futures:
                 total_bytes += fut.result()
                 bar.update(k)
@@ -189,7 +192,7 @@ def generate_dataset(
         by_class=dict(sorted(Counter(image_relpath(lab, task, fmt).split("/")[1] for lab in labels).items())),
         by_dr_grade={DR_CLASSES[g]: c for g, c in sorted(Counter(lab.dr_grade for lab in labels).items())},
         by_glaucoma={GLAUCOMA_CLASSES[g]: c for g, c in sorted(Counter(lab.glaucoma for lab in labels).items())},
-        workers=workers,
+        workers=workers, lesion_size=lesions.size, lesion_count=lesions.count,
     )  # fmt: skip
     Path(out, "synth.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     if preview:
@@ -238,7 +241,15 @@ def write_preview(out: str, labels: list[FundusLabel], task: str, fmt: str, per_
 
 
 def synthetic_shards(
-    n: int, size: int, seed: int, cache_root: str = ".raydino/synthetic", workers: int | None = None, progress: bool = True, task: str = "dr"
+    n: int,
+    size: int,
+    seed: int,
+    cache_root: str = ".raydino/synthetic",
+    workers: int | None = None,
+    progress: bool = True,
+    task: str = "dr",
+    lesions: LesionScale = DEFAULT_LESIONS,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
 ) -> str:
     """Shards of a synthetic dataset, built once and cached; returns their local URI.
 
@@ -249,6 +260,10 @@ def synthetic_shards(
     from raydino.data.writer import ShardJobOptions, shard_dataset
 
     key = f"n{n}-s{size}-seed{seed}-v{SYNTH_VERSION}" + ("" if task == "dr" else f"-{task}")  # dr: the key older caches have
+    if not lesions.is_default:
+        key += f"-lesions{lesions.size:g}x{lesions.count:g}"
+    if tuple(split_fractions) != (0.7, 0.15, 0.15):
+        key += "-splits" + "-".join(f"{f:g}" for f in split_fractions)
     root = os.path.abspath(os.path.join(cache_root, key))
     shards = os.path.join(root, "shards")
     manifest = os.path.join(shards, MANIFEST_NAME)
@@ -260,7 +275,7 @@ def synthetic_shards(
     images = os.path.join(root, "images")
     if not os.path.exists(os.path.join(images, "synth.json")):  # written last: absent = never made, or interrupted
         shutil.rmtree(images, ignore_errors=True)  # the cache's own folder: a half-made set is started again
-        generate_dataset(images, n, size, seed, task=task, workers=workers, progress=progress)
+        generate_dataset(images, n, size, seed, task=task, split_fractions=split_fractions, lesions=lesions, workers=workers, progress=progress)
     est_mb = sum(f.stat().st_size for f in Path(images).rglob("*.jpg")) / 2**20
     # Several shards even for a small set, so Ray Data can read them in parallel.
     target = max(0.001, est_mb / max(4, 2 * (workers or os.cpu_count() or 1)))

@@ -160,10 +160,15 @@ def _step_of(line: str) -> float:
 
 def ensure_dataset(cfg: Config, cache: Path) -> str:
     """The embedded default: synthetic fundus images, sharded locally, cached by their parameters."""
+    from raydino.data.fundus import LesionScale
     from raydino.data.synth import synthetic_shards
 
     d = cfg.data
-    return synthetic_shards(d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(cache / "synthetic"), task=d.synthetic_task)
+    lesions = LesionScale(d.synthetic_lesion_size, d.synthetic_lesion_count)
+    return synthetic_shards(
+        d.synthetic_n, d.synthetic_size, d.synthetic_seed, cache_root=str(cache / "synthetic"), task=d.synthetic_task,
+        lesions=lesions, split_fractions=d.synthetic_splits,
+    )  # fmt: skip
 
 
 def open_dataset(uri: str, cfg: Config) -> Any:

@@ -96,6 +96,35 @@ def plot_scale_heatmap(rows: list[dict[str, Any]], out: Path, title: str, bins: 
     return save_figure(plt, fig, out)
 
 
+def plot_presets(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path, title: str, group_key: str = "augment.preset") -> Path | None:
+    """Table 3 as a figure: per preset, each pretraining seed's test AUROC / AUPR (dots, the seed
+    written beside), the mean and its 95% t-interval over seeds (bar), for every metric the table has."""
+    plt = pyplot()
+    finished = [r for r in rows if r["status"] == "finished"]
+    shown = [m for m in ("auroc", "aupr") if any(r.get(f"test_{m}") is not None for r in finished)]
+    if not table or not shown:
+        return None
+    order = [e[group_key] for e in table]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.4 * len(shown), 3.8), squeeze=False)
+    for ax, m in zip(axes.flat, shown):
+        for i, e in enumerate(table):
+            pts = [(r.get("train.seed"), r[f"test_{m}"]) for r in finished if r.get(group_key) == e[group_key] and r.get(f"test_{m}") is not None]
+            xs = i + np.linspace(-0.12, 0.12, len(pts)) if len(pts) > 1 else np.full(len(pts), float(i))
+            ax.scatter(xs, [v for _, v in pts], s=22, color="tab:blue", alpha=0.7, zorder=3)
+            for x, (seed, v) in zip(xs, pts):
+                ax.annotate(str(seed), (x, v), xytext=(3, 0), textcoords="offset points", fontsize=6, color="0.4")
+            if e.get(m) is not None:
+                lo, hi = e.get(f"{m}_low"), e.get(f"{m}_high")
+                err = [[e[m] - lo], [hi - e[m]]] if lo is not None and hi is not None else None
+                ax.errorbar([i + 0.3], [e[m]], yerr=err, fmt="D", color="black", capsize=4, zorder=4)
+        ax.set_xticks(range(len(order)), [str(g) for g in order])
+        ax.set_xlim(-0.5, len(order) - 0.3)
+        ax.set_ylabel(f"test {m.upper()}")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{title}: dots = pretraining seeds, diamond = mean with 95% t-interval", fontsize=9)
+    return save_figure(plt, fig, out)
+
+
 def preset_table_markdown(table: list[dict[str, Any]], group_key: str = "augment.preset") -> str:
     """Mean [95% t-interval over pretraining seeds] and, after ±, the mean std over probe seeds."""
     cols = ["preset", "pretraining seeds", "probe seeds"] + [m.upper() if m in ("auroc", "aupr") else m for m in METRICS]
@@ -175,6 +204,8 @@ def summary_markdown(
             )
         out.append("")
     out += ["## Figures", "", "![val AUROC against each parameter](plots/auroc_vs_params.png)", ""]
+    if paper:
+        out += ["![test AUROC and AUPR per preset over pretraining seeds](plots/presets.png)", ""]
     if all(k in param_keys for k in HEATMAP_KEYS):
         out += ["![global × local minimum crop scale](plots/scale_heatmap.png)", ""]
     return "\n".join(out)

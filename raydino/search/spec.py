@@ -329,6 +329,14 @@ def check_space(spec: SearchSpec) -> Config:
     resolved = base.to_dict()
     problems = []
     for key, p in spec.space.items():
+        if key.startswith("data."):
+            # The search streams one data set, built before any trial from the base config: a trial's
+            # own data.* value would be ignored, and the trials would not differ in what they claim.
+            problems.append(
+                f"space.{key}: data settings cannot be searched (every trial streams the one data set built from "
+                f"the base config); run one search per value instead, e.g. --set {key}=VALUE"
+            )
+            continue
         rk = _range_key(key)
         if key != JITTER_STRENGTH and not (rk and _lookup(resolved, rk[0]) is not None):
             try:
