@@ -94,7 +94,7 @@ def test_koleo_is_minus_mean_log_nearest_neighbour_distance_and_spreads_features
 
 
 def test_koleo_weight_adds_the_regulariser_to_the_step():
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("loss.koleo_weight=0")
     plain, reg = build_train_state(cfg, 10), build_train_state(tiny_cfg("loss.koleo_weight=0.5"), 10)
     m_plain, m_reg = train_step(plain, random_crops(cfg, 4)), train_step(reg, random_crops(cfg, 4))
     assert "koleo" not in m_plain and math.isfinite(m_reg["koleo"])

@@ -43,7 +43,7 @@ def spec_with(**changes):
     return parse_spec(data)
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "aug_scales.yaml", "paper_presets.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "aug_scales.yaml", "paper_presets.yaml", "paper_presets_cpu.yaml", "paper_presets_gpu.yaml"])
 def test_shipped_specs_validate_and_every_corner_is_a_valid_config(name):
     spec = load_spec(TUNING / name)
     base = check_space(spec)
