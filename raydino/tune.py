@@ -82,6 +82,7 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+HEARTBEAT_S = 60.0  # longest silence of the driver's progress line while trials run
 _ACTIVE: dict[str, Any] = {}  # the progress callback Tune actually runs (it may be unpickled on resume)
 
 
@@ -107,6 +108,11 @@ class SearchProgress(Callback):  # module level: pickled by reference, so `_ACTI
         self.session_epochs += max(float(result.get("epoch") or 0) - before, 0.0)
         self.last[trial.trial_id] = {k: result.get(k) for k in ("epoch", METRIC, "collapsed", "final")}
         if time.monotonic() - self.printed > 15:
+            self._print(trials)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # A trial's final probe (the paper's: minutes) reports nothing until it ends: say so once a minute.
+        if time.monotonic() - self.printed > HEARTBEAT_S:
             self._print(trials)
 
     def _ended(self, trial: Any, trials: list) -> None:

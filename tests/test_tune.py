@@ -111,6 +111,21 @@ def test_every_report_scores_the_same_probe(cache, one_thread):
     assert end["probe_seeds"] == 1 and "test_auroc" in end and "test_auroc" not in mid
 
 
+def test_driver_progress_speaks_at_least_once_a_minute_while_trials_are_silent(capsys):
+    """A trial in its final probe reports nothing for minutes; the driver's line must not go quiet."""
+    from types import SimpleNamespace
+
+    progress = tune.SearchProgress(total_trials=3, budget_epochs=4, time_budget_s=None)
+    progress.setup()
+    trials = [SimpleNamespace(trial_id="a", status="RUNNING"), SimpleNamespace(trial_id="b", status="TERMINATED")]
+    progress.on_step_end(0, trials)  # the first step speaks
+    progress.on_step_end(1, trials)
+    assert capsys.readouterr().out.count("[raydino.tune]") == 1  # then not again within the minute
+    progress.printed -= tune.HEARTBEAT_S + 1
+    progress.on_step_end(1, trials)
+    assert "1/3 trials ended, 1 running" in capsys.readouterr().out
+
+
 def test_old_intermediate_probe_setting_is_refused_with_the_new_names():
     with pytest.raises(Exception, match="objective: knn"):
         load_spec(SMOKE, ["evaluation.intermediate=knn"])
