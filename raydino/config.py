@@ -202,11 +202,11 @@ class DataConfig(_Strict):
     # sees labels; only the probe after it does.
     synthetic_task: Literal["dr", "glaucoma"] = "dr"
     # The DR lesions' radius and number, times the generator's default (raydino.data.fundus.LesionScale):
-    # at 128 px a default haemorrhage is 1-2 px across.
+    # at 128 px a default haemorrhage is 1-3 px across.
     synthetic_lesion_size: float = Field(1.0, gt=0, le=20)
     synthetic_lesion_count: float = Field(1.0, gt=0, le=20)
     # train, val, test fractions of the synthetic set.  Pretraining reads only `train`; a larger test
-    # split narrows the interval of the probe that judges it (the demo: 0.3, 0.1, 0.6).
+    # split narrows the interval of the probe that judges it (the demo: 0.28, 0.10, 0.62).
     synthetic_splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
     s3_endpoint: str | None = None
     s3_region: str | None = None

@@ -45,7 +45,7 @@ class LesionScale:
 
     `size` multiplies every lesion's radius (and new vessels' width); `count` multiplies how many of
     each kind a grade draws.  The grade still decides which kinds appear.  At 128 px a default
-    haemorrhage is ~1-2 px across; `size=3` makes it visible at the resolution a CPU run trains on,
+    haemorrhage is ~1-3 px across; `size=3` makes it visible at the resolution a CPU run trains on,
     and sweeping `size` tests the paper's claim that the best crop scale depends on lesion size.
     """
 
