@@ -9,6 +9,7 @@ field is reported with its dotted name, the value given and what is allowed.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -244,6 +245,9 @@ class RunConfig(_Strict):
     # With an autoscaler: how long the run waits for nodes that can host its workers before failing
     # (None: forever).  Without one, a run that cannot fit fails before training (check_resources).
     max_node_wait_s: float | None = Field(3600, gt=0)
+    # Local paths (data.uri, run.storage, probe.data) on a filesystem every node mounts at the same path.
+    # False: on a multi-node (or autoscaling) cluster a local path is refused before training.
+    shared_fs: bool = False
 
 
 class ProbeConfig(_Strict):
@@ -454,3 +458,44 @@ def check_consistency(cfg: Config) -> None:
         problems.append("optim.lr must be finite")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------- resuming a run
+
+# Keys a resumed run may not change: they decide the model, the data, steps per epoch, total steps and
+# every schedule (lr, weight decay, teacher momentum and temperature), so a changed value would silently
+# train a different run from the middle of the old one.  Every other key (logging, checkpoint cadence,
+# probe, failure budgets, CPUs, storage endpoints) may change; `python -m raydino.pretrain` records it.
+RESUME_FIXED = (
+    "model.", "loss.", "optim.", "augment.", "run.workers", "train.batch_size", "train.epochs", "train.max_steps",
+    "train.steps_per_epoch", "train.seed", "data.uri", "data.synthetic_",
+)  # fmt: skip
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resume_changes(old: dict[str, Any], new: Config) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Compare a run's first config (its config.yaml) with the config of a later start.
+
+    Returns the refusals (one message per fixed key whose value changed, naming it with both values)
+    and the allowed changes `{key: {"old": ..., "new": ...}}`.  A key the old config lacks (added by a
+    later raydino) is an allowed change: the old run never chose a value for it.
+    """
+    before, after = _flatten(old), _flatten(json.loads(json.dumps(new.to_dict())))
+    refused, allowed = [], {}
+    for key in sorted(set(before) | set(after)):
+        if key == "run.name" or before.get(key) == after.get(key):
+            continue
+        if key in before and key in after and key.startswith(RESUME_FIXED):
+            refused.append(f"{key}: this run started with {before[key]!r}, now {after[key]!r}")
+        else:
+            allowed[key] = {"old": before.get(key), "new": after.get(key)}
+    return refused, allowed

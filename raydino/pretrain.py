@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from raydino.cli import EXIT_NON_FINITE, EXIT_TRAINING_FAILED, USER_ERRORS, user_error
-from raydino.config import Config, ConfigError, build_config, load_config, preset_names
+from raydino.config import Config, ConfigError, build_config, load_config, preset_names, resume_changes
 from raydino.data import storage as st
-from raydino.distributed.capacity import check_resources, never_started, start_attempts, training_label_selector, warn_about_locality
+from raydino.distributed.capacity import check_locality, check_resources, never_started, start_attempts, training_label_selector
 from raydino.distributed.cluster import init_ray, local_cpu_tokens, quiet_ray_data
 from raydino.distributed.trainer import torch_trainer, worker_seed, worker_state
 from raydino.progress import say
@@ -34,6 +36,7 @@ from raydino.runs.storage import RunStorage, ensure_dataset, open_dataset
 DEFAULT_CACHE = Path(".raydino")
 
 NON_FINITE_FILE = "non_finite.json"  # in the run directory: step and message of a non-finite stop
+CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per resumed start that changed an allowed setting
 
 
 class NonFiniteLossStop(RuntimeError):
@@ -252,6 +255,28 @@ def train_worker(conf: dict[str, Any]) -> None:
     tracker.close()
 
 
+def resume_check(storage: RunStorage, name: str, cfg: Config) -> dict[str, dict[str, Any]] | None:
+    """None for a run without a checkpoint (its config.yaml is written now); for a resumed run, the
+    settings this start changes, after refusing any change of model, data, batch or schedule
+    (`config.resume_changes`).  The run's first config.yaml is never overwritten."""
+    first = storage.read_text(name, "config.yaml") if storage.exists(name) else None
+    if first is None or not any(f.startswith("checkpoint_") for f in storage.folders(name)):
+        return None
+    try:
+        old = yaml.safe_load(first) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{storage.uri}/{name}/config.yaml is not valid YAML ({e}); it is the run's record, fix or restore it") from None
+    refused, allowed = resume_changes(old, cfg)
+    if refused:
+        raise ConfigError(
+            f"run {name!r} resumes from its latest checkpoint, and these settings decide its data, model, steps and "
+            f"schedules, so they cannot change mid-run:\n  "
+            + "\n  ".join(refused)
+            + f"\nRestore them (the run's settings are {storage.uri}/{name}/config.yaml), or start a new run with another --name"
+        )
+    return allowed
+
+
 def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: bool = True, cache: Path = DEFAULT_CACHE) -> dict[str, Any]:
     """Validate, start Ray, train, report.  Returns a summary dict (also written as summary.json).
 
@@ -273,6 +298,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
         raise ConfigError(f"--resume: no run named {name!r} in {storage.uri}")
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     storage.check_writable(name)
+    changes = resume_check(storage, name, cfg)
     data_uri = cfg.data.uri or ensure_dataset(cfg, cache)
     shards = open_dataset(data_uri, cfg)
     rows = pretrain_rows(shards)
@@ -292,9 +318,14 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     init_ray(local_cpu_tokens(cfg))
     check_resources(cfg)
     quiet_ray_data()
-    warn_about_locality(cfg, storage, data_uri)
+    check_locality(cfg, {"--storage": storage.uri, "--data": data_uri, "probe.data": cfg.probe.data})
     log_dir = storage.local_log_dir(name)
-    storage.write_text(name, "config.yaml", cfg.to_yaml())
+    if changes is None:
+        storage.write_text(name, "config.yaml", cfg.to_yaml())  # a new run (or one that never checkpointed)
+    elif changes:
+        record = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}, default=str)
+        storage.write_text(name, CONFIG_CHANGES_FILE, (storage.read_text(name, CONFIG_CHANGES_FILE) or "") + record + "\n")
+        say(f"[raydino] resuming {name} with changed settings (recorded in {CONFIG_CHANGES_FILE}): {', '.join(changes)}")
     say(
         f"[raydino] run {name}: {cfg.model.arch}, preset {cfg.augment.preset}, {rows} images, "
         f"{cfg.run.workers} workers × batch {cfg.train.batch_size}, {steps_per_epoch} steps/epoch; "

@@ -32,7 +32,7 @@ from ray.tune import Callback
 from raydino.cli import EXIT_TRAINING_FAILED, USER_ERRORS, user_error
 from raydino.config import Config, ConfigError
 from raydino.data import storage as st
-from raydino.distributed.capacity import search_cpus, trial_concurrency
+from raydino.distributed.capacity import check_locality, search_cpus, trial_concurrency
 from raydino.distributed.cluster import init_ray, quiet_ray_data
 from raydino.distributed.trials import trial_main
 from raydino.progress import format_duration
@@ -40,15 +40,17 @@ from raydino.runs.storage import RunStorage, ensure_dataset, open_dataset
 from raydino.search.report import (
     HEATMAP_KEYS,
     best_config_yaml,
+    data_sweep_report,
     format_value,
     paper_report,
     plot_auroc_vs_params,
     plot_presets,
+    plot_scale_by_data,
     plot_scale_heatmap,
     summary_markdown,
 )
 from raydino.search.results import METRIC, STATUSES, best_row, history_table, results_table, safe_name, table_bytes
-from raydino.search.spec import SearchSpec, check_space, load_spec, trial_config
+from raydino.search.spec import SearchSpec, check_space, data_variant_key, data_variants, load_spec, trial_config
 
 DEFAULT_CACHE = Path(".raydino")
 
@@ -177,6 +179,14 @@ def prepare(spec: SearchSpec, cache: Path) -> tuple[Config, dict[str, Any]]:
     from raydino.data.loader import pretrain_rows
 
     rows = pretrain_rows(shards)
+    # Searched synthetic-data values (lesion size, count): one set per combination, built here, before Ray.
+    variants: dict[str, str] = {}
+    for values in data_variants(spec) if base.data.uri is None and len(data_variants(spec)) > 1 else []:
+        cfg = trial_config(spec, values)
+        uri = str(Path(ensure_dataset(cfg, cache)).resolve())
+        if pretrain_rows(open_dataset(uri, cfg)) != rows:
+            raise ConfigError(f"space: the synthetic set for {values} has a different number of training rows than the base set")
+        variants[data_variant_key(values)] = uri
     spe = base.train.steps_per_epoch or rows // (base.train.batch_size * spec.resources.workers)
     if spe < 1:
         raise ConfigError(
@@ -200,6 +210,7 @@ def prepare(spec: SearchSpec, cache: Path) -> tuple[Config, dict[str, Any]]:
         "probe_uri": probe_uri,
         "probe_dataset": spec.evaluation.dataset or ("synthetic" if probe_uri == data_uri else None),
         "steps_per_epoch": spe,
+        "data_variants": variants,
         "storage": storage.to_dict(spec.name),
         "experiment": spec.name,
     }
@@ -226,6 +237,7 @@ def run_search(spec: SearchSpec, resume: bool = False, cache: Path = DEFAULT_CAC
     budget_epochs = spec.budget.epochs or math.ceil(spec.budget.steps / ctx["steps_per_epoch"])
     init_ray(search_cpus(spec, base, spec.max_concurrent_trials or 1))
     quiet_ray_data()
+    check_locality(base, {"storage": storage.uri, "data": ctx["data_uri"], "evaluation.data": ctx["probe_uri"]})
     concurrency = trial_concurrency(spec, base)
     r = spec.resources
     # One-worker trials train in the trial actor; a multi-worker trial's actor only drives its
@@ -340,6 +352,7 @@ def write_report(
     spent = sum(r["wall_seconds"] for r in walls)
     overhead = (spent - sum(r["train_seconds"] + (r["probe_seconds"] or 0) for r in walls)) / spent if spent else None
     paper = paper_report(rows)
+    sweep = data_sweep_report(rows, keys)
     extra = {
         "search time": format_duration(seconds) + (" (stopped by time_budget_s)" if hit_budget else ""),
         "trial overhead (wall − pretraining − probe, over trials timed this session)": f"{overhead:.1%}" if overhead is not None else "–",
@@ -369,6 +382,7 @@ def write_report(
             plot_auroc_vs_params(rows, keys, Path(tmp) / "auroc_vs_params.png", title),
             plot_scale_heatmap(rows, Path(tmp) / "scale_heatmap.png", spec.name) if all(k in keys for k in HEATMAP_KEYS) else None,
             plot_presets(rows, paper["table"], Path(tmp) / "presets.png", spec.name) if paper else None,
+            plot_scale_by_data(rows, sweep, Path(tmp) / "scale_by_data.png", spec.name) if sweep else None,
         ):
             if made:
                 files[f"plots/{made.name}"] = made.read_bytes()
@@ -386,7 +400,9 @@ def write_report(
     if paper:
         summary["presets"] = {"table": paper["table"], "paired": paper["paired"]}
         files["presets.md"] = paper["table_md"].encode()
-    files["summary.md"] = summary_markdown(spec, rows, best, keys, extra, paper).encode()
+    if sweep:
+        summary["scale_by_data"] = {k: sweep[k] for k in ("data_key", "x_key", "table")}
+    files["summary.md"] = summary_markdown(spec, rows, best, keys, extra, paper, sweep).encode()
     files["summary.json"] = json.dumps(summary, indent=2, default=str).encode()
     for rel, data in files.items():
         st.write_bytes(storage.location, storage.location.join(spec.name, rel), data)

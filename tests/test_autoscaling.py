@@ -124,7 +124,22 @@ def test_smoke_pretraining_scales_a_head_only_cluster_up_and_back_down(tmp_path)
         t0 = time.monotonic()
         with NodeWatcher(cluster) as watcher:
             done = run_pretrain(
-                ["--config", "smoke", "--workers", str(WORKERS), "--data", shards, "--storage", str(storage), "--name", RUN, "--no-probe"],
+                # The fake nodes share this machine's disk: local paths are shared here, as an NFS mount would be.
+                [
+                    "--config",
+                    "smoke",
+                    "--workers",
+                    str(WORKERS),
+                    "--data",
+                    shards,
+                    "--storage",
+                    str(storage),
+                    "--name",
+                    RUN,
+                    "--no-probe",
+                    "--set",
+                    "run.shared_fs=true",
+                ],  # fmt: skip
                 cluster.driver_env(),
                 tmp_path,
                 RUN_S,

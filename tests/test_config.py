@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from raydino.config import AUGMENT_PRESETS, ConfigError, load_config, preset_names
+from raydino.config import AUGMENT_PRESETS, ConfigError, load_config, preset_names, resume_changes
 
 
 def test_shipped_presets_load_and_carry_the_papers_numbers():
@@ -122,3 +122,20 @@ def test_synthetic_set_settings_are_validated_with_the_field_named():
     for bad, field in bad_values.items():
         with pytest.raises(ConfigError, match=field):
             load_config("demo", [bad])
+
+
+def test_resume_refuses_schedule_changes_and_lists_the_allowed_ones():
+    old = load_config("smoke").to_dict()
+    new = load_config("smoke", ["train.log_every=1", "run.max_failures=10", "probe.monitor=knn"])
+    refused, allowed = resume_changes(old, new)
+    assert refused == []
+    assert allowed == {
+        "train.log_every": {"old": 2, "new": 1},
+        "run.max_failures": {"old": 3, "new": 10},
+        "probe.monitor": {"old": "fast", "new": "knn"},
+    }
+    # A key the old run's config lacks (added by a later raydino) was never chosen: allowed, recorded.
+    del old["loss"]["koleo_weight"]
+    assert resume_changes(old, load_config("smoke"))[1] == {"loss.koleo_weight": {"old": None, "new": 0.1}}
+    refused, _ = resume_changes(load_config("smoke").to_dict(), load_config("smoke", ["augment.preset=strong", "optim.lr=0.1"]))
+    assert any(r.startswith("augment.global_crop_scale:") for r in refused) and any(r.startswith("optim.lr:") for r in refused)

@@ -300,3 +300,28 @@ def test_checkpoint_round_trip_then_one_step_is_bit_identical(tmp_path):
         assert torch.equal(pa, pb)
     assert torch.equal(a.loss_fn.center, b.loss_fn.center)
     assert a.step == b.step == 3
+
+
+def test_a_mid_epoch_resume_trains_the_epochs_tail_not_its_head_again(monkeypatch):
+    """Resumed at step 6 of 4-step epochs (epoch 1, 2 steps done): the loop passes over that epoch's first
+    two batches and trains its last two, then all of epoch 2; no batch is trained twice, none dropped."""
+    import raydino.core.loop as loop
+
+    cfg = load_config("smoke", ["train.epochs=3"])
+    state = build_train_state(cfg, steps_per_epoch=4)
+    state.step, state.epoch = 6, 1
+    trained: list[tuple[int, int]] = []
+
+    def fake_step(state, crops):  # records which batch it was given; the real step is tested above
+        trained.append((state.epoch, int(crops[0].flatten()[0])))
+        state.step += 1
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(loop, "train_step", fake_step)
+
+    def epoch_batches(epoch):  # batch i of every epoch carries i in its first pixel
+        return ([torch.full((2, 3, 8, 8), i, dtype=torch.uint8)] for i in range(4))
+
+    loop.fit(state, epoch_batches)
+    assert trained == [(1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
+    assert (state.step, state.epoch) == (12, 3)

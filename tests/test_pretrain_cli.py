@@ -139,6 +139,28 @@ def test_resume_needs_an_existing_run(shards, tmp_path, capsys):
     assert "no run named 'never-ran'" in err
 
 
+def fake_checkpointed_run(storage, name, cfg):
+    """A run directory as a first start leaves it: config.yaml and a checkpoint folder."""
+    run_dir = storage / name
+    (run_dir / "checkpoint_00000004").mkdir(parents=True)
+    (run_dir / "checkpoint_00000004" / "state.pt").write_bytes(b"x")
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
+def test_a_resume_that_would_change_the_schedule_is_refused_naming_each_field(shards, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    run_dir = fake_checkpointed_run(storage, "r", load_config("smoke", [f"data.uri={shards}", f"run.storage={storage}", "run.name=r"]))
+    first = (run_dir / "config.yaml").read_text()
+    err = fails_before_training(
+        ["--config", "smoke", "--data", shards, "--storage", str(storage), "--name", "r", "--workers", "1", "--set", "train.batch_size=16"], capsys
+    )
+    assert "run.workers: this run started with 2, now 1" in err and "train.batch_size: this run started with 8, now 16" in err
+    assert "another --name" in err
+    assert (run_dir / "config.yaml").read_text() == first  # the run's record is untouched
+    assert not (run_dir / "config_changes.jsonl").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_more_workers_than_this_machine_can_host(shards, tmp_path):
@@ -158,7 +180,7 @@ def test_with_an_autoscaler_a_run_that_never_fits_gives_up_after_max_node_wait(s
     node will ever satisfy must not wait forever: after run.max_node_wait_s the run ends with a clear error."""
     done = run_recipe(
         "pretrain", "--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "wait",
-        "--workers", "64", "--set", "train.batch_size=1", "--set", "run.max_node_wait_s=6", "--no-probe",
+        "--workers", "64", "--set", "train.batch_size=1", "--set", "run.max_node_wait_s=6", "--set", "run.shared_fs=true", "--no-probe",
         cwd=tmp_path, timeout=240, local_ray=True, RAYDINO_ASSUME_AUTOSCALER="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3",
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]

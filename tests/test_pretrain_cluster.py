@@ -114,6 +114,10 @@ def test_job_submission_trains_and_checkpoints(head, shards, tmp_path):
         head.dashboard,
         "--working-dir",
         str(REPO),
+        # What a user does for a bucket outside us-east-1: the driver inherits the variable, and init_ray
+        # must not restate it (ray.init refused the merge: "Failed to merge the Job's runtime env").
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"AWS_REGION": "eu-west-2"}}),
         "--",
         "python",
         "-m",

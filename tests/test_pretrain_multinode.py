@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from raydino.config import load_config
+from raydino.config import ConfigError, load_config
 from raydino.core.checkpoint import checkpoint_config, load_checkpoint, restore_state
 from raydino.core.step import build_train_state
 from raydino.data.synth import synthetic_shards
@@ -88,6 +88,12 @@ def test_two_training_nodes_and_a_labelled_data_node(cluster, shards, tmp_path):
             "train.threads=1",
         ],
     )
+    # Local paths on three nodes are refused before training, naming them ...
+    with pytest.raises(ConfigError, match=r"3 nodes, and --storage=.*--data=.* is a local path"):
+        run(cfg, "smoke", probe=False)
+    assert not (tmp_path / "runs" / "multi" / "config.yaml").exists()
+    # ... unless the user says every node mounts them (true here: the nodes share this machine's disk).
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"shared_fs": True})})
     summary = run(cfg, "smoke", probe=False)
     run_dir = tmp_path / "runs" / "multi"
 

@@ -17,15 +17,17 @@ from raydino.eval.metrics import METRICS
 from raydino.search.report import (
     HEATMAP_KEYS,
     best_config_yaml,
+    data_sweep_report,
     paper_report,
     plot_auroc_vs_params,
     plot_presets,
+    plot_scale_by_data,
     plot_scale_heatmap,
     preset_table_markdown,
     summary_markdown,
 )
 from raydino.search.results import best_row, history_table, paired_test, preset_table, results_table, table_bytes, trial_status
-from raydino.search.spec import check_space, load_spec, parse_spec, trial_config
+from raydino.search.spec import check_space, data_variant_key, data_variants, load_spec, parse_spec, trial_config, trial_data
 
 TUNING = Path(__file__).resolve().parents[1] / "tuning"
 
@@ -43,7 +45,7 @@ def spec_with(**changes):
     return parse_spec(data)
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "aug_scales.yaml", "paper_presets.yaml", "paper_presets_cpu.yaml", "paper_presets_gpu.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in TUNING.glob("*.yaml")))
 def test_shipped_specs_validate_and_every_corner_is_a_valid_config(name):
     spec = load_spec(TUNING / name)
     base = check_space(spec)
@@ -129,9 +131,46 @@ def test_check_space_rejects_crossing_ranges_unknown_keys_and_invalid_values():
         check_space(spec_with(space={"augment.n_local_crops": {"choice": [2, -1]}}))
     with pytest.raises(ConfigError, match=r"space.augment.global_crop_scale.min=1.5"):
         check_space(spec_with(space={"augment.global_crop_scale.min": {"uniform": [0.2, 1.5]}}))
-    # The data set is built once from the base config: a searched data.* value would silently change nothing.
-    with pytest.raises(ConfigError, match=r"space.data.synthetic_lesion_size: data settings cannot be searched.*--set"):
-        check_space(spec_with(space={"data.synthetic_lesion_size": {"choice": [1, 3]}}))
+    # Data sets are built before any trial: any other searched data.* value would silently change nothing.
+    with pytest.raises(ConfigError, match=r"space.data.synthetic_n: data settings cannot be searched.*--set"):
+        check_space(spec_with(space={"data.synthetic_n": {"choice": [100, 200]}}))
+
+
+def test_lesion_size_and_count_may_be_searched_on_the_synthetic_set_only_as_a_finite_set():
+    spec = spec_with(
+        searcher={"kind": "grid"},
+        scheduler={"kind": "fifo"},
+        space={
+            "data.synthetic_lesion_size": {"grid": [1.5, 6]},
+            "data.synthetic_lesion_count": {"grid": [1, 2]},
+            "augment.global_crop_scale.min": {"grid": [0.2, 0.5]},
+        },
+    )
+    check_space(spec)
+    variants = data_variants(spec)
+    assert len(variants) == 4 and {"data.synthetic_lesion_size": 6, "data.synthetic_lesion_count": 1} in variants
+    cfg = trial_config(spec, {"data.synthetic_lesion_size": 6, "augment.global_crop_scale.min": 0.2})
+    assert cfg.data.synthetic_lesion_size == 6 and cfg.augment.global_crop_scale[0] == 0.2
+    assert data_variants(spec_with()) == [{}]
+    with pytest.raises(ConfigError, match=r"space.data.synthetic_lesion_size: uniform is not allowed here; use grid or choice"):
+        check_space(spec_with(space={"data.synthetic_lesion_size": {"uniform": [1, 3]}}))
+    outside = spec_with(space={"data.synthetic_lesion_size": {"choice": [1, 3]}}, overrides={"data.uri": "/some/shards"})
+    with pytest.raises(ConfigError, match=r"space.data.synthetic_lesion_size: only the embedded synthetic set can vary"):
+        check_space(outside)
+    with pytest.raises(ConfigError, match=r"space.data.synthetic_lesion_size=30 gives an invalid trial config"):
+        check_space(spec_with(space={"data.synthetic_lesion_size": {"choice": [1, 30]}}))
+
+
+def test_a_trial_gets_the_synthetic_set_of_its_own_lesion_values():
+    ctx = {"data_uri": "/c/base", "probe_uri": "/c/base", "data_variants": {}}
+    size = {"data.synthetic_lesion_size": 1.5}, {"data.synthetic_lesion_size": np.float64(6.0)}
+    ctx["data_variants"] = {data_variant_key(v): f"/c/{i}" for i, v in enumerate(size)}
+    got = trial_data(ctx, {**size[1], "augment.global_crop_scale.min": 0.2, "train.seed": 1})
+    assert (got["data_uri"], got["probe_uri"]) == ("/c/1", "/c/1")
+    assert trial_data(ctx, {**size[0], "train.seed": 0})["data_uri"] == "/c/0"
+    assert trial_data(ctx, {"train.seed": 0}) is ctx  # nothing searched: the base set
+    external_probe = {**ctx, "probe_uri": "/labelled"}
+    assert trial_data(external_probe, size[0])["probe_uri"] == "/labelled"
 
 
 def report(epoch, auroc, **kw):
@@ -264,6 +303,48 @@ def test_preset_plot_draws_every_seed_and_refuses_an_empty_table(tmp_path):
     with Image.open(plot_presets(auroc_only, preset_table(auroc_only), tmp_path / "auroc.png", "t")) as im:
         assert im.size[0] < 0.6 * both  # one panel per metric measured
     assert plot_presets(rows, [], tmp_path / "none.png", "t") is None and not (tmp_path / "none.png").exists()
+
+
+def sweep_rows(val, test):
+    """val[size][crop] = validation AUROCs per seed; test the same shape."""
+    rows = []
+    for size, by_crop in val.items():
+        for crop, seeds in by_crop.items():
+            for seed, v in enumerate(seeds):
+                t = test[size][crop][seed]
+                rows.append(
+                    {"trial_id": f"{size}-{crop}-{seed}", "status": "finished", "data.synthetic_lesion_size": size,
+                     "augment.global_crop_scale.min": crop, "train.seed": seed, "val_auroc": v, "test_auroc": t, "test_aupr": t - 0.2}
+                )  # fmt: skip
+    return rows
+
+
+def test_crop_scale_against_lesion_size_picks_by_validation_within_each_size(tmp_path):
+    from PIL import Image
+
+    # Small lesions peak at the largest crops, large ones at the smallest; the test AUROC disagrees
+    # at size 6 on purpose: the pick must follow validation, never test.
+    val = {1.5: {0.2: [0.60, 0.62], 0.8: [0.70, 0.72]}, 6: {0.2: [0.90, 0.92], 0.8: [0.80, 0.82]}}
+    test = {1.5: {0.2: [0.61, 0.63], 0.8: [0.69, 0.73]}, 6: {0.2: [0.70, 0.72], 0.8: [0.95, 0.97]}}
+    rows = sweep_rows(val, test) + [{"status": "errored", "data.synthetic_lesion_size": 6, "augment.global_crop_scale.min": 0.5, "val_auroc": None}]
+    keys = ["data.synthetic_lesion_size", "augment.global_crop_scale.min", "train.seed"]
+    sweep = data_sweep_report(rows, keys)
+    picked = {e["data.synthetic_lesion_size"]: e["augment.global_crop_scale.min"] for e in sweep["table"] if e["best"]}
+    assert picked == {1.5: 0.8, 6: 0.2}
+    cell = next(e for e in sweep["table"] if (e["data.synthetic_lesion_size"], e["augment.global_crop_scale.min"]) == (6, 0.8))
+    assert cell["n"] == 2 and cell["val_auroc"] == pytest.approx(0.81) and cell["auroc"] == pytest.approx(0.96)
+    lo, hi = stats.t.interval(0.95, 1, loc=0.96, scale=stats.sem([0.95, 0.97]))
+    assert (cell["auroc_low"], cell["auroc_high"]) == (pytest.approx(lo), pytest.approx(min(hi, 1.0)))
+    assert len(sweep["table"]) == 4  # the errored trial is in no cell
+    assert "| 6 | 0.200 | 2 | 0.910 |" in sweep["table_md"] and sweep["table_md"].count("**best**") == 2
+    with Image.open(plot_scale_by_data(rows, sweep, tmp_path / "s.png", "t")) as im:
+        assert im.size[0] > 2 * im.size[1]  # three panels side by side
+    spec = spec_with(searcher={"kind": "grid"}, scheduler={"kind": "fifo"}, space={k: {"grid": [1]} for k in keys})
+    md = summary_markdown(spec, rows, best_row(rows), keys, sweep=sweep)
+    assert "## augment.global_crop_scale.min against data.synthetic_lesion_size" in md and "plots/scale_by_data.png" in md
+    # Only one data key against one augmentation key (and the seed) makes that figure.
+    assert data_sweep_report(rows, keys[1:]) is None
+    assert data_sweep_report(rows, [*keys, "augment.n_local_crops"]) is None
 
 
 def test_plots_and_summary(tmp_path):

@@ -327,3 +327,36 @@ def test_multi_worker_trials_free_their_workers_and_report_non_finite_loss(ray_l
     assert [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"] == []
     summary_json = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert summary_json["counts"]["errored"] == 1
+
+
+@pytest.mark.slow
+def test_searched_lesion_size_trains_and_scores_each_trial_on_its_own_synthetic_set(ray_local, cache, tmp_path):
+    """Lesion size x minimum crop scale: one synthetic set per size, each trial streams and probes its own,
+    and the report says where each size's validation AUROC peaks (the crop-scale-vs-lesion-size figure)."""
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(
+        name="lesions",
+        storage=str(tmp_path),
+        num_samples=1,
+        max_concurrent_trials=2,
+        time_budget_s=600,
+        budget={"epochs": 1},
+        evaluation={"kind": "fast", "objective": "fast", "intermediate": False, "bootstrap": 20},
+        space={"data.synthetic_lesion_size": {"grid": [1, 4]}, "augment.global_crop_scale.min": {"grid": [0.2, 0.6]}},
+        searcher={"kind": "grid"},
+        scheduler={"kind": "fifo"},
+    )
+    summary = tune.run_search(parse_spec(data), cache=cache)
+    assert summary["counts"]["finished"] == 4, summary["rows"]
+    history = pcsv.read_csv(tmp_path / "lesions" / "metrics.csv").to_pylist()
+    final = {h["trial_id"]: h for h in history if h["final"]}
+    for r in summary["rows"]:
+        h = final[r["trial_id"]]
+        # The synthetic cache names a set by its lesion scale (none for the default 1x1).
+        want = "lesions4x1" if r["data.synthetic_lesion_size"] == 4 else None
+        assert h["pretrain_data"] == h["probe_data"], h
+        assert (want in h["pretrain_data"]) if want else ("lesions" not in h["pretrain_data"]), h
+    table = summary["scale_by_data"]["table"]
+    assert len(table) == 4 and sum(e["best"] for e in table) == 2
+    assert (tmp_path / "lesions" / "plots" / "scale_by_data.png").stat().st_size > 0
+    assert "against data.synthetic_lesion_size" in (tmp_path / "lesions" / "summary.md").read_text()

@@ -64,11 +64,18 @@ def fit(
 
     while not state.done:
         epoch_end_step = min((state.epoch + 1) * spe, state.schedules.total_steps)
+        # After a mid-epoch resume the epoch's first batches were trained before the checkpoint: pass
+        # over them (the epoch's order is seeded by seed, epoch and rank) and train its tail, instead of
+        # training its head twice and never its tail.
+        skip = max(0, state.step - state.epoch * spe)
         t_wait = time.perf_counter()
         for batch in epoch_batches(state.epoch):
+            if skip:
+                skip -= 1
+                continue
             if state.step >= epoch_end_step:
                 # Drain instead of break: a Ray Data streaming split expects every rank to finish
-                # its epoch (this happens after a mid-epoch resume or when rows don't divide evenly).
+                # its epoch (this happens when rows don't divide evenly into global batches).
                 continue
             crops = [c.to(state.device, non_blocking=True) for c in batch]
             wait = time.perf_counter() - t_wait

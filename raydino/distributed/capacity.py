@@ -14,8 +14,6 @@ import os
 from typing import Any
 
 from raydino.config import Config, ConfigError
-from raydino.progress import say
-from raydino.runs.storage import RunStorage
 from raydino.search.spec import SearchSpec
 
 # Ray Train's time limit for one attempt to start the worker group, and its default (Ray 2.60).
@@ -205,15 +203,30 @@ def check_resources(cfg: Config, nodes: list[dict[str, Any]] | None = None) -> N
         )
 
 
-def warn_about_locality(cfg: Config, storage: RunStorage, data_uri: str) -> None:
-    """On a multi-node cluster, local paths must be a shared filesystem: say so once, before training."""
-    import ray
+def local_uris(uris: dict[str, str | None]) -> list[str]:
+    """The `what URI` of each local path (plain or file://) among `uris`."""
+    return [f"{what}={uri}" for what, uri in uris.items() if uri and ("://" not in uri or uri.startswith("file://"))]
 
-    if len([n for n in ray.nodes() if n.get("Alive")]) < 2:
+
+def check_locality(cfg: Config, uris: dict[str, str | None], nodes: list[dict[str, Any]] | None = None) -> None:
+    """On a cluster of several nodes (or one an autoscaler can grow), local paths are an error unless
+    `run.shared_fs` says every node mounts them: a worker on another node would find an empty directory,
+    write checkpoints nobody reads back, or fail mid-run (ConfigError, before training)."""
+    if cfg.run.shared_fs:
         return
-    local = [f"{what} {uri}" for what, uri in (("--storage", storage.uri), ("--data", data_uri)) if "://" not in uri or uri.startswith("file://")]
-    if local:
-        say(f"[raydino] note: this cluster has several nodes; {' and '.join(local)} must be on a filesystem every node mounts (else use s3://)")
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    alive = [n for n in nodes if n.get("Alive")]
+    local = local_uris(uris)
+    if not local or (len(alive) < 2 and not autoscaler_present()):
+        return
+    where = f"{len(alive)} nodes" if len(alive) >= 2 else "an autoscaler that adds nodes"
+    raise ConfigError(
+        f"this cluster has {where}, and {', '.join(local)} is a local path that other nodes cannot see: use s3:// "
+        f"(or gs:// where supported), or --set run.shared_fs=true if every node mounts it at the same path (NFS, EFS, Filestore)"
+    )
 
 
 # ---------------------------------------------------------------- search trials

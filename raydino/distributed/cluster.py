@@ -2,11 +2,13 @@
 
 `init_ray` joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local Ray sized for the
 job.  Only non-secret AWS settings travel to the other nodes (`data.storage.forwardable_env`): each
-node reads credentials from its own chain.
+node reads credentials from its own chain.  Under `ray job submit`, settings the job's own runtime env
+already carries are not sent again (`driver_env_vars`): Ray refuses a driver that restates them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,6 +32,29 @@ def local_cpu_tokens(cfg: Config) -> int:
     need = cfg.run.workers * cfg.run.cpus_per_worker + cfg.data.augment_cpus + 1
     cores = os.cpu_count() or 1
     return max(cores, min(math.ceil(need), max(4, 2 * cores)))
+
+
+# Ray's job supervisor hands the submitted job's config (its runtime env) to the driver in this variable
+# (ray._private.runtime_env.constants, Ray 2.60); `ray.init` then merges the driver's runtime env into it.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def driver_env_vars() -> dict[str, str]:
+    """The AWS settings to forward to every node: `forwardable_env` less what the job's runtime env sets.
+
+    A job submitted with `--runtime-env-json '{"env_vars": {"AWS_REGION": ...}}'` runs its driver with
+    that variable set; forwarding it again makes `ray.init` fail ("Failed to merge the Job's runtime env
+    ... because of a conflict"), and it reaches every node through the job's runtime env anyway.
+    """
+    env = forwardable_env()
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return env
+    try:
+        job_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        job_vars = {}
+    return {k: v for k, v in env.items() if k not in job_vars}
 
 
 def free_port() -> int:
@@ -61,7 +86,7 @@ def init_ray(num_cpus: int, *, dashboard: bool | None = None, log_to_driver: boo
 
     if ray.is_initialized():
         return
-    env = forwardable_env()
+    env = driver_env_vars()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=log_to_driver)
         return

@@ -14,7 +14,7 @@ from raydino.config import Config, build_config
 from raydino.distributed.cluster import quiet_ray_data
 from raydino.distributed.trainer import torch_trainer, worker_seed, worker_state
 from raydino.runs.storage import RunStorage, open_dataset
-from raydino.search.spec import SearchSpec, trial_config
+from raydino.search.spec import SearchSpec, trial_config, trial_data
 from raydino.search.trial import TrialEvaluator, train_and_report
 
 
@@ -159,6 +159,7 @@ def trial_main(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     spec = SearchSpec.model_validate(ctx["spec"])
     cfg = trial_config(spec, params, ctx["steps_per_epoch"])
+    ctx = trial_data(ctx, params)  # a searched lesion size or count: this trial's own synthetic set
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": f"{spec.name}-{trial_id}"})})
     if cfg.run.workers == 1:

@@ -16,8 +16,8 @@ import numpy as np
 
 from raydino.eval.metrics import METRICS
 from raydino.eval.report import markdown_grid, pyplot, save_figure
-from raydino.search.results import METRIC, STATUSES, paired_test, preset_table
-from raydino.search.spec import SearchSpec, trial_config
+from raydino.search.results import METRIC, STATUSES, paired_test, preset_table, scale_by_data
+from raydino.search.spec import SYNTHETIC_DATA_KEYS, SearchSpec, trial_config
 
 HEATMAP_KEYS = ("augment.global_crop_scale.min", "augment.local_crop_scale.min")
 
@@ -125,6 +125,77 @@ def plot_presets(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: P
     return save_figure(plt, fig, out)
 
 
+def data_sweep_report(rows: list[dict[str, Any]], param_keys: list[str], pair_key: str = "train.seed") -> dict[str, Any] | None:
+    """How the best value of one augmentation parameter moves with one searched synthetic-data value.
+
+    Made when the space is exactly one data key, one numeric augmentation key and optionally the seed.
+    """
+    data = [k for k in param_keys if k in SYNTHETIC_DATA_KEYS]
+    other = [k for k in param_keys if k not in SYNTHETIC_DATA_KEYS and k != pair_key]
+    if len(data) != 1 or len(other) != 1:
+        return None
+    data_key, x_key = data[0], other[0]
+    fin = [r for r in rows if r["status"] == "finished"]
+    if not fin or not all(isinstance(r.get(x_key), (int, float)) and not isinstance(r.get(x_key), bool) for r in fin):
+        return None
+    table = scale_by_data(rows, data_key, x_key)
+    cols = [data_key, x_key, "seeds", "val AUROC (mean)", "test AUROC [95% t-interval]", "test AUPR", "picked by val"]
+    cells = [
+        [
+            format_value(e[data_key]),
+            format_value(e[x_key]),
+            str(e["n"]),
+            format_value(e[METRIC]),
+            f"{format_value(e['auroc'])} [{format_value(e.get('auroc_low'))}, {format_value(e.get('auroc_high'))}]",
+            format_value(e.get("aupr")),
+            "**best**" if e["best"] else "",
+        ]
+        for e in table
+    ]
+    return {"data_key": data_key, "x_key": x_key, "table": table, "table_md": markdown_grid(cols, cells)}
+
+
+def plot_scale_by_data(rows: list[dict[str, Any]], sweep: dict[str, Any], out: Path, title: str) -> Path | None:
+    """Val and test AUROC against the augmentation value, one line per data value (mean over seeds,
+    95% t-interval on test, every seed a faint dot); a star marks the value each line's val AUROC picks."""
+    plt = pyplot()
+    d_key, x_key, table = sweep["data_key"], sweep["x_key"], sweep["table"]
+    finished = [r for r in rows if r["status"] == "finished"]
+    groups = sorted({e[d_key] for e in table}, key=float)
+    if not groups:
+        return None
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(groups)))
+    fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.0))
+    for colour, g in zip(colours, groups):
+        cells = [e for e in table if e[d_key] == g]
+        xs = [e[x_key] for e in cells]
+        for ax, m in ((axes[0], METRIC), (axes[1], "test_auroc")):
+            pts = [(r[x_key], r[m]) for r in finished if r.get(d_key) == g and r.get(m) is not None]
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], s=10, color=colour, alpha=0.35)
+        axes[0].plot(xs, [e[METRIC] for e in cells], "-o", color=colour, label=f"{g:g}")
+        lo = [e["auroc"] - e["auroc_low"] if e.get("auroc_low") is not None else 0 for e in cells]
+        hi = [e["auroc_high"] - e["auroc"] if e.get("auroc_high") is not None else 0 for e in cells]
+        axes[1].errorbar(xs, [e["auroc"] for e in cells], yerr=[lo, hi], fmt="-o", color=colour, capsize=3)
+        best = next((e for e in cells if e["best"]), None)
+        if best is not None:
+            axes[0].plot([best[x_key]], [best[METRIC]], "*", ms=15, color=colour, markeredgecolor="black")
+            axes[2].plot([g], [best[x_key]], "*", ms=15, color=colour, markeredgecolor="black", zorder=3)
+    axes[0].set_ylabel("val AUROC (objective; mean over seeds)")
+    axes[1].set_ylabel("test AUROC (mean, 95% t-interval)")
+    axes[0].legend(title=d_key.rsplit(".", 1)[-1], fontsize=8)
+    for ax in axes[:2]:
+        ax.set_xlabel(x_key)
+        ax.grid(alpha=0.3)
+    picked = [(e[d_key], e[x_key]) for e in table if e["best"]]
+    picked.sort(key=lambda p: float(p[0]))
+    axes[2].plot([p[0] for p in picked], [p[1] for p in picked], "-", color="0.6", zorder=1)
+    axes[2].set_xlabel(d_key)
+    axes[2].set_ylabel(f"{x_key.removeprefix('augment.')} picked by val AUROC")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(f"{title}: each {d_key.rsplit('.', 1)[-1]} is its own synthetic set; compare where lines peak, not their levels", fontsize=9)
+    return save_figure(plt, fig, out)
+
+
 def preset_table_markdown(table: list[dict[str, Any]], group_key: str = "augment.preset") -> str:
     """Mean [95% t-interval over pretraining seeds] and, after ±, the mean std over probe seeds."""
     cols = ["preset", "pretraining seeds", "probe seeds"] + [m.upper() if m in ("auroc", "aupr") else m for m in METRICS]
@@ -146,6 +217,7 @@ def summary_markdown(
     param_keys: list[str],
     extra: dict[str, Any] | None = None,
     paper: dict[str, Any] | None = None,
+    sweep: dict[str, Any] | None = None,
 ) -> str:
     """The experiment on one page: what ran, how trials ended, the best, and the figures."""
     extra = extra or {}
@@ -203,7 +275,20 @@ def summary_markdown(
                 f"Wilcoxon p = {format_value(r.get('p_wilcoxon'))}"
             )
         out.append("")
+    if sweep:
+        out += [
+            f"## {sweep['x_key']} against {sweep['data_key']}",
+            "",
+            f"Each {sweep['data_key']} value is its own synthetic set with its own test split: compare rows within "
+            f"one value (where its validation AUROC peaks), not levels across values.  The best trial above "
+            f"compares across them and is only one trial.",
+            "",
+            sweep["table_md"],
+            "",
+        ]
     out += ["## Figures", "", "![val AUROC against each parameter](plots/auroc_vs_params.png)", ""]
+    if sweep:
+        out += [f"![{sweep['x_key']} against {sweep['data_key']}](plots/scale_by_data.png)", ""]
     if paper:
         out += ["![test AUROC and AUPR per preset over pretraining seeds](plots/presets.png)", ""]
     if all(k in param_keys for k in HEATMAP_KEYS):

@@ -4,7 +4,9 @@
   trial the search chose; `history_table`: every report (the curves ASHA saw);
 - `table_bytes`: rows as CSV or Parquet;
 - `preset_table`, `paired_test`: the paper's Table 3 (mean and 95% interval per metric over seeds)
-  and a paired test of two presets over matching seeds.
+  and a paired test of two presets over matching seeds;
+- `scale_by_data`: a searched augmentation value against a searched synthetic-data value (lesion
+  size), with the value each data setting's validation AUROC picks.
 
 `METRIC` is the one number that ranks trials; the test metrics (`raydino.eval.metrics.METRICS`,
 reported as `test_*`) never rank anything.  What a person reads of these rows is `raydino.search.report`.
@@ -199,6 +201,29 @@ def paired_test(rows: list[dict[str, Any]], a: str, b: str, group_key: str = "au
         else:
             res["note"] = f"needs at least 2 seeds run with both {a} and {b}"
         out["metrics"][m] = res
+    return out
+
+
+def scale_by_data(rows: list[dict[str, Any]], data_key: str, x_key: str) -> list[dict[str, Any]]:
+    """Per (data value, x value): `preset_table`'s test statistics over seeds, the mean `METRIC`, and
+    `best`: whether this x has the highest mean validation AUROC of its data value.
+
+    Data values are compared only within themselves: each is its own synthetic set, with its own
+    test split, so levels across data values are not comparable, only where each one peaks.
+    """
+    fin = [{**r, "_cell": (r.get(data_key), r.get(x_key))} for r in rows if r["status"] == "finished"]
+    out = []
+    for e in preset_table(fin, "_cell"):
+        d, x = e.pop("_cell")
+        vals = [r[METRIC] for r in fin if r["_cell"] == (d, x) and r.get(METRIC) is not None]
+        out.append({data_key: d, x_key: x, METRIC: float(np.mean(vals)) if vals else None, **e})
+    out.sort(key=lambda e: (_num(e[data_key]) or 0.0, _num(e[x_key]) or 0.0))
+    for d in {e[data_key] for e in out}:
+        cells = [e for e in out if e[data_key] == d and e[METRIC] is not None]
+        top = max(cells, key=lambda e: e[METRIC]) if cells else None
+        for e in out:
+            if e[data_key] == d:
+                e["best"] = e is top
     return out
 
 

@@ -15,6 +15,10 @@ The rows of finished trials are `raydino.search.results`; plots, tables and the 
 Search-space keys are config keys (`augment.n_local_crops`), one end of a range-valued key
 (`augment.global_crop_scale.min`, `augment.local_crop_scale.max`), or `augment.jitter_strength`
 (brightness and contrast jitter together, the knob the paper turns: 0.4 strong, 0.2 weak).
+On the embedded synthetic set, `data.synthetic_lesion_size` and `data.synthetic_lesion_count` may be
+searched too (grid or choice): the recipe builds one synthetic set per value before any trial, and each
+trial pretrains and is probed on its own (`data_variants`, `trial_data`), which is how one asks
+how the best crop scale moves with lesion size.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from raydino.config import Config, ConfigError, apply_override, load_config, set
 CONFIG_SECTIONS = tuple(Config.model_fields)
 RANGE_ENDS = {"min": 0, "max": 1}
 JITTER_STRENGTH = "augment.jitter_strength"
+# Data settings a search may vary: they change what the synthetic images show, not how many there are,
+# so every variant has the same splits and steps per epoch.
+SYNTHETIC_DATA_KEYS = ("data.synthetic_lesion_size", "data.synthetic_lesion_count")
 
 
 class _Strict(BaseModel):
@@ -329,12 +336,19 @@ def check_space(spec: SearchSpec) -> Config:
     resolved = base.to_dict()
     problems = []
     for key, p in spec.space.items():
-        if key.startswith("data."):
-            # The search streams one data set, built before any trial from the base config: a trial's
-            # own data.* value would be ignored, and the trials would not differ in what they claim.
+        if key in SYNTHETIC_DATA_KEYS:
+            if base.data.uri is not None or spec.evaluation.data:
+                problems.append(f"space.{key}: only the embedded synthetic set can vary (data.uri and evaluation.data must be unset)")
+                continue
+            if p.kind not in ("grid", "choice"):
+                problems.append(f"space.{key}: {p.kind} is not allowed here; use grid or choice (one synthetic set is built per value)")
+                continue
+        elif key.startswith("data."):
+            # The search streams data sets built before any trial from the base config: a trial's own
+            # value of any other data.* key would be ignored, and the trials would not differ as they claim.
             problems.append(
-                f"space.{key}: data settings cannot be searched (every trial streams the one data set built from "
-                f"the base config); run one search per value instead, e.g. --set {key}=VALUE"
+                f"space.{key}: data settings cannot be searched (only {', '.join(SYNTHETIC_DATA_KEYS)} on the synthetic "
+                f"set); run one search per value instead, e.g. --set {key}=VALUE"
             )
             continue
         rk = _range_key(key)
@@ -365,3 +379,31 @@ def check_space(spec: SearchSpec) -> Config:
     if problems:
         raise ConfigError("invalid search space:\n  " + "\n  ".join(problems))
     return base
+
+
+# ---------------------------------------------------------------- searched synthetic data
+
+
+def data_variants(spec: SearchSpec) -> list[dict[str, Any]]:
+    """Every combination of the searched synthetic-data values (`[{}]` when none is searched)."""
+    import itertools
+
+    keys = [k for k in spec.space if k in SYNTHETIC_DATA_KEYS]
+    values = [spec.space[k].corners() for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def data_variant_key(params: dict[str, Any]) -> str:
+    """The name of a trial's synthetic set among `data_variants`: its searched data values, as JSON."""
+    picked = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items() if k in SYNTHETIC_DATA_KEYS}
+    return json.dumps(dict(sorted(picked.items())))
+
+
+def trial_data(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The trial context with `data_uri` and `probe_uri` of the trial's own synthetic set, if searched."""
+    uris = ctx.get("data_variants") or {}
+    key = data_variant_key(params)
+    if key not in uris:
+        return ctx
+    same_probe = ctx["probe_uri"] == ctx["data_uri"]
+    return {**ctx, "data_uri": uris[key], "probe_uri": uris[key] if same_probe else ctx["probe_uri"]}

@@ -36,6 +36,9 @@ class TrialEvaluator:
         self.data = load_labelled(ctx["probe_uri"], dataset=ctx["probe_dataset"], storage_options=opts)
         self.size = cfg.probe.image_size or cfg.augment.global_crop_size
         self.images = {s: decode_split(self.data.splits[s], self.size) for s in SPLITS}
+        # Named in the final report (without user info or query: `display_uri`): with searched lesion sizes
+        # every trial has its own synthetic set, and metrics.csv shows which one it trained and was scored on.
+        self.sources = {k: st.display_uri(str(ctx[f"{k}_uri"])) for k in ("data", "probe")}
 
     def _features(self, backbone: Any, splits: tuple[str, ...]) -> dict[str, Any]:
         from raydino.eval.features import extract_features
@@ -70,6 +73,7 @@ class TrialEvaluator:
                 return out
             result = objective if same else self._probe(backbone, feats, ev.kind, ev.bootstrap)
             out["final_val_auroc"] = self._val(result)
+            out["pretrain_data"], out["probe_data"] = self.sources["data"], self.sources["probe"]
             out["probe_seeds"] = len(result["per_seed"])
             for m in METRICS:
                 out[f"test_{m}"] = result["mean"].get(m)
