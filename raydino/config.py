@@ -190,6 +190,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1)  # steps; also at every epoch end
     keep_checkpoints: int = Field(3, ge=1)
+    # Upload checkpoints in the background (Ray Train's ASYNC upload mode): training goes on while a
+    # checkpoint travels to storage, instead of every worker waiting at the report for the upload.
+    async_checkpoint: bool = True
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker
 
 
@@ -241,9 +244,13 @@ class RunConfig(_Strict):
     workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
-    max_failures: int = Field(3, ge=-1)
-    # With an autoscaler: how long the run waits for nodes that can host its workers before failing
-    # (None: forever).  Without one, a run that cannot fit fails before training (check_resources).
+    max_failures: int = Field(3, ge=-1)  # worker / node failures the run recovers from (-1: any number)
+    # Spot reclaims Ray saw announced (a node drained for preemption), counted apart from max_failures so a
+    # day of spot replacements never uses up the budget for real failures (-1: any number).
+    max_preemptions: int = Field(-1, ge=-1)
+    # With an autoscaler: how long each wait for nodes that can host the workers may last (at the start
+    # and after every lost node) before the run fails (None: forever).  A bound per wait, not per run.
+    # Without one, a run that cannot fit fails before training (check_resources).
     max_node_wait_s: float | None = Field(3600, gt=0)
     # Local paths (data.uri, run.storage, probe.data) on a filesystem every node mounts at the same path.
     # False: on a multi-node (or autoscaling) cluster a local path is refused before training.

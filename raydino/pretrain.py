@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,23 @@ import yaml
 from raydino.cli import EXIT_NON_FINITE, EXIT_TRAINING_FAILED, USER_ERRORS, user_error
 from raydino.config import Config, ConfigError, build_config, load_config, preset_names, resume_changes
 from raydino.data import storage as st
-from raydino.distributed.capacity import check_locality, check_resources, never_started, start_attempts, training_label_selector
+from raydino.distributed.capacity import (
+    check_locality,
+    check_resources,
+    never_started,
+    start_attempts,
+    start_timeout_s,
+    training_label_selector,
+)
 from raydino.distributed.cluster import init_ray, local_cpu_tokens, quiet_ray_data
-from raydino.distributed.trainer import torch_trainer, worker_seed, worker_state
+from raydino.distributed.trainer import report_checkpoint, torch_trainer, worker_seed, worker_state
 from raydino.progress import say
 from raydino.runs.storage import RunStorage, ensure_dataset, open_dataset
 
 DEFAULT_CACHE = Path(".raydino")
 
 NON_FINITE_FILE = "non_finite.json"  # in the run directory: step and message of a non-finite stop
+PREEMPTIONS_FILE = "preemptions.jsonl"  # one line per announced preemption: the step of its just-in-time checkpoint
 CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per resumed start that changed an allowed setting
 
 
@@ -164,7 +171,6 @@ def train_worker(conf: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build state, restore, stream crops, fit, report."""
     import ray.train
 
-    from raydino.core.checkpoint import save_checkpoint
     from raydino.core.loop import LoopHooks, fit
     from raydino.core.step import NonFiniteLossError
     from raydino.distributed.streaming import worker_epoch_batches
@@ -189,9 +195,23 @@ def train_worker(conf: dict[str, Any]) -> None:
     )
     monitor = build_monitor(cfg, conf["monitor"]) if rank == 0 and conf.get("monitor") else None
 
+    preempted = {"saved": False}
+
     def on_log(state, metrics):
         if rank == 0:
             tracker.log(state.step, state.epoch, metrics)
+        # A spot node announced its reclaim (Ray's drain with a preemption reason): save a checkpoint now,
+        # once, so the restart loses at most the steps since this log line.  A barrier across workers,
+        # which is why it runs at log steps only; every rank reaches it at the same steps.
+        info = None if preempted["saved"] or state.done else ray.train.get_preemption_info()
+        if info is not None:
+            preempted["saved"] = True
+            if rank == 0:
+                say(f"[raydino] a node is being preempted: checkpoint at step {state.step}")
+                record = {"step": state.step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "info": repr(info)}
+                old = storage.read_text(cfg.run.name, PREEMPTIONS_FILE) or ""
+                storage.write_text(cfg.run.name, PREEMPTIONS_FILE, old + json.dumps(record) + "\n")
+            on_checkpoint(state, {"loss": metrics.get("loss"), "step": state.step, "epoch": state.epoch, "preemption": True}, False)
 
     def probe_teacher(state) -> dict[str, Any]:
         value, seconds = monitor.val_auroc(state.teacher.backbone)
@@ -202,19 +222,18 @@ def train_worker(conf: dict[str, Any]) -> None:
     if monitor is not None and state.step == 0:
         probe_teacher(state)  # the starting point: the randomly initialised teacher, the curve's reference
 
+    stalls: list[float] = []  # seconds each checkpoint held this worker back from training
+
+    def upload_logs() -> None:
+        if storage.is_remote:
+            storage.upload_logs(cfg.run.name, conf["log_dir"])
+
     def on_checkpoint(state, metrics, epoch_end):
         metrics = {**metrics, "epoch_end": epoch_end, "world_size": world}
         if monitor is not None and epoch_end:  # rank 0 probes while the others wait at the report's barrier
             metrics.update(probe_teacher(state))
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(state, tmp)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                if storage.is_remote:
-                    storage.upload_logs(cfg.run.name, conf["log_dir"])
-            # A barrier: every rank reports equally often; only rank 0 hands over a checkpoint.
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        # Every rank reports equally often (a barrier); only rank 0 hands over a checkpoint.
+        stalls.append(report_checkpoint(state, metrics, rank, cfg.train.async_checkpoint, upload_logs))
 
     worker_info = {
         "rank": rank,
@@ -241,7 +260,12 @@ def train_worker(conf: dict[str, Any]) -> None:
         tracker.close()
         return
     worker_info.update(
-        end_step=summary.steps, images=summary.images, seconds=round(summary.seconds, 3), data_wait_seconds=round(summary.data_wait_seconds, 3)
+        end_step=summary.steps,
+        images=summary.images,
+        seconds=round(summary.seconds, 3),
+        data_wait_seconds=round(summary.data_wait_seconds, 3),
+        checkpoints=len(stalls),
+        checkpoint_stall_seconds=round(sum(stalls), 3),  # saving + handing over to Ray Train (+ the upload when SYNC)
     )
     storage.write_text(cfg.run.name, info_file, json.dumps(worker_info))
     if rank == 0 and summary.first_loss is not None:  # None: resumed a complete run, nothing trained
@@ -349,7 +373,9 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
         storage_filesystem=storage.filesystem if storage.is_remote else None,
         keep_checkpoints=cfg.train.keep_checkpoints,
         max_failures=cfg.run.max_failures,
+        max_preemptions=cfg.run.max_preemptions,
         start_attempts=start_attempts(cfg),
+        start_timeout_s=start_timeout_s(cfg),
         label_selector=training_label_selector(cfg),
         dataset=build_pretrain_dataset(cfg, shards),
         data_cfg=cfg,

@@ -72,6 +72,21 @@ def test_train(tmp_path, capsys, local_ray):
 
 
 @pytest.mark.slow
+def test_checkpoint_stall_sync_vs_async(tmp_path, capsys, local_ray):
+    out = tmp_path / "ckpt.json"
+    args = ["ckpt", "--config", "smoke", "--checkpoints", "3", "--gap", "0.2", "--rounds", "1", "--json", str(out)]
+    assert bench.main(args) == 0
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["runs"]] == ["sync", "async"]
+    for r in result["runs"]:
+        assert len(r["stalls_s"]) == 3 and _finite(*r["stalls_s"])
+        assert r["checkpoint_bytes"] > 1_000_000  # the DINO state reached storage in both modes
+    assert _finite(result["sync"]["median_stall_s"], result["async"]["median_stall_s"], result["ratio_sync_over_async"])
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "synchronous vs" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_data(tmp_path, capsys, local_ray):
     out = tmp_path / "data.json"
     assert (

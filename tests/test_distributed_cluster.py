@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from raydino.config import ConfigError, load_config
-from raydino.distributed.capacity import check_locality
+from raydino.distributed.capacity import check_locality, start_attempts, start_timeout_s
 from raydino.distributed.cluster import JOB_CONFIG_ENV, driver_env_vars
+from raydino.distributed.trainer import torch_trainer
 
 
 def test_aws_settings_are_forwarded_without_credentials(monkeypatch):
@@ -56,3 +58,30 @@ def test_an_autoscaling_cluster_counts_as_several_nodes_for_local_paths(monkeypa
     monkeypatch.setenv("RAYDINO_ASSUME_AUTOSCALER", "1")
     with pytest.raises(ConfigError, match="an autoscaler that adds nodes"):
         check_locality(load_config("smoke"), {"--storage": "runs"}, TWO_NODES[:1])
+
+
+# ---------------------------------------------------------------- waiting for nodes, failure budgets
+
+
+def test_with_an_autoscaler_node_waits_are_bounded_each_not_over_the_run(monkeypatch):
+    """Ray counts worker-group start timeouts over the run's life: one attempt lasting the whole
+    run.max_node_wait_s and no retry make the bound per wait (slow spot replacements cost nothing)."""
+    monkeypatch.setenv("RAYDINO_ASSUME_AUTOSCALER", "1")
+    cfg = load_config("smoke", ["run.max_node_wait_s=1200"])
+    assert (start_attempts(cfg), start_timeout_s(cfg)) == (0, 1200.0)
+    forever = load_config("smoke", ["run.max_node_wait_s=null"])
+    assert (start_attempts(forever), start_timeout_s(forever)) == (-1, None)
+    monkeypatch.delenv("RAYDINO_ASSUME_AUTOSCALER")
+    assert (start_attempts(cfg), start_timeout_s(cfg)) == (3, None)  # no autoscaler: no node will come
+
+
+def test_preemptions_have_their_own_budget_in_ray_trains_failure_config(monkeypatch):
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    cfg = load_config("smoke", ["run.max_failures=0", "run.max_preemptions=5"])
+    trainer = torch_trainer(
+        lambda conf: None, {}, cfg.run, name="t", storage_path="/tmp/x", max_failures=cfg.run.max_failures,
+        max_preemptions=cfg.run.max_preemptions, start_attempts=0, start_timeout_s=900.0,
+    )  # fmt: skip
+    failure = trainer.run_config.failure_config
+    assert (failure.max_failures, failure.max_preemption_failures, failure.controller_failure_limit) == (0, 5, 0)
+    assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"  # Ray hands it to Train's controller

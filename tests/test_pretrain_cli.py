@@ -181,7 +181,7 @@ def test_with_an_autoscaler_a_run_that_never_fits_gives_up_after_max_node_wait(s
     done = run_recipe(
         "pretrain", "--config", "smoke", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "wait",
         "--workers", "64", "--set", "train.batch_size=1", "--set", "run.max_node_wait_s=6", "--set", "run.shared_fs=true", "--no-probe",
-        cwd=tmp_path, timeout=240, local_ray=True, RAYDINO_ASSUME_AUTOSCALER="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3",
+        cwd=tmp_path, timeout=240, local_ray=True, RAYDINO_ASSUME_AUTOSCALER="1",
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
     assert "the training workers never started" in done.stderr and "run.max_node_wait_s=6.0" in done.stderr

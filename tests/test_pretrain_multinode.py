@@ -128,3 +128,65 @@ def test_two_training_nodes_and_a_labelled_data_node(cluster, shards, tmp_path):
         for k, v in ckpt[part].items():
             assert torch.equal(restored[k], v), f"{part}.{k} differs after restore"
     assert any(not torch.equal(fresh[k], v) for k, v in ckpt["teacher"].items())
+
+
+@pytest.mark.timeout(500)
+def test_a_preempted_training_node_is_replaced_without_using_the_failure_budget(cluster, shards, tmp_path):
+    """A spot reclaim as Ray sees it: the node is drained with a preemption reason and a deadline (what
+    autoscaler v2 does on a cloud's notice), then killed, and a replacement node joins.  With
+    run.max_failures=0 any failure counted as a real one would end the run; the preemption has its own
+    budget, the workers save a just-in-time checkpoint when the notice comes, and the run finishes."""
+    import subprocess
+    import threading
+    import time
+
+    from helpers.ray_cluster import VENV_BIN
+
+    c, data_node_id = cluster
+    steps = 6 * 4  # smoke: 4 steps per epoch on 2 workers
+    cfg = load_config(
+        "smoke",
+        [
+            f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", "run.name=spot", "run.shared_fs=true",
+            "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4", "run.cpus_per_worker=0.6",
+            "train.threads=1", "train.epochs=6", "train.log_every=1", "train.checkpoint_every=3", "run.max_failures=0",
+        ],
+    )  # fmt: skip
+    out: dict = {}
+
+    def train():
+        try:
+            out["summary"] = run(cfg, "smoke", probe=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    run_dir = tmp_path / "runs" / "spot"
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
+        assert thread.is_alive() and time.monotonic() < deadline, f"no first checkpoint: {out}"
+        time.sleep(0.5)
+    victim = next(n for n in c.worker_nodes if n.node_id != data_node_id)
+    drain = subprocess.run(
+        [str(VENV_BIN / "ray"), "drain-node", "--address", c.address, "--node-id", victim.node_id,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "30"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert drain.returncode == 0, drain.stdout + drain.stderr
+    # The workers see the notice at their next log step and checkpoint there.
+    while not (run_dir / "preemptions.jsonl").exists():
+        assert thread.is_alive() and time.monotonic() < deadline + 60, f"no just-in-time checkpoint after the drain: {out}"
+        time.sleep(0.5)
+    jit_step = json.loads((run_dir / "preemptions.jsonl").read_text().splitlines()[0])["step"]
+    c.remove_node(victim)  # the cloud takes the node back
+    c.add_node(num_cpus=1)  # and the autoscaler's replacement joins
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the run did not end after the replacement node joined"
+    assert "error" not in out, f"the preemption ended the run: {out.get('error')!r}"
+    assert out["summary"]["status"] == "finished" and out["summary"]["final_metrics"]["step"] == steps
+    # The restarted workers resumed from the just-in-time checkpoint or a later one: at most the steps
+    # between the notice and the kill were trained twice, never back to the last periodic checkpoint.
+    restarts = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
+    resumed = sorted({w["start_step"] for w in restarts if w["start_step"] > 0})
+    assert resumed and resumed[0] >= jit_step, (jit_step, resumed)

@@ -5,6 +5,7 @@
     python -m raydino.bench data  [--config demo] [--sizes 1000 20000] [--image-size 96] [--rate 1000]
     python -m raydino.bench all   [--out DIR]
     python -m raydino.bench gpu   [--config vits16-paper] [--steps 20] [--warmup 5]   (needs CUDA, not Ray)
+    python -m raydino.bench ckpt  [--config demo] [--workers 1] [--checkpoints 5] [--gap 2] [--rounds 2] [--storage URI]
 
 Every subcommand prints progress with an ETA and ends with its ratio line; `--out DIR` writes
 DIR/<bench>.json and a PNG beside it (`--json FILE` for one subcommand: FILE and FILE's .png).
@@ -79,6 +80,16 @@ def _add_gpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-images", type=int, default=64, help="images through each CPU pipeline (default 64)")
 
 
+def _add_ckpt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="demo", help="config whose DINO state is checkpointed (default demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--checkpoints", type=int, default=5, help="checkpoints per run, the first not counted (default 5)")
+    p.add_argument("--gap", type=float, default=2.0, help="seconds of stand-in training between checkpoints (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds of a synchronous and an asynchronous run (default 2)")
+    p.add_argument("--storage", default=None, help="where checkpoints go: a directory or s3://bucket/prefix (default a temporary directory)")
+
+
 def _sub_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
     """The `all` subcommand's --train-x / --data-x options as a plain namespace for one bench."""
     sub = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
@@ -102,7 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "data": sub.add_parser("data", help="Ray Data stream: peak memory for two dataset sizes, images/s, data-wait"),
         "all": sub.add_parser("all", help="aug, train and data (options of train/data prefixed --train-/--data-)"),
         "gpu": sub.add_parser("gpu", help="one CUDA GPU: bf16 vs fp32 DINO steps under DDP/NCCL, GPU augmentation"),
+        "ckpt": sub.add_parser("ckpt", help="how long a checkpoint holds training back: synchronous vs asynchronous upload"),
     }
+    _add_ckpt_args(parsers["ckpt"])
     _add_gpu_args(parsers["gpu"])
     _add_aug_args(parsers["aug"])
     _add_train_args(parsers["train"])
@@ -115,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--json", type=Path, default=None, help="write results to this file and a PNG beside it")
         p.add_argument("--cache", default=".raydino", help="cache of synthetic datasets (default .raydino)")
     args = parser.parse_args(argv)
-    positive = ("images", "size", "threads", "batch", "rounds", "workers", "steps", "shard_mb", "interval")
+    positive = ("images", "size", "threads", "batch", "rounds", "workers", "steps", "shard_mb", "interval", "checkpoints")
     for name, value in vars(args).items():
         option = f"--{name.replace('_', '-')}={value}"
         if name.endswith("sizes") and min(value) < 1:
@@ -131,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from raydino.bench.aug import bench_aug, plot_aug
+    from raydino.bench.checkpoint import bench_checkpoint, plot_checkpoint
     from raydino.bench.data import bench_data, plot_data
     from raydino.bench.gpu import bench_gpu, plot_gpu
     from raydino.bench.train import bench_train, plot_train
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": (lambda: bench_train(args if args.cmd == "train" else _sub_args(args, "train_")), plot_train),
         "data": (lambda: bench_data(args if args.cmd == "data" else _sub_args(args, "data_")), plot_data),
         "gpu": (lambda: bench_gpu(args), plot_gpu),
+        "ckpt": (lambda: bench_checkpoint(args), plot_checkpoint),
     }
     for bench in ["aug", "train", "data"] if args.cmd == "all" else [args.cmd]:
         run, plot = runs[bench]

@@ -17,7 +17,8 @@ from raydino.config import Config, ConfigError
 from raydino.search.spec import SearchSpec
 
 # Ray Train's time limit for one attempt to start the worker group, and its default (Ray 2.60).
-START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # seconds one worker-group start may wait
+DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train's default for it
 
 
 def autoscaler_present() -> bool:
@@ -96,19 +97,26 @@ def autoscaled_fit_problems(cfg: Config, groups: list[tuple[str, dict[str, float
 
 
 def start_attempts(cfg: Config) -> int:
-    """How many worker-group start timeouts Ray Train may retry (its `controller_failure_limit`).
+    """How many worker-group start timeouts Ray Train may retry over the run (its `controller_failure_limit`).
 
-    Without an autoscaler, a worker group that cannot be placed (fragmented nodes, a node lost for
-    good) will not become placeable by waiting: a few attempts, not forever.  With one, nodes may
-    come: wait about `run.max_node_wait_s` (one attempt lasts RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
-    Ray's default 60 s), so a request no node type can ever satisfy ends instead of hanging.
+    Ray counts these over the run's whole life, never resetting, so a limit there is a budget per run.
+    raydino makes it a bound per wait instead: with an autoscaler, one attempt lasts the whole
+    `run.max_node_wait_s` (`start_timeout_s`) and the first wait that outlasts it ends the run (limit 0);
+    a replacement node that comes in 20 minutes costs nothing, however often it happens in a day.
+    Without an autoscaler, a worker group that cannot be placed (fragmented nodes, a node lost for good)
+    will not become placeable by waiting: three attempts of Ray's 60 s, not forever.
     """
     if not autoscaler_present():
         return 3
-    if cfg.run.max_node_wait_s is None:
-        return -1
-    per_attempt = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
-    return max(1, math.ceil(cfg.run.max_node_wait_s / per_attempt))
+    return -1 if cfg.run.max_node_wait_s is None else 0
+
+
+def start_timeout_s(cfg: Config) -> float | None:
+    """Seconds one worker-group start may wait for nodes (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S):
+    `run.max_node_wait_s` with an autoscaler, else Ray's default (None: leave it)."""
+    if autoscaler_present() and cfg.run.max_node_wait_s is not None:
+        return float(cfg.run.max_node_wait_s)
+    return None
 
 
 def never_started(cfg: Config) -> str:
@@ -124,7 +132,7 @@ def never_started(cfg: Config) -> str:
             f"run.max_node_wait_s; rerun the same command to resume"
         )
     return (
-        f"{need} after {start_attempts(cfg)} attempts, although the nodes' totals fit (CPUs or GPUs spread over "
+        f"{need} after {start_attempts(cfg)} attempts of {DEFAULT_START_TIMEOUT_S:.0f} s, although the nodes' totals fit (CPUs or GPUs spread over "
         f"nodes, or a node lost). Lower --workers / run.cpus_per_worker, or free the cluster; rerun the same "
         f"command to resume"
     )

@@ -7,10 +7,12 @@ options.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from raydino.config import Config, RunConfig
+from raydino.distributed.capacity import START_TIMEOUT_ENV
 from raydino.distributed.cluster import hide_report_dumps
 
 
@@ -24,7 +26,9 @@ def torch_trainer(
     storage_filesystem: Any = None,
     keep_checkpoints: int | None = None,
     max_failures: int = 0,
+    max_preemptions: int = -1,
     start_attempts: int = -1,
+    start_timeout_s: float | None = None,
     label_selector: dict[str, str] | None = None,
     dataset: Any = None,
     data_cfg: Config | None = None,
@@ -33,7 +37,10 @@ def torch_trainer(
     """A `TorchTrainer` running `loop(loop_config)` on `run.workers` workers of `run.cpus_per_worker` CPU
     and `run.gpus_per_worker` GPU each (gloo on CPU, NCCL on GPU).
 
-    `start_attempts` is Ray Train's `controller_failure_limit` (worker-group start timeouts; -1: no limit);
+    `max_failures` counts worker and node failures, `max_preemptions` (-1: no limit) spot reclaims that Ray
+    saw announced (a node drained for preemption), kept apart so that preemptions never use up the budget
+    for real failures; `start_attempts` is Ray Train's `controller_failure_limit` (worker-group start
+    timeouts over the run; -1: no limit) and `start_timeout_s` the length of one (None: Ray's 60 s);
     `dataset` becomes the "train" dataset, with `data_cfg`'s execution options (Train replaces a
     dataset's own, which would drop `data.node_labels`).
     """
@@ -43,6 +50,9 @@ def torch_trainer(
     from raydino.distributed.streaming import data_execution_options
 
     gpus = run.gpus_per_worker
+    if start_timeout_s is not None:
+        # Read by the driver when the run starts and handed to Train's controller (Ray's ENV_VARS_TO_PROPAGATE).
+        os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s:g}"
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -58,7 +68,9 @@ def torch_trainer(
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=start_attempts),
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, max_preemption_failures=max_preemptions, controller_failure_limit=start_attempts
+            ),
             callbacks=list(callbacks) or None,
         ),
         datasets={"train": dataset} if dataset is not None else None,
@@ -98,3 +110,35 @@ def worker_state(cfg: Config, steps_per_epoch: int) -> tuple[Any, int, int, Any,
 def worker_seed(cfg: Config, rank: int, step: int) -> int:
     """A seed of its own per rank and per (re)start, so a replaced worker does not replay its crops."""
     return cfg.train.seed * 1_000_003 + rank * 10_007 + step
+
+
+def report_checkpoint(state: Any, metrics: dict[str, Any], rank: int, asynchronous: bool, before_report: Callable[[], None] | None = None) -> float:
+    """On a Ray Train worker: rank 0 saves the DINO state and every rank reports it (a barrier); returns
+    the seconds this worker was held back from training.
+
+    `asynchronous`: Ray Train's ASYNC upload mode, the checkpoint travels to storage in the background
+    and Ray deletes the local folder once it is uploaded; SYNC: report() returns after the upload.
+    `before_report` runs on rank 0 after the save (e.g. uploading the logs beside the checkpoint).
+    """
+    import shutil
+    import tempfile
+    import time
+
+    import ray.train
+
+    from raydino.core.checkpoint import save_checkpoint
+
+    mode = ray.train.CheckpointUploadMode.ASYNC if asynchronous else ray.train.CheckpointUploadMode.SYNC
+    t0 = time.perf_counter()
+    # Not a context manager: an ASYNC upload reads the folder after report() returns.
+    tmp = tempfile.mkdtemp(prefix="raydino-ckpt-")
+    ckpt = None
+    if rank == 0:
+        save_checkpoint(state, tmp)
+        ckpt = ray.train.Checkpoint.from_directory(tmp)
+        if before_report is not None:
+            before_report()
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state.step:08d}", checkpoint_upload_mode=mode)
+    if ckpt is None or not asynchronous:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return time.perf_counter() - t0

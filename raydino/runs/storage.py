@@ -10,7 +10,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class RunStorage:
     location: st.Location
     endpoint: str | None = None
     region: str | None = None
+    # (size, mtime) of each log file at its last upload: a checkpoint re-uploads only what changed.
+    uploaded: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, uri: str, endpoint: str | None = None, region: str | None = None) -> RunStorage:
@@ -94,13 +96,22 @@ class RunStorage:
             return Path(tempfile.gettempdir()) / "raydino-logs" / f"{name}-{where}"
         return Path(self.location.join(name, "logs"))
 
-    def upload_logs(self, name: str, local_dir: str | Path) -> None:
-        """Copy rank 0's staged log files (metrics.jsonl, TensorBoard events) into the remote run."""
+    def upload_logs(self, name: str, local_dir: str | Path) -> int:
+        """Copy rank 0's staged log files (metrics.jsonl, TensorBoard events) into the remote run: those
+        new or changed since this object's last upload (by size and mtime).  Returns how many were copied."""
         local_dir = Path(local_dir)
+        copied = 0
         for f in sorted(local_dir.rglob("*")):
-            if f.is_file():
-                rel = f.relative_to(local_dir).as_posix()
-                st.write_bytes(self.location, self.location.join(name, "logs", rel), f.read_bytes())
+            if not f.is_file():
+                continue
+            rel = f.relative_to(local_dir).as_posix()
+            stat = f.stat()
+            if self.uploaded.get(rel) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            st.write_bytes(self.location, self.location.join(name, "logs", rel), f.read_bytes())
+            self.uploaded[rel] = (stat.st_size, stat.st_mtime_ns)
+            copied += 1
+        return copied
 
     def prepare_logs(self, name: str, local_dir: str | Path, resume_step: int) -> None:
         """Before rank 0 logs: keep only the metrics up to the step training (re)starts from.
