@@ -2,6 +2,7 @@
 
     python tools/cluster_check.py                          # every file in cluster/, every command in it
     python tools/cluster_check.py cluster/aws.yaml --config vits16-paper --set run.gpus_per_worker=16
+    python tools/cluster_check.py cluster/aws.yaml --no-placeholders    # your filled-in copy, before `ray up`
 
 What it checks, without a cloud account or a Kubernetes cluster:
   * Ray's own view: launcher YAML through Ray's `prepare_config` + `validate_config` (its JSON
@@ -10,14 +11,19 @@ What it checks, without a cloud account or a Kubernetes cluster:
   * raydino's rules: the head does not train, a GPU worker type scales from zero, a CPU worker type
     carries the data label, every node has a bucket role, no Ray port faces the internet, one Ray
     version everywhere, declared resources fit the machine type;
+  * security and pins: token authentication on every node, SSH only from metadata.ssh_source_range
+    (never 0.0.0.0/0), every Ray version in cluster/ and the runbook inside pyproject.toml's ray
+    range, torch installed only as an exact version of a CUDA build, one torch build everywhere;
   * consistency: every `python -m raydino.X` in `cluster/` exists and parses, every `--config` is a
     preset, and each pretraining command's workers (run.workers x GPUs/CPUs each) fit a node type.
 
-Reading cluster files and the rules for them live in `tools/cluster_rules.py`; this file checks the
-fit of configs, finds and checks the commands, and is the command line.  Ray's autoscaler schema
-code is imported only inside `cluster_rules.ray_view` (`--no-ray` skips it); the cluster files
+Reading cluster files lives in `tools/cluster_files.py`, the rules for them in `tools/cluster_rules.py`
+(which runs those of `cluster_security.py` and `cluster_pins.py` too); this file checks the fit of
+configs, finds and checks the commands, and is the command line.  Ray's autoscaler schema code is
+imported only inside `cluster_rules.ray_view` (`--no-ray` skips it); the cluster files
 themselves are read as YAML.  Checking a `python -m raydino.tune` command imports `raydino.tune`
-to parse its arguments with the recipe's own parser, and that imports Ray Tune.
+to parse its arguments with the recipe's own parser, and that imports Ray Tune.  A malformed file
+(`resources: {CPU: lots}`) is reported as an error naming the file, the field and the value.
 """
 
 from __future__ import annotations
@@ -37,18 +43,9 @@ import yaml
 
 from raydino.config import Config, ConfigError, load_config
 
-from cluster_rules import (
-    COMMAND_RE,
-    DEFAULT_CRD_DIR,
-    ClusterCheckError,
-    ClusterSpec,
-    Command,
-    check_rules,
-    crd_problems,
-    load_cluster,
-    parse_command,
-    ray_view,
-)
+from cluster_files import ClusterCheckError, ClusterSpec, load_cluster
+from cluster_pins import doc_lines, supported_ray_range, text_lines, text_pin_problems, torch_pins
+from cluster_rules import COMMAND_RE, DEFAULT_CRD_DIR, Command, check_rules, crd_problems, parse_command, ray_view
 
 # ---------------------------------------------------------------- does a config fit?
 
@@ -250,6 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for the --config configs")
     p.add_argument("--crd-dir", type=Path, help=f"KubeRay CRD files (default: {DEFAULT_CRD_DIR} from the repository)")
     p.add_argument("--no-ray", action="store_true", help="skip Ray's own schema validation")
+    p.add_argument(
+        "--no-placeholders",
+        action="store_true",
+        help="the files are your filled-in copies about to be launched: any YOUR-... placeholder left is an error",
+    )
     return p.parse_args(argv)
 
 
@@ -265,7 +267,11 @@ def run_checks(args: argparse.Namespace, root: Path) -> Report:
         except ClusterCheckError as e:
             rep.errors.append(str(e))
     for c in clusters:
-        rep.errors += check_rules(c)
+        try:
+            rep.errors += check_rules(c, allow_placeholders=not args.no_placeholders)
+        except ClusterCheckError as e:  # a field of the wrong type, or pyproject.toml unreadable
+            rep.errors.append(str(e))
+            continue
         if not args.no_ray:
             try:
                 ray_view(c)
@@ -295,7 +301,38 @@ def run_checks(args: argparse.Namespace, root: Path) -> Report:
         found = check_commands(find_commands([Path(t) for t in texts]), clusters, root)
         for k in ("errors", "fits", "notes"):
             getattr(rep, k).extend(getattr(found, k))
+    docs = default_docs(root) if not args.files else []
+    rep.errors += pin_agreement(clusters, docs)
     return rep
+
+
+def pin_agreement(clusters: list[ClusterSpec], docs: list[Path]) -> list[str]:
+    """The pin rules on the runbooks, and one torch build across all cluster files and runbooks.
+
+    Each cluster file is checked on its own by `check_rules`; this adds what only shows between files:
+    the KubeRay image tag (`...-torch2.14.1-cu128`) against the runbook's Dockerfile and the launcher
+    configs' pip lines.
+    """
+    try:
+        ray_range = supported_ray_range()
+    except ClusterCheckError as e:
+        return [str(e)]
+    errors: list[str] = []
+    pins: dict[tuple[str, str], list[str]] = {}
+    for doc in docs:
+        lines = doc_lines(doc)
+        errors += text_pin_problems(str(doc), lines, ray_range)
+        for build, where in torch_pins(lines).items():
+            pins.setdefault(build, []).extend(f"{doc} {w}" for w in where)
+    for c in clusters:
+        for build, where in torch_pins(text_lines(c)).items():
+            pins.setdefault(build, []).extend(f"{c.path} {w}" for w in where)
+    if len(pins) > 1:
+        found = "; ".join(
+            f"torch {version} {cuda} ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''})" for (version, cuda), where in sorted(pins.items())
+        )
+        errors.append(f"cluster/: several torch builds: {found}; images, setup commands and the runbook's Dockerfile must install one")
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:

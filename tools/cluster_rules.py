@@ -1,13 +1,18 @@
-"""A cluster file (launcher YAML or KubeRay manifest) read into node types, and what raydino requires of it.
+"""raydino's rules for a cluster file (launcher YAML or KubeRay manifest), and Ray's own validators.
 
-`tools/cluster_check.py` is the command line; this module holds its rule set:
-  * reading: `load_cluster` turns either kind of file into `NodeType`s (CPUs, GPUs, scale limits,
-    labels, machine type) without Ray or a network;
-  * raydino's rules (`check_rules`): the head does not train, a GPU worker type scales from zero, a
-    CPU worker type carries the data label, every node has a bucket role, no Ray port faces the
-    internet, one Ray version everywhere, declared resources fit the machine type, and a RayJob's
-    entrypoint (a raydino command, read by `parse_command`) can resume its run;
-  * Ray's and KubeRay's own validators (`ray_view`, `crd_problems`).
+`tools/cluster_check.py` is the command line; the rule set is split by concern:
+  * `cluster_files.py`: reading a file into node types, typed field readers, `ClusterCheckError`;
+  * this module: `check_rules`, which runs every rule on a file: its own (the head does not train, a
+    GPU worker type scales from zero, a CPU worker type carries the data label, every node has a
+    bucket role, no Ray port faces the internet, one Ray version everywhere, declared resources fit
+    the machine type, a RayJob's entrypoint (a raydino command, read by `parse_command`) can resume
+    its run) and those of
+  * `cluster_security.py`: token authentication on every node, SSH only from a named address range
+    (never 0.0.0.0/0), placeholders filled in;
+  * `cluster_pins.py`: every Ray version in cluster/ inside pyproject.toml's ray range, torch
+    installed only as an exact version of a CUDA build;
+and Ray's and KubeRay's own validators (`ray_view`, `crd_problems`).  The imports go one way only:
+cluster_files <- cluster_security, cluster_pins <- cluster_rules <- cluster_check.
 
 Ray's autoscaler schema code is imported only inside `ray_view`.
 """
@@ -18,7 +23,6 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
-import math
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -26,6 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.specifiers import SpecifierSet
+
+from cluster_files import ClusterSpec, as_mapping, as_string, strings_with_fields
+from cluster_pins import image_ray_versions, pin_problems, supported_ray_range
+from cluster_security import auth_problems, network_problems, placeholder_problems
 
 # The node label the cluster configs put on node types, and that the data pipeline can select.
 ROLE_LABEL = "raydino/role"
@@ -56,7 +65,6 @@ MACHINES: dict[str, tuple[int, int]] = {
     "n2-highcpu-32": (32, 0),
     "n2-highcpu-64": (64, 0),
 }
-_INTERNET = {"0.0.0.0/0", "::/0"}
 # Kubernetes label key: optional DNS-subdomain prefix + "/", then a name of <= 63 characters.
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -64,143 +72,16 @@ _LABEL_KEY = re.compile(
 )
 
 
-class ClusterCheckError(ValueError):
-    """A cluster configuration that cannot do what raydino asks of it."""
-
-
-@dataclass(frozen=True)
-class NodeType:
-    name: str
-    cpus: float
-    gpus: float
-    min_workers: int
-    max_nodes: int  # the head counts as one node; a worker type as its max_workers
-    labels: dict[str, str]
-    is_head: bool = False
-    machine: str | None = None
-
-    def describe(self) -> str:
-        return f"{self.name} {{CPU: {self.cpus:g}, GPU: {self.gpus:g}}} (max {self.max_nodes})"
-
-
-@dataclass
-class ClusterSpec:
-    path: Path
-    kind: str  # "aws", "gcp", ... (launcher provider) or "RayCluster" / "RayJob"
-    doc: dict[str, Any]
-    node_types: list[NodeType]
-
-    @property
-    def is_kuberay(self) -> bool:
-        return self.kind in ("RayCluster", "RayJob")
-
-    @property
-    def ray_cluster_spec(self) -> dict[str, Any]:
-        return self.doc["spec"]["rayClusterSpec"] if self.kind == "RayJob" else self.doc["spec"]
-
-
-# ---------------------------------------------------------------- reading cluster files
-
-
-def _k8s_quantity(q: Any) -> float:
-    """CPU-style Kubernetes quantity ("500m", "8", 8) as a number."""
-    text = str(q).strip()
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-
-
-def _group_resources(group: dict[str, Any], name: str) -> tuple[float, float]:
-    # Same precedence as Ray's KubeRay autoscaler (autoscaling_config.py); the test compares both.
-    top = group.get("resources") or {}
-    params = group.get("rayStartParams") or {}
-    container = group["template"]["spec"]["containers"][0].get("resources") or {}
-    limits, requests = container.get("limits") or {}, container.get("requests") or {}
-    if "CPU" in top:
-        cpus = math.ceil(_k8s_quantity(top["CPU"]))
-    elif "num-cpus" in params:
-        cpus = int(params["num-cpus"])
-    elif "cpu" in limits or "cpu" in requests:
-        cpus = math.ceil(_k8s_quantity(limits.get("cpu", requests.get("cpu"))))
-    else:
-        raise ClusterCheckError(f"group {name}: no CPU count (set rayStartParams num-cpus or a cpu limit)")
-    if "GPU" in top:
-        gpus = math.ceil(_k8s_quantity(top["GPU"]))
-    elif "num-gpus" in params:
-        gpus = int(params["num-gpus"])
-    else:
-        gpus = next((math.ceil(_k8s_quantity(v)) for k, v in [*limits.items(), *requests.items()] if k.endswith("gpu")), 0)
-    return float(cpus), float(gpus)
-
-
-def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read a launcher YAML or a KubeRay RayCluster/RayJob into node types (no Ray, no network)."""
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ClusterCheckError(f"{path}: cannot read: {e}") from None
-    return cluster_from_doc(doc, path)
-
-
-def cluster_from_doc(doc: Any, path: Path) -> ClusterSpec:
-    """Node types of an already-parsed cluster file; `path` only names it in messages."""
-    if not isinstance(doc, dict):
-        raise ClusterCheckError(f"{path}: not a mapping")
-    kind = doc.get("kind")
-    if kind in ("RayCluster", "RayJob"):
-        spec = (doc.get("spec") or {}).get("rayClusterSpec") if kind == "RayJob" else doc.get("spec")
-        if not isinstance(spec, dict) or "headGroupSpec" not in spec:
-            raise ClusterCheckError(f"{path}: {kind} without a cluster spec (headGroupSpec)")
-        head = spec["headGroupSpec"]
-        cpus, gpus = _group_resources(head, "head")
-        nodes = [NodeType("head", cpus, gpus, 0, 1, dict(head.get("labels") or {}), True, _selector_machine(head))]
-        for g in spec.get("workerGroupSpecs", []):
-            cpus, gpus = _group_resources(g, g["groupName"])
-            hosts = int(g.get("numOfHosts", 1))
-            nodes.append(
-                NodeType(
-                    g["groupName"],
-                    cpus,
-                    gpus,
-                    int(g.get("minReplicas", 0)) * hosts,
-                    int(g.get("maxReplicas", 0)) * hosts,
-                    dict(g.get("labels") or {}),
-                    False,
-                    _selector_machine(g),
-                )
-            )
-        return ClusterSpec(path, kind, doc, nodes)
-    if "provider" in doc and "available_node_types" in doc:
-        head_type = doc.get("head_node_type")
-        nodes = []
-        for name, nt in doc["available_node_types"].items():
-            res = nt.get("resources") or {}
-            is_head = name == head_type
-            conf = nt.get("node_config") or {}
-            nodes.append(
-                NodeType(
-                    name,
-                    float(res.get("CPU", 0)),
-                    float(res.get("GPU", 0)),
-                    0 if is_head else int(nt.get("min_workers", 0)),
-                    1 if is_head else int(nt.get("max_workers", doc.get("max_workers", 0))),
-                    dict(nt.get("labels") or {}),
-                    is_head,
-                    conf.get("InstanceType") or conf.get("machineType"),
-                )
-            )
-        return ClusterSpec(path, str(doc["provider"].get("type")), doc, nodes)
-    raise ClusterCheckError(f"{path}: neither a Ray cluster launcher YAML (provider + available_node_types) nor a KubeRay RayCluster/RayJob")
-
-
-def _selector_machine(group: dict[str, Any]) -> str | None:
-    return (group["template"]["spec"].get("nodeSelector") or {}).get("node.kubernetes.io/instance-type")
-
-
 # ---------------------------------------------------------------- rules for a cluster file
 
 
-def check_rules(cluster: ClusterSpec) -> list[str]:
-    """raydino's requirements on a cluster file; returns problems (empty: fine)."""
+def check_rules(cluster: ClusterSpec, *, allow_placeholders: bool = True, ray_range: SpecifierSet | None = None) -> list[str]:
+    """raydino's requirements on a cluster file; returns problems (empty: fine).
+
+    `allow_placeholders=False` is for a filled-in copy about to be launched: every YOUR-... left is a
+    problem.  `ray_range` defaults to the ray requirement of pyproject.toml.  A field of the wrong
+    type raises ClusterCheckError.
+    """
     p: list[str] = []
     where = str(cluster.path)
     heads = [nt for nt in cluster.node_types if nt.is_head]
@@ -232,13 +113,17 @@ def check_rules(cluster: ClusterSpec) -> list[str]:
         versions.add(importlib.metadata.version("ray"))  # the laptop's Ray must match the cluster's
     if len(versions) > 1:
         p.append(f"{where}: several Ray versions {sorted(versions)}; images, rayVersion and the installed Ray must agree")
-    return p
+    p += auth_problems(cluster)
+    p += network_problems(cluster)
+    if not allow_placeholders:
+        p += placeholder_problems(cluster)
+    p += pin_problems(cluster, supported_ray_range() if ray_range is None else ray_range)
+    return list(dict.fromkeys(p))
 
 
 def ray_versions(cluster: ClusterSpec) -> set[str]:
     """Ray versions named by images (rayproject/ray:X, ...-rayX-...) and KubeRay's rayVersion."""
-    text = yaml.safe_dump(cluster.doc)
-    found = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", text)) | set(re.findall(r"[-:]ray(\d+\.\d+\.\d+)", text))
+    found = {v for _, text in strings_with_fields(cluster.doc) for v in image_ray_versions(text)}
     if cluster.is_kuberay and cluster.ray_cluster_spec.get("rayVersion"):
         found.add(str(cluster.ray_cluster_spec["rayVersion"]))
     return found
@@ -251,14 +136,6 @@ def _launcher_rules(cluster: ClusterSpec) -> list[str]:
     for nt in cluster.node_types:
         if "CPU" not in (doc["available_node_types"][nt.name].get("resources") or {}):
             p.append(f"{where}: {nt.name}: declare resources.CPU (offline planning; GCP cannot auto-detect)")
-    for rule in (doc.get("provider", {}).get("security_group") or {}).get("IpPermissions", []):
-        ranges = {r.get("CidrIp") for r in rule.get("IpRanges", [])}
-        ranges |= {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])}
-        if ranges & _INTERNET and not (rule.get("FromPort") == 22 and rule.get("ToPort") == 22):
-            p.append(
-                f"{where}: security_group opens ports {rule.get('FromPort')}-{rule.get('ToPort')} to the internet; "
-                f"reach Ray through `ray dashboard` (SSH) instead"
-            )
     for name, nt in doc["available_node_types"].items():
         conf = nt.get("node_config") or {}
         if cluster.kind == "aws" and "IamInstanceProfile" not in conf:
@@ -281,7 +158,8 @@ def _kuberay_rules(cluster: ClusterSpec) -> list[str]:
         p.append(f"{where}: apiVersion {cluster.doc.get('apiVersion')!r}; use ray.io/v1")
     if spec.get("enableInTreeAutoscaling") is not True:
         p.append(f"{where}: enableInTreeAutoscaling must be true")
-    if "idleTimeoutSeconds" not in (spec.get("autoscalerOptions") or {}):
+    autoscaler = as_mapping(spec.get("autoscalerOptions") or {}, cluster.path, f"{cluster.spec_field}.autoscalerOptions")
+    if "idleTimeoutSeconds" not in autoscaler:
         p.append(f"{where}: set autoscalerOptions.idleTimeoutSeconds so idle workers go away")
     head = spec["headGroupSpec"]
     if head.get("serviceType", "ClusterIP") != "ClusterIP" or head.get("enableIngress"):
@@ -296,7 +174,7 @@ def _kuberay_rules(cluster: ClusterSpec) -> list[str]:
         job = cluster.doc["spec"]
         if job.get("shutdownAfterJobFinishes") is not True:
             p.append(f"{where}: shutdownAfterJobFinishes must be true (the cluster goes when the job ends)")
-        entry = parse_command(job.get("entrypoint", ""))
+        entry = parse_command(as_string(job.get("entrypoint", ""), cluster.path, "spec.entrypoint"))
         if entry is None or "--name" not in entry.options or not re.match(r"^(s3|gs)://", entry.options.get("--storage", "")):
             p.append(f"{where}: the entrypoint needs a fixed --name and --storage s3://... so a retry resumes the run")
     return p
