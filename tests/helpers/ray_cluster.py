@@ -8,6 +8,7 @@ touching any other Ray on the machine (other test sessions share it; `ray stop` 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -61,6 +62,8 @@ class RayHead:
     ) -> None:
         # A short temp dir: Ray's unix socket paths must stay under ~100 characters.
         self.temp_dir = tempfile.mkdtemp(prefix=temp_prefix, dir="/tmp")
+        self.nodes: list[subprocess.Popen] = []  # worker nodes started by add_node
+        self.node_dirs: list[str] = []
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = {**env, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}
         if export_address:
@@ -131,6 +134,26 @@ class RayHead:
         """Environment for a process that joins this cluster (e.g. `python -m raydino.pretrain`)."""
         return {**self.env, "RAY_ADDRESS": self.address, **extra}
 
+    # ---------------------------------------------------------------- more nodes
+
+    def add_node(self, ray_args: Sequence[str]) -> subprocess.Popen:
+        """`ray start --address=<this head> --block` as a process group of its own (a machine of the
+        cluster): `os.killpg(node.pid, SIGKILL)` takes the whole node away at once, as a lost machine."""
+        ports = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port")
+        # A temp dir of its own: two nodes started at once on one machine otherwise wait on each other's.
+        temp = tempfile.mkdtemp(prefix="rdn-", dir="/tmp")
+        self.node_dirs.append(temp)
+        cmd = [str(VENV_BIN / "ray"), "start", f"--address={self.address}", "--block", "--node-ip-address=127.0.0.1",
+               *(f"--{p}={free_port()}" for p in ports), *ray_args, f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+        log = Path(self.temp_dir, f"node-{len(self.nodes)}.log").open("w")
+        node = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        self.nodes.append(node)
+        return node
+
+    def alive_nodes(self) -> int:
+        out = json.loads(urllib.request.urlopen(f"{self.dashboard}/nodes?view=summary", timeout=5).read())
+        return sum(n["raylet"]["state"] == "ALIVE" for n in out["data"]["summary"])
+
     # ---------------------------------------------------------------- waiting
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -167,7 +190,15 @@ class RayHead:
 
     def stop(self) -> None:
         """SIGTERM the head's process group, SIGKILL what is left after a grace period (never `ray stop`:
-        that would stop every Ray on the machine), then remove the temp dir."""
+        that would stop every Ray on the machine), then remove the temp dir.  Added nodes go first."""
+        for node in self.nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.wait()
+        for d in self.node_dirs:
+            shutil.rmtree(d, ignore_errors=True)
         for sig, grace in ((signal.SIGTERM, self.stop_grace_s), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.proc.pid, sig)
