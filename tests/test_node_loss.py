@@ -70,13 +70,22 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.strip().endswith("}")]
 
 
+def registered_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint Ray Train has committed (its snapshot file), if any."""
+    try:
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_losing_a_node(head: RayHead, tmp: Path, name: str, node_args: list[str], sets: tuple[str, ...] = ()) -> dict:
     """Submit, kill `node_args`' node after the first checkpoint, start its replacement, wait for the end."""
     node = head.add_node(node_args)
-    head.wait_for(lambda: head.alive_nodes() >= 2 + len(head.nodes) - 1, 90, "the worker nodes")
+    head.wait_for(lambda: head.alive_nodes() >= 2 + len(head.added_nodes) - 1, 90, "the worker nodes")
     job_id = submit(head, tmp, name, *sets)
     run_dir = tmp / "runs" / name
-    head.wait_for(lambda: any(p.name.startswith("checkpoint_0") for p in run_dir.iterdir()), 240, "the first checkpoint")
+    # Registered, not only written: an asynchronous upload makes the folder before Ray Train commits it.
+    head.wait_for(lambda: registered_checkpoint(run_dir) is not None, 240, "the first registered checkpoint")
     killed_after = max(logged_steps(run_dir), default=0)
     os.killpg(node.pid, signal.SIGKILL)
     node.wait()

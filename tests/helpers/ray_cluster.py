@@ -62,7 +62,7 @@ class RayHead:
     ) -> None:
         # A short temp dir: Ray's unix socket paths must stay under ~100 characters.
         self.temp_dir = tempfile.mkdtemp(prefix=temp_prefix, dir="/tmp")
-        self.nodes: list[subprocess.Popen] = []  # worker nodes started by add_node
+        self.added_nodes: list[subprocess.Popen] = []  # worker nodes started by add_node
         self.node_dirs: list[str] = []
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = {**env, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}
@@ -145,9 +145,9 @@ class RayHead:
         self.node_dirs.append(temp)
         cmd = [str(VENV_BIN / "ray"), "start", f"--address={self.address}", "--block", "--node-ip-address=127.0.0.1",
                *(f"--{p}={free_port()}" for p in ports), *ray_args, f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
-        log = Path(self.temp_dir, f"node-{len(self.nodes)}.log").open("w")
+        log = Path(self.temp_dir, f"node-{len(self.added_nodes)}.log").open("w")
         node = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        self.nodes.append(node)
+        self.added_nodes.append(node)
         return node
 
     def alive_nodes(self) -> int:
@@ -191,7 +191,7 @@ class RayHead:
     def stop(self) -> None:
         """SIGTERM the head's process group, SIGKILL what is left after a grace period (never `ray stop`:
         that would stop every Ray on the machine), then remove the temp dir.  Added nodes go first."""
-        for node in self.nodes:
+        for node in self.added_nodes:
             try:
                 os.killpg(node.pid, signal.SIGKILL)
             except ProcessLookupError:
