@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from helpers.ray_cluster import VENV_BIN, RayHead
+from helpers.train_runs import registered_step
 
 pytestmark = pytest.mark.slow
 
@@ -70,14 +71,6 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.strip().endswith("}")]
 
 
-def registered_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint Ray Train has committed (its snapshot file), if any."""
-    try:
-        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def run_losing_a_node(head: RayHead, tmp: Path, name: str, node_args: list[str], sets: tuple[str, ...] = ()) -> dict:
     """Submit, kill `node_args`' node after the first checkpoint, start its replacement, wait for the end."""
     node = head.add_node(node_args)
@@ -85,9 +78,9 @@ def run_losing_a_node(head: RayHead, tmp: Path, name: str, node_args: list[str],
     job_id = submit(head, tmp, name, *sets)
     run_dir = tmp / "runs" / name
     # Registered, not only written: an asynchronous upload makes the folder before Ray Train commits it.
-    head.wait_for(lambda: registered_checkpoint(run_dir) is not None, 240, "the first registered checkpoint")
+    head.wait_for(lambda: registered_step(run_dir) is not None, 240, "the first registered checkpoint")
     killed_after = max(logged_steps(run_dir), default=0)
-    committed = int(registered_checkpoint(run_dir).rsplit("_", 1)[-1])  # what a restart can resume from
+    committed = registered_step(run_dir)  # what a restart can resume from
     os.killpg(node.pid, signal.SIGKILL)
     node.wait()
     head.add_node(node_args)

@@ -32,6 +32,7 @@ from raydino.pretrain import main  # noqa: E402
 
 from helpers.ray_cluster import VENV_BIN, RayHead  # noqa: E402
 from helpers.s3 import KEY_ID, SECRET  # noqa: E402
+from helpers.train_runs import latest_registered  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -86,14 +87,6 @@ def pretrain_cmd(shards: str, storage: str, name: str, *flags: str) -> list[str]
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in run_dir.iterdir() if (m := CKPT.match(p.name)))
-
-
-def latest_registered(snapshot_text: str | None) -> str | None:
-    """The newest checkpoint Ray Train has registered (read from its snapshot file), if any."""
-    try:
-        return json.loads(snapshot_text or "")["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except (ValueError, KeyError, TypeError):
-        return None  # not written yet, or caught mid-write
 
 
 def _load_ckpt(path: Path) -> dict:

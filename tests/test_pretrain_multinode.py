@@ -25,6 +25,8 @@ from raydino.data.synth import synthetic_shards
 from raydino.distributed.cluster import free_port
 from raydino.pretrain import run
 
+from helpers.train_runs import registered_step
+
 pytestmark = pytest.mark.slow
 
 DATA_LABELS = {"raydino/role": "cpu-data"}
@@ -128,15 +130,6 @@ def test_two_training_nodes_and_a_labelled_data_node(cluster, shards, tmp_path):
         for k, v in ckpt[part].items():
             assert torch.equal(restored[k], v), f"{part}.{k} differs after restore"
     assert any(not torch.equal(fresh[k], v) for k, v in ckpt["teacher"].items())
-
-
-def registered_step(run_dir) -> int | None:
-    """Step of the newest checkpoint Ray Train has committed (its snapshot file), if any."""
-    try:
-        name = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-        return int(name.rsplit("_", 1)[-1])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 @pytest.mark.timeout(500)

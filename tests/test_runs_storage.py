@@ -1,4 +1,4 @@
-"""A run's directory in storage (raydino.runs.storage): log uploads and the run's first config."""
+"""A run's directory in storage (raydino.runs.storage): log uploads."""
 
 from __future__ import annotations
 
