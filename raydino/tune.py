@@ -91,11 +91,13 @@ _ACTIVE: dict[str, Any] = {}  # the progress callback Tune actually runs (it may
 class SearchProgress(Callback):  # module level: pickled by reference, so `_ACTIVE` is this module's
     """Driver-side progress: trials ended by status, best AUROC so far, elapsed and ETA; trial wall times."""
 
-    def __init__(self, total_trials: int, budget_epochs: int, time_budget_s: float | None) -> None:
+    def __init__(self, total_trials: int, budget_epochs: int, time_budget_s: float | None, max_failures: int = 0) -> None:
         self.total, self.epochs, self.budget = total_trials, budget_epochs, time_budget_s
         self.started: dict[str, float] = {}
         self.wall: dict[str, float] = {}
         self.last: dict[str, dict[str, Any]] = {}
+        self.restarts: dict[str, int] = {}
+        self.max_failures = max_failures
 
     def setup(self, **info: Any) -> None:
         _ACTIVE["progress"] = self
@@ -127,6 +129,16 @@ class SearchProgress(Callback):  # module level: pickled by reference, so `_ACTI
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, trials)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A crashed trial Tune restarts (`resources.max_failures`): say so, the run is not stuck."""
+        n = self.restarts[trial.trial_id] = self.restarts.get(trial.trial_id, 0) + 1
+        why = str(getattr(trial, "error_message", None) or "its process or node was lost").strip().splitlines()
+        print(
+            f"[raydino.tune] trial {trial.trial_id} crashed ({why[-1][:160] if why else 'lost'}); "
+            f"restarting it from its last checkpoint (restart {n} of {self.max_failures})",
+            flush=True,
+        )
 
     def _print(self, trials: list) -> None:
         """ETA = epochs still to train (unstarted trials at full budget) / epochs trained per second so far."""
@@ -295,9 +307,11 @@ def run_search(spec: SearchSpec, resume: bool = False, cache: Path = DEFAULT_CAC
                 name=spec.name,
                 storage_path=storage.train_storage_path,
                 storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=0),
+                # A crashed trial (node lost, process killed) restarts from its last checkpoint; a
+                # diverged one ends normally (`raydino.search.trial`), so this budget is for crashes only.
+                failure_config=tune.FailureConfig(max_failures=r.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[SearchProgress(total, budget_epochs, spec.time_budget_s)],
+                callbacks=[SearchProgress(total, budget_epochs, spec.time_budget_s, r.max_failures)],
                 verbose=0,
             ),
         )
@@ -314,6 +328,7 @@ def run_search(spec: SearchSpec, resume: bool = False, cache: Path = DEFAULT_CAC
                 "params": dict(result.config or {}),
                 "history": history,
                 "error": str(result.error) if result.error else None,
+                "restarts": progress.restarts.get(Path(str(result.path)).name.removeprefix("trial_"), 0) if progress else 0,
             }
         )
     # A driver killed after Tune made a trial's folder but before it saved the experiment state leaves that

@@ -12,6 +12,9 @@ takes a node away at once, as a lost spot machine.  The smoke run is submitted w
 
 Both must print `[raydino] done` and reach SUCCEEDED: a job that stayed RUNNING after its run had
 finished was seen once after a node loss (issue "long runs on real clusters").
+
+(c) a search trial's node: Tune restarts the trial from its last checkpoint (`resources.max_failures`)
+    on the replacement, and the search ends with the trial finished, not errored.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow.csv as pcsv
 import pytest
 
 from helpers.ray_cluster import VENV_BIN, RayHead
@@ -125,3 +129,38 @@ def test_losing_the_data_node_reruns_its_tasks_and_the_job_ends(head, tmp_path):
     out = run_losing_a_node(head, tmp_path, "lose-data", data_node, ("data.node_labels={raydino/role: cpu-data}",))
     assert out["status"] == "SUCCEEDED", f"{out['status']} {out['end_s']:.0f} s after done:\n{out['logs'][-3000:]}"
     assert max(w.get("end_step", 0) for w in out["workers"]) == EPOCHS * STEPS_PER_EPOCH
+
+
+@pytest.mark.timeout(600)
+def test_losing_a_search_trials_node_restarts_the_trial_from_its_checkpoint(head, tmp_path):
+    """A one-trial search whose trial (2 CPUs) fits only on the worker node; that node is killed after the
+    trial's first checkpoint and a replacement started.  The trial must finish, restarted once, without
+    training its first epoch again."""
+    trial_node = ["--num-cpus=2"]
+    node = head.add_node(trial_node)
+    head.wait_for(lambda: head.alive_nodes() >= 2, 90, "the worker node")
+    sets = ["name=lose", "num_samples=1", "max_concurrent_trials=1", "searcher.kind=random", "scheduler.kind=fifo",
+            "resources.cpus_per_worker=2", "time_budget_s=480", "run.shared_fs=true"]  # fmt: skip
+    cmd = [str(VENV_BIN / "python"), "-m", "raydino.tune", str(REPO / "tuning" / "smoke.yaml"), "--storage", str(tmp_path / "runs"),
+           "--cache", str(tmp_path / "cache"), *(a for s in sets for a in ("--set", s))]  # fmt: skip
+    log_path = tmp_path / "tune.log"
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(cmd, cwd=REPO, env=head.driver_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            exp = tmp_path / "runs" / "lose"
+            head.wait_for(lambda: any(exp.glob("trial_*/checkpoint_*")) or driver.poll() is not None, 300, "the trial's first checkpoint")
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+            head.add_node(trial_node)
+            driver.wait(timeout=420)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    out = log_path.read_text()
+    assert driver.returncode == 0, out[-4000:]
+    assert "restarting it from its last checkpoint (restart 1 of 3)" in out, out[-4000:]
+    (row,) = pcsv.read_csv(exp / "results.csv").to_pylist()
+    assert (row["status"], row["restarts"], row["epoch"]) == ("finished", 1, 4), row
+    epochs = [h["epoch"] for h in pcsv.read_csv(exp / "metrics.csv").to_pylist()]
+    assert epochs.count(1) == 1, f"the restarted trial trained its first epoch again: reports at epochs {epochs}"

@@ -389,3 +389,47 @@ def test_test_metrics_never_choose_the_best_trial():
     rows = results_table(trials, ["p"], budget_epochs=2)
     assert best_row(rows)["trial_id"] == "hi-val"
     assert {r["trial_id"]: r["final_val_auroc"] for r in rows} == {"hi-val": 0.60, "hi-test": 0.90}
+
+
+# ---------------------------------------------------------------- a diverged trial is not a crash
+
+
+def test_diverged_trial_has_its_own_status_and_never_ranks():
+    nan_report = {"epoch": 1, "step": 3, "diverged": 1, "diverged_reason": "loss became nan at step 3; stopping", "val_auroc": float("nan")}
+    trials = [*TRIALS, {"trial_id": "e", "params": {"p": 0.5}, "error": None, "history": [nan_report], "restarts": 2}]
+    rows = {r["trial_id"]: r for r in results_table(trials, ["p"], budget_epochs=2)}
+    assert (rows["e"]["status"], rows["e"]["val_auroc"], rows["e"]["restarts"]) == ("diverged", None, 2)
+    assert "step 3" in rows["e"]["reason"] and rows["a"]["restarts"] == 0
+    assert best_row([rows["e"], rows["c"]]) is None and best_row(list(rows.values()))["trial_id"] == "a"
+
+
+def test_non_finite_loss_ends_the_trial_with_a_diverged_report_not_an_error():
+    """Tune retries a trial that raises (resources.max_failures, for lost nodes): a diverging trial must
+    return normally, with one last report that says why, and no checkpoint (the last good one stays)."""
+    import torch
+
+    from raydino.core.step import build_train_state
+    from raydino.search.trial import train_and_report
+
+    spec = spec_with(budget={"epochs": 2, "report_every": 1}, evaluation={"intermediate": True})
+    cfg = load_config(
+        "smoke", ["model.out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16", "augment.n_local_crops=2", "train.epochs=2"]
+    )
+    state = build_train_state(cfg, steps_per_epoch=2)
+    a = cfg.augment
+    sizes = [a.global_crop_size] * 2 + [a.local_crop_size] * 2
+
+    def epoch_batches(epoch):  # epoch 0 trains; epoch 1's first batch is NaN
+        for _ in range(2):
+            crops = [torch.rand(2, 3, s, s) * 255 for s in sizes]
+            if epoch == 1:
+                crops[0][0, 0, 0, 0] = float("nan")
+            yield crops
+
+    reports = []
+    outcome = train_and_report(state, spec, epoch_batches, lambda m, ckpt: reports.append((m, ckpt)), evaluator=None)
+    assert outcome == "diverged"
+    assert [m.get("diverged", 0) for m, _ in reports] == [0, 1]  # the epoch-0 report, then the divergence
+    last, ckpt = reports[-1]
+    assert ckpt is None and last["step"] == 2 and "step 2" in last["diverged_reason"] and np.isnan(last["val_auroc"])
+    assert reports[0][1] is not None  # the good epoch's report carried a checkpoint; the diverged one none

@@ -3,7 +3,7 @@
 Slow tests: resume after SIGKILL of the driver (its own Ray, so it runs first), the smoke search
 (ASHA stops trials, every trial listed with status and AUROC, the best config trains), and
 multi-worker trials (a TorchTrainer inside each trial) that Tune stops at ASHA's max_t: the next
-trial must still get the CPUs, and a trial whose loss goes non-finite ends errored.
+trial must still get the CPUs, and a trial whose loss goes non-finite ends diverged, never retried.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 
 from raydino import tune
 from raydino.config import load_config
-from raydino.core.step import NonFiniteLossError, build_train_state
+from raydino.core.step import build_train_state
 from raydino.data.loader import local_epoch_batches, pretrain_rows
 from raydino.data.shards import open_shards
 from raydino.data.synth import synthetic_shards
@@ -131,12 +131,6 @@ def test_old_intermediate_probe_setting_is_refused_with_the_new_names():
         load_spec(SMOKE, ["evaluation.intermediate=knn"])
     with pytest.raises(Exception, match="intermediate: false"):
         load_spec(SMOKE, ["evaluation.intermediate=none", "scheduler.kind=fifo"])
-
-
-def test_non_finite_loss_raises_out_of_the_loop(cache, one_thread):
-    spec, cfg, ctx, state, batches = loop_setup(cache, ["loss.student_temp=1e-40"])
-    with pytest.raises(NonFiniteLossError, match="loss became"):
-        train_and_report(state, spec, batches, lambda m, d: None, None)
 
 
 def test_cli_refuses_bad_input_without_starting_ray(cache, tmp_path, capsys):
@@ -254,7 +248,7 @@ def test_smoke_search_lists_every_trial_with_status_and_auroc(smoke):
         assert {r["trial_id"] for r in rows} == trial_dirs
         for r in rows:
             assert r["status"] in STATUSES
-            if r["status"] != "errored":
+            if r["status"] not in ("errored", "diverged"):
                 assert 0.0 <= r["val_auroc"] <= 1.0, r
     statuses = [r["status"] for r in summary["rows"]]
     assert "stopped" in statuses, f"ASHA stopped no trial: {statuses}"
@@ -300,7 +294,8 @@ def test_best_config_yaml_trains_as_a_pretraining_config(smoke, cache, one_threa
 @pytest.mark.slow
 def test_multi_worker_trials_free_their_workers_and_report_non_finite_loss(ray_local, cache, tmp_path):
     """Each trial runs a 2-worker TorchTrainer; ASHA stops the first at max_t (Tune kills a trial that
-    runs Train), the second must still get the CPUs, and its non-finite loss ends it errored."""
+    runs Train), the second must still get the CPUs, and its non-finite loss ends it diverged: a normal
+    end, so Tune does not spend `resources.max_failures` (meant for crashes) rerunning it."""
     from ray.util import placement_group_table
 
     data = yaml.safe_load(SMOKE.read_text())
@@ -317,16 +312,16 @@ def test_multi_worker_trials_free_their_workers_and_report_non_finite_loss(ray_l
     )
     summary = tune.run_search(parse_spec(data), cache=cache)
     rows = sorted(summary["rows"], key=lambda r: r["trial_id"])
-    assert [r["status"] for r in rows] == ["finished", "errored"], rows
+    assert [r["status"] for r in rows] == ["finished", "diverged"], rows
     assert rows[0]["val_auroc"] is not None and rows[0]["test_auroc"] is not None
-    assert "non-finite loss" in rows[1]["reason"]
+    assert "loss became" in rows[1]["reason"] and rows[1]["restarts"] == 0
     assert not summary["hit_time_budget"]
     deadline = time.monotonic() + 60  # Train's cleaner removes worker groups asynchronously
     while any(pg["state"] != "REMOVED" for pg in placement_group_table().values()) and time.monotonic() < deadline:
         time.sleep(1)
     assert [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"] == []
     summary_json = json.loads((tmp_path / "multi" / "summary.json").read_text())
-    assert summary_json["counts"]["errored"] == 1
+    assert summary_json["counts"]["diverged"] == 1 and summary_json["counts"]["errored"] == 0
 
 
 @pytest.mark.slow

@@ -18,11 +18,6 @@ from raydino.search.spec import SearchSpec, trial_config, trial_data
 from raydino.search.trial import TrialEvaluator, train_and_report
 
 
-def _non_finite(e: BaseException) -> RuntimeError:
-    """The trial's error as Tune records it: one line that says the loss diverged (`status` non_finite)."""
-    return RuntimeError(f"non-finite loss: {e}")
-
-
 def _run_in_process(cfg: Config, spec: SearchSpec, ctx: dict[str, Any]) -> None:
     """One-worker trial: pretraining in this trial process, reports straight to Tune.
 
@@ -35,7 +30,7 @@ def _run_in_process(cfg: Config, spec: SearchSpec, ctx: dict[str, Any]) -> None:
     import torch
 
     from raydino.core.checkpoint import load_checkpoint, restore_state
-    from raydino.core.step import NonFiniteLossError, build_train_state
+    from raydino.core.step import build_train_state
     from raydino.distributed.streaming import build_pretrain_dataset, worker_epoch_batches
 
     t0 = time.perf_counter()
@@ -61,10 +56,7 @@ def _run_in_process(cfg: Config, spec: SearchSpec, ctx: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
-    try:
-        train_and_report(state, spec, batches, report, evaluator)
-    except NonFiniteLossError as e:
-        raise _non_finite(e) from None
+    train_and_report(state, spec, batches, report, evaluator)
 
 
 def _worker_loop(conf: dict[str, Any]) -> None:
@@ -73,7 +65,6 @@ def _worker_loop(conf: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from raydino.core.step import NonFiniteLossError
     from raydino.distributed.streaming import worker_epoch_batches
 
     cfg, ctx = build_config(conf["config"]), conf["ctx"]
@@ -108,11 +99,7 @@ def _worker_loop(conf: dict[str, Any]) -> None:
         dist.broadcast(t, 0)
         return bool(t.item())
 
-    try:
-        train_and_report(state, spec, epoch_batches, report, evaluator, agree, rank, world)
-    except NonFiniteLossError as e:
-        # Re-raised with the "non-finite loss" prefix the results table and `_run_with_trainer` look for.
-        raise _non_finite(e) from None
+    train_and_report(state, spec, epoch_batches, report, evaluator, agree, rank, world)
 
 
 def _run_with_trainer(cfg: Config, spec: SearchSpec, ctx: dict[str, Any], trial_id: str) -> None:
@@ -139,13 +126,7 @@ def _run_with_trainer(cfg: Config, spec: SearchSpec, ctx: dict[str, Any], trial_
         data_cfg=cfg,
         callbacks=[TuneReportCallback()],
     )
-    try:
-        trainer.fit()
-    except Exception as e:
-        reason = next((ln.strip() for ln in str(e).splitlines() if "non-finite loss" in ln), None)
-        if reason:  # one line for the results table instead of Train's whole worker traceback
-            raise RuntimeError(reason[reason.index("non-finite loss") :]) from None
-        raise
+    trainer.fit()
 
 
 def trial_main(params: dict[str, Any], ctx: dict[str, Any]) -> None:

@@ -32,7 +32,13 @@ def format_value(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-_STATUS_STYLE = {"finished": ("tab:green", "o"), "stopped": ("tab:orange", "v"), "collapsed": ("tab:red", "x"), "errored": ("black", "s")}
+_STATUS_STYLE = {
+    "finished": ("tab:green", "o"),
+    "stopped": ("tab:orange", "v"),
+    "collapsed": ("tab:red", "x"),
+    "diverged": ("tab:purple", "D"),
+    "errored": ("black", "s"),
+}
 
 
 def plot_auroc_vs_params(rows: list[dict[str, Any]], param_keys: list[str], out: Path, title: str) -> Path | None:

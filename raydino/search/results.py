@@ -26,7 +26,7 @@ from raydino.eval.metrics import METRICS
 
 METRIC = "val_auroc"  # the objective probe's validation AUROC: every report carries it, the search maximises it
 METRIC_RANGE = {"kappa": (-1.0, 1.0)}  # every other test metric lies in [0, 1]
-STATUSES = ("finished", "stopped", "collapsed", "errored")
+STATUSES = ("finished", "stopped", "collapsed", "diverged", "errored")
 
 
 def trial_status(history: list[dict[str, Any]], error: str | None, budget_epochs: int) -> tuple[str, str]:
@@ -38,6 +38,8 @@ def trial_status(history: list[dict[str, Any]], error: str | None, budget_epochs
     if not history:
         return "stopped", "ended before its first report (time budget or scheduler)"
     last = history[-1]
+    if last.get("diverged"):
+        return "diverged", str(last.get("diverged_reason") or "non-finite loss")[:300]
     if last.get("collapsed"):
         return "collapsed", f"teacher output collapsed ({last.get('collapse') or 'collapse'}) by epoch {last.get('epoch')}"
     if last.get("final"):
@@ -50,7 +52,7 @@ def results_table(
 ) -> list[dict[str, Any]]:
     """One row per trial: id, status, reason, parameters, last val AUROC, test metrics and timings.
 
-    `trials` are plain records `{"trial_id", "params", "history": [report, ...], "error"}`.
+    `trials` are plain records `{"trial_id", "params", "history": [report, ...], "error"[, "restarts"]}`.
     """
     rows = []
     for t in trials:
@@ -69,6 +71,7 @@ def results_table(
         for k in ("train_seconds", "probe_seconds", "checkpoint_seconds", "setup_seconds"):
             row[k] = _num(last.get(k))
         row["wall_seconds"] = (wall_seconds or {}).get(t["trial_id"])
+        row["restarts"] = int(t.get("restarts") or 0)  # crashes Tune restarted it from (`resources.max_failures`)
         spent = sum(v for v in (row["train_seconds"], row["probe_seconds"]) if v is not None)
         row["overhead_fraction"] = (row["wall_seconds"] - spent) / row["wall_seconds"] if row["wall_seconds"] and spent else None
         rows.append(row)
@@ -94,7 +97,7 @@ def _num(v: Any) -> float | None:
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Highest `val_auroc` (the search objective) among finished trials; falls back to the best stopped
-    trial (its value is the same probe at an earlier epoch), never a collapsed or errored one.
+    trial (its value is the same probe at an earlier epoch), never a collapsed, diverged or errored one.
     Test metrics play no part."""
     for wanted in ("finished", "stopped"):
         pool = sorted((r for r in rows if r["status"] == wanted and r[METRIC] is not None), key=lambda r: str(r["trial_id"]))

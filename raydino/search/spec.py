@@ -158,6 +158,10 @@ class Resources(_Strict):
     # Multi-worker trials: attempts (60 s each) to start the Train workers before the trial errors,
     # instead of Ray Train's default of waiting forever for resources that may never appear.
     max_start_attempts: int = Field(10, ge=1)
+    # Restarts of a crashed trial (its node lost, its process killed) from its last checkpoint before
+    # it counts as errored: Tune's FailureConfig.max_failures.  A diverged trial (non-finite loss)
+    # ends normally with status "diverged" and is never retried: rerunning it would diverge again.
+    max_failures: int = Field(3, ge=0)
 
 
 class SearchSpec(_Strict):

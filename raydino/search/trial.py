@@ -1,7 +1,7 @@
 """One search trial's work, without Ray: pretrain, probe at every report, report through a callback.
 
 `train_and_report` runs the DINO loop and calls `report(metrics, checkpoint_dir)` at every
-`budget.report_every`-th epoch end, at a collapse and at the end; `TrialEvaluator` scores the frozen
+`budget.report_every`-th epoch end, at a collapse, at a non-finite loss and at the end; `TrialEvaluator` scores the frozen
 teacher with the one objective probe (`val_auroc`) and, at the end, the final probe's test metrics.
 `raydino.distributed.trials` connects both to Ray Tune and Ray Train.
 """
@@ -105,11 +105,16 @@ def train_and_report(
     """Run the DINO loop and report at every `report_every`-th epoch end, at a collapse and at the end.
 
     Every rank calls `report` equally often (Ray Train's report is a barrier); only rank 0 has an
-    evaluator and writes the checkpoint.  Returns "finished" or "collapsed".  Timers live in
-    `state.extra` so they survive a resume.
+    evaluator and writes the checkpoint.  Returns "finished", "collapsed" or "diverged".  Timers live
+    in `state.extra` so they survive a resume.
+
+    A non-finite loss ends the trial *normally*, with a last report marked ``diverged`` (no checkpoint:
+    the last good one stays).  Raising instead would make Tune retry it under
+    `resources.max_failures`, a budget meant for crashes such as a lost node, and it would diverge again.
     """
     from raydino.core.checkpoint import save_checkpoint
     from raydino.core.loop import LoopHooks, fit
+    from raydino.core.step import NonFiniteLossError
 
     timers = state.extra.setdefault("tune_timers", {"train": 0.0, "probe": 0.0, "checkpoint": 0.0})
     recent: deque[str | None] = deque(maxlen=spec.collapse_patience)
@@ -160,4 +165,21 @@ def train_and_report(
         fit(state, epoch_batches, LoopHooks(on_log, on_checkpoint), world_size=world)
     except _Collapsed:
         return "collapsed"
+    except NonFiniteLossError as e:
+        # Every rank sees the same non-finite step (the step all-reduces its check), so all report here.
+        timers["train"] += time.perf_counter() - mark[0]
+        out = {
+            "epoch": state.epoch,
+            "step": e.step,
+            "diverged": 1,
+            "diverged_reason": str(e),
+            "collapsed": 0,
+            "final": 0,
+            METRIC: float("nan"),  # Tune wants the objective in every report; NaN ranks nowhere
+            "train_seconds": timers["train"],
+            "probe_seconds": timers["probe"],
+            "checkpoint_seconds": timers["checkpoint"],
+        }
+        report(out, None)
+        return "diverged"
     return "finished"
