@@ -199,3 +199,58 @@ def test_a_preemption_notice_triggers_a_checkpoint_the_restart_resumes_from(clus
     restarts = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
     resumed = sorted({w["start_step"] for w in restarts if w["start_step"] > 0})
     assert resumed and resumed[0] >= jit_step, (jit_step, resumed)
+
+
+@pytest.mark.timeout(400)
+def test_losing_the_data_node_mid_epoch_reruns_its_tasks_and_the_run_finishes(cluster, shards, tmp_path):
+    """The labelled data node (every read and augmentation task) dies mid-epoch with no notice, and a
+    replacement with the same label joins: Ray Data re-runs the lost tasks there and the run takes every
+    planned step.  (The same loss under `ray job submit`, with real `ray start` nodes: test_node_loss.)"""
+    import threading
+    import time
+
+    c, data_node_id = cluster
+    steps = 6 * 4  # smoke: 4 steps per epoch on 2 workers
+    cfg = load_config(
+        "smoke",
+        [
+            f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", "run.name=lose-data", "run.shared_fs=true",
+            "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4", "run.cpus_per_worker=0.6",
+            "train.threads=1", "train.epochs=6", "train.log_every=1", "train.checkpoint_every=3", "run.max_failures=1",
+        ],
+    )  # fmt: skip
+    out: dict = {}
+
+    def train():
+        try:
+            out["summary"] = run(cfg, "smoke", probe=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    run_dir = tmp_path / "runs" / "lose-data"
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while (registered_step(run_dir) or 0) < 3:
+        assert thread.is_alive() and time.monotonic() < deadline, f"no first checkpoint: {out}"
+        time.sleep(0.5)
+    data_nodes = [n for n in c.worker_nodes if n.node_id == data_node_id] or [
+        n for n in c.worker_nodes if ray_node_labels(n.node_id).get("raydino/role") == "cpu-data"
+    ]
+    assert data_nodes, "the labelled data node is gone before the test removes it"
+    committed = registered_step(run_dir)
+    c.remove_node(data_nodes[0], allow_graceful=False)
+    c.add_node(num_cpus=1, labels=DATA_LABELS)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the run did not end after the replacement data node joined"
+    assert "error" not in out, f"losing the data node ended the run: {out.get('error')!r}"
+    assert out["summary"]["status"] == "finished" and out["summary"]["final_metrics"]["step"] == steps
+    # Training itself was not on that node: a restart, if Ray Train made one, resumed from a committed checkpoint.
+    workers = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
+    assert all(w["start_step"] == 0 or w["start_step"] >= committed for w in workers), (committed, workers)
+
+
+def ray_node_labels(node_id: str) -> dict:
+    import ray
+
+    return next((n.get("Labels", {}) for n in ray.nodes() if n["NodeID"] == node_id), {})
