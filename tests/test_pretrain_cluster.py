@@ -218,11 +218,17 @@ def test_s3_run_interrupted_then_resumed_by_the_same_command(head, s3, shards, t
     assert "[raydino] done: r1" not in first_out  # it really was interrupted
     saved_at = int(CKPT.match(interrupted_after).group(1))
 
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    config_yaml = s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}config.yaml")["Body"].read()
+    # The same command, plus a setting a resume may change (logging): recorded, the run's config.yaml kept.
+    second = subprocess.run([*cmd, "--set", "train.log_every=1"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     resumed = re.search(r"\[raydino\] resumed from step (\d+)", out)
     assert resumed and int(resumed.group(1)) >= saved_at > 0
+    assert "with changed settings (recorded in config_changes.jsonl): train.log_every" in out
+    assert s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}config.yaml")["Body"].read() == config_yaml
+    (change,) = [json.loads(x) for x in s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}config_changes.jsonl")["Body"].read().splitlines()]
+    assert change["changes"] == {"train.log_every": {"old": 2, "new": 1}}, change
     keys = s3.keys(BUCKET, prefix)
     steps = sorted({int(m.group(1)) for k in keys if (m := re.search(r"checkpoint_(\d{8})/state\.pt$", k))})
     assert steps == [4, 5, 8]  # the interrupted run's checkpoints are kept next to the new ones (keep 3)
