@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,62 @@ def _check_scale(name: str, value: tuple[float, float]) -> tuple[float, float]:
         raise ValueError(f"{name}={list(value)}: both ends must lie in (0, 1]")
     if lo > hi:
         raise ValueError(f"{name}={list(value)}: min {lo} is greater than max {hi}")
+    return value
+
+
+# Where data, runs and experiments may live: kept in step with raydino.data.storage.REMOTE_SCHEMES (a
+# test compares them; this module imports no data layer).  The full check (bucket names, query keys,
+# reachability) is raydino.data.storage.resolve's, before any work; these catch typos at config time.
+URI_SCHEMES = {"s3": ("s3", "s3a"), "gs": ("gs", "gcs")}
+URI_QUERY_KEYS = {"s3": ("endpoint_override", "scheme", "region"), "gs": ("endpoint_override", "scheme")}
+_ALLOWED_URIS = "a local path, file:///abs/path, " + ", ".join(f"{k}://bucket/prefix" for k in URI_SCHEMES)
+
+
+def _safe(value: str) -> str:
+    """`value` without user info or query string: a credential in a URI or endpoint is never echoed."""
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*://)?(?:[^/@?#]*@)?([^?#]*)", value)
+    return (m.group(1) or "") + m.group(2) if m else value
+
+
+def _check_storage_uri(name: str, value: str | None) -> str | None:
+    """A local path, file:///path or a known object store's scheme://bucket[/prefix]; refuses gs:/b, gs://,
+    http://... (the messages never repeat the value: `_format_errors` shows it, without credentials)."""
+    if value is None:
+        return value
+    v = value.strip()
+    if not v:
+        raise ValueError(f"empty; expected {_ALLOWED_URIS}")
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.\-]+):", v)  # a drive letter (C:/x) is one letter: a path
+    if not m:
+        return value
+    scheme, rest = m.group(1).lower(), v[m.end() :]
+    remote = {alias: k for k, aliases in URI_SCHEMES.items() for alias in aliases}
+    if scheme == "file":
+        if not (rest.startswith("///") or rest.startswith("//localhost/")):
+            raise ValueError("a file URI is file:///absolute/path (three slashes); or give a plain path")
+    elif scheme in remote:
+        if not rest.startswith("//"):
+            raise ValueError(f"{scheme}: needs two slashes ({scheme}://{rest.lstrip('/') or 'bucket/prefix'})")
+        netloc = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
+        if "@" in netloc:
+            raise ValueError("credentials in a URI are refused: they come from the cloud's own chain (see docs/data.md)")
+        if not netloc:
+            raise ValueError(f"no bucket; expected {remote[scheme]}://bucket/prefix")
+        keys = sorted({kv.split("=", 1)[0] for kv in rest.partition("?")[2].split("&") if kv} - set(URI_QUERY_KEYS[remote[scheme]]))
+        if keys:  # only the names: a value (access_token=...) is never echoed, nor kept in a run's config.yaml
+            raise ValueError(f"unknown query key(s) {keys}; allowed: {', '.join(URI_QUERY_KEYS[remote[scheme]])}")
+    elif rest.startswith("//"):
+        raise ValueError(f"scheme {scheme}:// is not supported; allowed: {_ALLOWED_URIS}")
+    return value  # e.g. runs:2024, a folder name
+
+
+def _check_endpoint(name: str, value: str | None) -> str | None:
+    """http(s)://host[:port] or host[:port] (https), nothing else: no path, no user info, no query."""
+    if value is None:
+        return value
+    m = re.fullmatch(r"(?:(https?)://)?([A-Za-z0-9.\-_]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?/?", value.strip())
+    if not m or (m.group(3) and not 0 < int(m.group(3)) < 65536):
+        raise ValueError("expected http(s)://host[:port], or host[:port] for https (e.g. http://127.0.0.1:9000); credentials never go here")
     return value
 
 
@@ -178,6 +235,9 @@ class OptimConfig(_Strict):
     clip_grad: float = Field(3.0, ge=0)  # 0 disables clipping
     freeze_last_layer_epochs: int = Field(1, ge=0)
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    # torch's fused AdamW/SGD kernels (one kernel for all parameters, and a non-finite step is skipped
+    # on the device without a host sync).  None: fused on CUDA, foreach elsewhere.
+    fused: bool | None = None
 
 
 class TrainConfig(_Strict):
@@ -194,10 +254,14 @@ class TrainConfig(_Strict):
     # checkpoint travels to storage, instead of every worker waiting at the report for the upload.
     async_checkpoint: bool = True
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker
+    # torch.compile the student's and teacher's backbone and head (first steps pay the compile time).
+    compile: bool = False
+    # Under bf16 autocast, the head's last layer (out_dim logits) in fp32; see docs/core.md.
+    fp32_head_logits: bool = False
 
 
 class DataConfig(_Strict):
-    uri: str | None = None  # shards (local dir, file:// or s3://); None: synthetic default
+    uri: str | None = None  # shards (local dir, file://, s3:// or gs://); None: synthetic default
     synthetic_n: int = Field(600, ge=1)
     synthetic_size: int = Field(128, ge=16)
     synthetic_seed: int = 0
@@ -212,8 +276,19 @@ class DataConfig(_Strict):
     # train, val, test fractions of the synthetic set.  Pretraining reads only `train`; a larger test
     # split narrows the interval of the probe that judges it (the demo: 0.28, 0.10, 0.62).
     synthetic_splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    s3_endpoint: str | None = None
+    s3_endpoint: str | None = None  # S3-compatible storage: http(s)://host[:port]; None: AWS_ENDPOINT_URL(_S3) or AWS
     s3_region: str | None = None
+    gcs_endpoint: str | None = None  # a GCS emulator or private endpoint: http(s)://host[:port]; None: STORAGE_EMULATOR_HOST or Google
+
+    @field_validator("s3_endpoint", "gcs_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None, info: Any) -> str | None:
+        return _check_endpoint(info.field_name, v)
+
+    @field_validator("uri")
+    @classmethod
+    def _data_uri(cls, v: str | None, info: Any) -> str | None:
+        return _check_storage_uri(info.field_name, v)
 
     @field_validator("synthetic_splits")
     @classmethod
@@ -240,7 +315,7 @@ class DataConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str | None = None
-    storage: str = "runs"
+    storage: str = "runs"  # a directory, s3://bucket/prefix or gs://bucket/prefix
     workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
@@ -255,6 +330,11 @@ class RunConfig(_Strict):
     # Local paths (data.uri, run.storage, probe.data) on a filesystem every node mounts at the same path.
     # False: on a multi-node (or autoscaling) cluster a local path is refused before training.
     shared_fs: bool = False
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v: str, info: Any) -> str:
+        return _check_storage_uri(info.field_name, v)
 
 
 class ProbeConfig(_Strict):
@@ -282,6 +362,11 @@ class ProbeConfig(_Strict):
     train_crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale, from the full-resolution image
     train_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     train_flip: bool = False
+
+    @field_validator("data")
+    @classmethod
+    def _probe_data_uri(cls, v: str | None, info: Any) -> str | None:
+        return _check_storage_uri(info.field_name, v)
 
     @field_validator("seeds")
     @classmethod
@@ -418,6 +503,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
+        if isinstance(value, str) and ("://" in value or str(e["loc"][-1]).endswith("endpoint")):
+            value = _safe(value)  # a URI's or endpoint's credentials are never echoed
         if e["type"] == "extra_forbidden":
             section = e["loc"][:-1]
             model: type[BaseModel] = Config

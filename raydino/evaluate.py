@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from raydino.cli import USER_ERRORS, user_error
 from raydino.config import ConfigError, ProbeConfig
 from raydino.data.labelled import CROP_PCT, load_labelled
+from raydino.data.overlap import run_overlap_warning
 from raydino.eval.backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone, resolve_device
 from raydino.eval.compare import difference_line
 from raydino.eval.features import FEATURE_DTYPES
@@ -58,7 +59,7 @@ def _scale(text: str) -> tuple[float, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m raydino.evaluate", description=__doc__.split("\n\n")[0])
     add_backbone_arguments(p)
-    p.add_argument("--data", required=True, help="RETFound tree ROOT/{train,val,test}/<class>/<image>, or labelled shards (dir or s3://)")
+    p.add_argument("--data", required=True, help="RETFound tree ROOT/{train,val,test}/<class>/<image>, or labelled shards (dir, s3:// or gs://)")
     p.add_argument("--dataset", help="dataset name (report title; ROOT/NAME is used when it exists; catalog names are checked)")
     p.add_argument(
         "--seeds", help="probe seeds: 0-4, 0,1,2 or 0-2,7 (default: paper 0-4 as the authors' eval.sh; fast and knn are deterministic and run once)"
@@ -196,6 +197,9 @@ def evaluate(
     )
     for w in data.warnings:
         progress(f"[raydino.evaluate] warning: {w}")
+    leak = run_overlap_warning(loaded.config, str(data_uri))  # labelled images in the pretraining data (stored hashes only)
+    if leak:
+        progress(f"[raydino.evaluate] {leak}")
     backbones: dict[str, LoadedBackbone] = {"": loaded}
     if baseline == "random":
         backbones["random init"] = load_teacher_backbone("random", arch=loaded.arch, image_size=loaded.image_size)

@@ -70,9 +70,11 @@ in STORAGE/NAME (also after Ctrl-C, a crash or a lost cluster).  Inside a run, a
 is restarted from the last checkpoint by Ray Train, up to run.max_failures times.
 
 cluster: set RAY_ADDRESS (done by `ray job submit`) to join a cluster; otherwise a local Ray starts.
-On a multi-node cluster --data and --storage must be visible from every node (s3:// or a shared
-filesystem).  S3 credentials come from the standard AWS chain (environment, ~/.aws, instance role);
-a custom endpoint from --set data.s3_endpoint=URL or AWS_ENDPOINT_URL.
+On a multi-node cluster --data and --storage must be visible from every node (s3://, gs:// or a
+shared filesystem).  S3 credentials come from the standard AWS chain (environment, ~/.aws, instance
+role), a custom endpoint from --set data.s3_endpoint=URL or AWS_ENDPOINT_URL; GCS credentials from
+Application Default Credentials (the VM's service account on GCP), an emulator from --set
+data.gcs_endpoint=URL or STORAGE_EMULATOR_HOST.
 
 exit status (the same for every raydino command): 0 done; 2 bad input (config, data, storage, or a
 cluster that can never host the run); 1 training failed more often than run.max_failures, or the
@@ -104,11 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data",
         metavar="URI",
-        help="shards made by `python -m raydino.shard`: a directory, file:// or s3://bucket/prefix holding "
+        help="shards made by `python -m raydino.shard`: a directory, file://, s3:// or gs://bucket/prefix holding "
         "manifest.json (default: synthetic images, generated once under ./.raydino)",
     )
     p.add_argument(
-        "--storage", metavar="URI", help="where runs live: a directory or s3://bucket/prefix; the run goes to STORAGE/NAME (default: ./runs)"
+        "--storage", metavar="URI", help="where runs live: a directory, s3:// or gs://bucket/prefix; the run goes to STORAGE/NAME (default: ./runs)"
     )
     p.add_argument("--workers", type=int, metavar="N", help="DDP training workers (default: run.workers of the config)")
     p.add_argument(
@@ -161,7 +163,7 @@ def build_monitor(cfg: Config, source: dict[str, Any]) -> Any:
     from raydino.data.labelled import load_labelled
     from raydino.eval.monitor import ProbeMonitor
 
-    opts = st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
+    opts = st.StorageOptions.from_config(cfg.data)
     data = load_labelled(source["uri"], dataset=source["dataset"], storage_options=opts)
     p = cfg.probe
     return ProbeMonitor(data, p.image_size or cfg.augment.global_crop_size, p.monitor, p.batch_size, p.knn_k, p.knn_temperature)
@@ -311,7 +313,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     from raydino.distributed.streaming import build_pretrain_dataset
 
     # 1. Everything that needs no cluster: storage, run name, data, batch arithmetic.
-    storage = RunStorage.open(cfg.run.storage, cfg.data.s3_endpoint, cfg.data.s3_region)
+    storage = RunStorage.for_config(cfg.run.storage, cfg)
     name = cfg.run.name
     if resume and not name:
         name = storage.latest_run()
@@ -330,7 +332,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     if monitor and cfg.probe.data:  # a probe.data that cannot be read fails now, not at the first epoch's end
         from raydino.data.labelled import load_labelled
 
-        load_labelled(monitor["uri"], storage_options=st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region))
+        load_labelled(monitor["uri"], storage_options=st.StorageOptions.from_config(cfg.data))
     global_batch = cfg.train.batch_size * cfg.run.workers
     steps_per_epoch = cfg.train.steps_per_epoch or rows // global_batch
     if steps_per_epoch < 1:

@@ -32,6 +32,7 @@ from ray.tune import Callback
 from raydino.cli import EXIT_TRAINING_FAILED, USER_ERRORS, user_error
 from raydino.config import Config, ConfigError
 from raydino.data import storage as st
+from raydino.data.overlap import run_overlap_warning
 from raydino.distributed.capacity import check_locality, search_cpus, trial_concurrency
 from raydino.distributed.cluster import init_ray, quiet_ray_data
 from raydino.distributed.trials import trial_main
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("spec", help="search spec YAML, e.g. tuning/smoke.yaml, tuning/aug_scales.yaml, tuning/paper_presets.yaml")
     p.add_argument("--resume", action="store_true", help="continue the experiment of the same name in storage (finished trials are kept)")
-    p.add_argument("--storage", help="where the experiment directory goes: a directory or s3://bucket/prefix (default: the spec's storage)")
+    p.add_argument("--storage", help="where the experiment directory goes: a directory, s3:// or gs://bucket/prefix (default: the spec's storage)")
     p.add_argument(
         "--set",
         action="append",
@@ -215,7 +216,7 @@ def prepare(spec: SearchSpec, cache: Path) -> tuple[Config, dict[str, Any]]:
         probe_uri = str(Path(probe_uri).resolve())
     if "://" not in data_uri:
         data_uri = str(Path(data_uri).resolve())
-    storage = RunStorage.open(spec.storage, base.data.s3_endpoint, base.data.s3_region)
+    storage = RunStorage.for_config(spec.storage, base)
     ctx = {
         "spec": spec.model_dump(mode="json"),
         "data_uri": data_uri,
@@ -236,7 +237,10 @@ def run_search(spec: SearchSpec, resume: bool = False, cache: Path = DEFAULT_CAC
 
     _ACTIVE.clear()
     base, ctx = prepare(spec, cache)
-    storage = RunStorage.open(spec.storage, base.data.s3_endpoint, base.data.s3_region)
+    leak = run_overlap_warning({"data": {**base.data.model_dump(), "uri": ctx["data_uri"]}}, ctx["probe_uri"])  # stored hashes only
+    if leak:
+        print(f"[raydino.tune] {leak}", flush=True)
+    storage = RunStorage.for_config(spec.storage, base)
     exp_path = storage.location.join(spec.name)
     fs = storage.filesystem if storage.is_remote else None
     exists = storage.exists(spec.name)
@@ -359,7 +363,7 @@ def write_report(
     hit_budget: bool = False,
     orphans: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Tables, best config, plots and summary into the experiment directory (local or s3://)."""
+    """Tables, best config, plots and summary into the experiment directory (local, s3:// or gs://)."""
     keys = list(spec.space)
     rows = results_table(trials, keys, budget_epochs, wall)
     best = best_row(rows)

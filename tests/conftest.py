@@ -1,8 +1,9 @@
 """Fixtures every test module can use, and the guard that keeps `make test-fast` free of Ray.
 
 The helpers themselves are in tests/helpers/ (one copy each); here they become fixtures:
-`local_ray` (one local Ray per module) and `s3` (one loopback S3 server per module, holding the
-module's BUCKET, with dummy AWS credentials in the environment).
+`local_ray` (one local Ray per module), `s3` (one loopback S3 server per module, holding the
+module's BUCKET, with dummy AWS credentials in the environment) and `gcs` (one GCS emulator per module,
+holding the module's BUCKET, reached anonymously).
 
 The guard: a test not marked `slow` fails if it leaves Ray initialised in this process or if a
 `raylet` or `gcs_server` process appears under this process while it runs (started by a fixture it
@@ -39,6 +40,17 @@ def s3(request):
     from helpers.s3 import loopback_bucket
 
     with loopback_bucket(request.module.BUCKET) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gcs(request):
+    """A GCS emulator (gcp-storage-emulator, its own process) on 127.0.0.1 holding the bucket named by the
+    module's BUCKET; reached anonymously at `gcs.endpoint`.  Tests that use it are slow."""
+    pytest.importorskip("gcp_storage_emulator")
+    from helpers.gcs import loopback_gcs
+
+    with loopback_gcs(request.module.BUCKET) as server:
         yield server
 
 

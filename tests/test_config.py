@@ -139,3 +139,37 @@ def test_resume_refuses_schedule_changes_and_lists_the_allowed_ones():
     assert resume_changes(old, load_config("smoke"))[1] == {"loss.koleo_weight": {"old": None, "new": 0.1}}
     refused, _ = resume_changes(load_config("smoke").to_dict(), load_config("smoke", ["augment.preset=strong", "optim.lr=0.1"]))
     assert any(r.startswith("augment.global_crop_scale:") for r in refused) and any(r.startswith("optim.lr:") for r in refused)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.uri=gs:/bucket/shards", r"data\.uri='gs:/bucket/shards': gs: needs two slashes \(gs://bucket/shards\)"),
+        ("data.uri=gs://", r"data\.uri='gs://': no bucket; expected gs://bucket/prefix"),
+        ("run.storage=gs:///runs", r"run\.storage='gs:///runs': no bucket"),
+        ("probe.data=s3:bucket/x", r"probe\.data='s3:bucket/x': s3: needs two slashes"),
+        (
+            "run.storage=http://host/runs",
+            r"scheme http:// is not supported; allowed: a local path, file:///abs/path, s3://bucket/prefix, gs://bucket/prefix",
+        ),
+        ("data.uri=file://data/x", r"file:///absolute/path"),
+        ("data.uri=gs://user:hunter2secret@bucket/x", r"data\.uri='gs://bucket/x': credentials in a URI are refused"),
+        ("data.uri=gs://bucket/x?access_token=hunter2secret", r"data\.uri='gs://bucket/x': unknown query key\(s\) \['access_token'\]"),
+        ("data.gcs_endpoint=ftp://host", r"data\.gcs_endpoint='ftp://host': expected http\(s\)://host\[:port\]"),
+        ("data.gcs_endpoint=http://u:hunter2secret@host:1", r"data\.gcs_endpoint='http://host:1': expected"),
+        ("data.s3_endpoint=http://host:9000/path", r"data\.s3_endpoint="),
+    ],
+)
+def test_storage_uris_and_endpoints_are_checked_with_the_field_named(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config("smoke", [override])
+    assert "hunter2secret" not in str(err.value)
+
+
+def test_gcs_uris_and_endpoints_that_are_fine():
+    cfg = load_config("smoke", ["data.uri=gs://bkt/shards", "run.storage=gcs://bkt/runs", "probe.data=gs://bkt/labelled",
+                                "data.gcs_endpoint=http://127.0.0.1:9023"])  # fmt: skip
+    assert (cfg.data.uri, cfg.run.storage, cfg.data.gcs_endpoint) == ("gs://bkt/shards", "gcs://bkt/runs", "http://127.0.0.1:9023")
+    for ok in ("data.uri=shards", "data.uri=file:///abs/shards", "run.storage=runs:2024", "data.gcs_endpoint=gcs.internal:443",
+               "data.uri=s3://b/p?endpoint_override=h:9000&scheme=http"):  # fmt: skip
+        load_config("smoke", [ok])

@@ -312,7 +312,7 @@ def test_a_mid_epoch_resume_trains_the_epochs_tail_not_its_head_again(monkeypatc
     state.step, state.epoch = 6, 1
     trained: list[tuple[int, int]] = []
 
-    def fake_step(state, crops):  # records which batch it was given; the real step is tested above
+    def fake_step(state, crops, defer=False):  # records which batch it was given; the real step is tested above
         trained.append((state.epoch, int(crops[0].flatten()[0])))
         state.step += 1
         return {"loss": 1.0}
@@ -325,3 +325,208 @@ def test_a_mid_epoch_resume_trains_the_epochs_tail_not_its_head_again(monkeypatc
     loop.fit(state, epoch_batches)
     assert trained == [(1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     assert (state.step, state.epoch) == (12, 3)
+
+
+# ---------------------------------------------------------------- issue 14: syncs, fused optimizer, compile, FLOPs
+
+
+def _snapshot(state):
+    return {
+        "student": [p.detach().clone() for p in state.student.parameters()],
+        "teacher": [p.detach().clone() for p in state.teacher.parameters()],
+        "center": state.loss_fn.center.clone(),
+        "opt": [{k: v.clone() for k, v in s.items()} for s in state.optimizer.state.values()],
+    }
+
+
+def _same(a, b) -> bool:
+    same = all(torch.equal(x, y) for part in ("student", "teacher") for x, y in zip(a[part], b[part]))
+    same &= torch.equal(a["center"], b["center"]) and len(a["opt"]) == len(b["opt"])
+    return same and all(torch.equal(x[k], y[k]) for x, y in zip(a["opt"], b["opt"]) for k in x)
+
+
+def test_optimizer_is_fused_on_cuda_and_foreach_on_cpu_unless_set():
+    from raydino.core.step import use_fused_optimizer
+
+    cfg = tiny_cfg()
+    assert use_fused_optimizer(cfg, torch.device("cuda")) and not use_fused_optimizer(cfg, torch.device("cpu"))
+    assert use_fused_optimizer(tiny_cfg("optim.fused=true"), torch.device("cpu"))
+    assert not use_fused_optimizer(tiny_cfg("optim.fused=false"), torch.device("cuda"))
+    state = build_train_state(tiny_cfg("optim.fused=true"), steps_per_epoch=10)
+    assert all(g["fused"] for g in state.optimizer.param_groups)
+    sgd = build_train_state(tiny_cfg("optim.fused=true", "optim.optimizer=sgd"), steps_per_epoch=10)
+    assert isinstance(sgd.optimizer, torch.optim.SGD) and all(g["fused"] for g in sgd.optimizer.param_groups)
+
+
+def test_fused_adamw_steps_match_foreach_adamw():
+    batches = [random_crops(tiny_cfg(), 4, seed=i) for i in range(2)]
+    params = {}
+    for fused in ("true", "false"):
+        state = build_train_state(tiny_cfg(f"optim.fused={fused}"), steps_per_epoch=10)
+        for b in batches:
+            train_step(state, b)
+        params[fused] = [p.detach().clone() for p in state.student.parameters()]
+    for a, b in zip(params["true"], params["false"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_deferred_steps_match_plain_steps():
+    from raydino.core.step import check_finite, materialize
+
+    cfg = tiny_cfg("optim.fused=true")
+    batches = [random_crops(cfg, 4, seed=i) for i in range(3)]
+    plain, deferred = build_train_state(cfg, steps_per_epoch=10), build_train_state(cfg, steps_per_epoch=10)
+    for b in batches:
+        m_plain = train_step(plain, b)
+        m_def = train_step(deferred, b, defer=True)
+        assert isinstance(m_def["loss"], torch.Tensor)  # nothing read on the host
+        assert materialize(m_def)["loss"] == pytest.approx(m_plain["loss"], rel=1e-5)
+    check_finite(deferred)  # no error: every loss was finite
+    for a, b in zip(plain.teacher.parameters(), deferred.teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(plain.loss_fn.center, deferred.loss_fn.center, atol=1e-7)
+
+
+def test_deferred_non_finite_step_is_never_applied_and_raises_with_its_step_at_the_check():
+    from raydino.core.step import NonFiniteLossError, check_finite
+
+    cfg = tiny_cfg("optim.fused=true")
+    state = build_train_state(cfg, steps_per_epoch=10)
+    train_step(state, random_crops(cfg, 2), defer=True)  # step 0: fine
+    good = _snapshot(state)
+    bad = [c.float() for c in random_crops(cfg, 2, seed=1)]
+    bad[0][0, 0, 0, 0] = float("nan")
+    train_step(state, bad, defer=True)  # step 1: non-finite, but no host sync, so no error yet
+    train_step(state, random_crops(cfg, 2, seed=2), defer=True)  # step 2: finite, skipped all the same
+    assert state.step == 3
+    # Neither weights nor teacher, centre or optimizer moments and step counts moved after step 0.
+    assert _same(good, _snapshot(state))
+    with pytest.raises(NonFiniteLossError, match="step 1") as err:
+        check_finite(state)
+    assert err.value.step == 1 and not math.isfinite(err.value.value)
+
+
+def test_fit_stops_at_the_next_check_with_the_first_non_finite_step_and_saves_nothing_after_it():
+    from raydino.core.loop import LoopHooks, fit
+    from raydino.core.step import NonFiniteLossError
+
+    cfg = tiny_cfg("optim.fused=true", "train.log_every=4", "train.checkpoint_every=3", "train.epochs=1")
+    state = build_train_state(cfg, steps_per_epoch=8)
+    saved, logged = [], []
+
+    def batches(epoch):
+        for i in range(8):
+            crops = [c.float() for c in random_crops(cfg, 2, seed=i)]
+            if i == 4:  # step 4 (0-based) is non-finite; the next check is the checkpoint after step 6
+                crops[0][0, 0, 0, 0] = float("nan")
+            yield crops
+
+    hooks = LoopHooks(on_log=lambda s, m: logged.append(s.step), on_checkpoint=lambda s, m, end: saved.append(s.step))
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        fit(state, batches, hooks)
+    assert saved == [3] and logged == [4]  # the check before the checkpoint after step 6 stopped it
+    assert state.step == 6
+
+
+def test_clip_gradients_reads_nothing_on_the_host_and_returns_the_norms():
+    from raydino.core.step import clip_gradients
+
+    lin = torch.nn.Linear(4, 4)
+    lin.weight.grad = torch.full((4, 4), 10.0)
+    lin.bias.grad = torch.full((4,), 0.1)
+    norms = clip_gradients(lin, 3.0)
+    assert isinstance(norms, torch.Tensor) and norms.tolist() == pytest.approx([40.0, 0.2], rel=1e-5)
+    assert torch.equal(lin.bias.grad, torch.full((4,), 0.1))  # below the limit: bit for bit untouched
+
+
+def test_bf16_autocast_loss_within_two_percent_of_fp32_on_the_same_weights():
+    """CPU bf16 autocast, the same weights and crops, with the head's last layer in bf16 and in fp32."""
+    from raydino.core.step import forward_loss
+
+    cfg = tiny_cfg("model.out_dim=4096", "loss.teacher_temp=0.04")
+    state = build_train_state(cfg, steps_per_epoch=10)
+    crops = random_crops(cfg, 8)
+    fp32 = forward_loss(state, crops)
+    for fp32_logits in (False, True):
+        state.student.head.fp32_last_layer = state.teacher.head.fp32_last_layer = fp32_logits
+        assert forward_loss(state, crops, torch.bfloat16) == pytest.approx(fp32, rel=0.02)
+    assert forward_loss(state, crops) == fp32  # nothing in the state changed
+
+
+def test_head_keeps_its_last_layer_in_fp32_under_autocast():
+    head = DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8, fp32_last_layer=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(torch.randn(4, 16)).dtype == torch.float32
+        head.fp32_last_layer = False
+        assert head(torch.randn(4, 16)).dtype == torch.bfloat16
+
+
+def test_vit_attention_is_fused():
+    from raydino.core.model import fused_attention
+
+    student, _ = build_student_teacher(tiny_cfg())
+    assert fused_attention(student) is True  # timm calls F.scaled_dot_product_attention
+    resnet, _ = build_student_teacher(tiny_cfg("model.arch=resnet18"))
+    assert fused_attention(resnet) is None
+
+
+def test_larger_batch_scales_the_learning_rate_linearly():
+    """DINO's rule: optim.lr is per 256 images of global batch, so twice the batch per GPU doubles the peak lr."""
+    s64 = build_schedules(tiny_cfg("train.batch_size=64", "optim.warmup_epochs=1"), steps_per_epoch=10, world_size=1)
+    s128 = build_schedules(tiny_cfg("train.batch_size=128", "optim.warmup_epochs=1"), steps_per_epoch=10, world_size=1)
+    s128x2 = build_schedules(tiny_cfg("train.batch_size=128", "optim.warmup_epochs=1"), steps_per_epoch=10, world_size=2)
+    assert s128.lr.max() == pytest.approx(2 * s64.lr.max()) and s128x2.lr.max() == pytest.approx(4 * s64.lr.max())
+    assert s64.lr.max() == pytest.approx(tiny_cfg().optim.lr * 64 / 256)
+
+
+def test_compiled_networks_keep_their_state_dict_and_give_the_eager_loss():
+    """The compile switch's wiring, with torch.compile's eager backend (inductor itself is tested on CUDA in
+    test_gpu: compiling takes a minute on this CPU)."""
+    from raydino.core.step import compile_networks
+
+    cfg = tiny_cfg()
+    eager, compiled = build_train_state(cfg, steps_per_epoch=10), build_train_state(cfg, steps_per_epoch=10)
+    compile_networks(compiled.student, compiled.teacher, backend="eager")
+    assert compiled.student.state_dict().keys() == eager.student.state_dict().keys()
+    crops = random_crops(cfg, 4)
+    for _ in range(2):
+        assert train_step(compiled, crops)["loss"] == pytest.approx(train_step(eager, crops)["loss"], rel=1e-5)
+
+
+def _analytic_vit_forward_flops(backbone, size: int, batch: int) -> float:
+    """2 FLOPs per multiply-add: patch embedding, per block qkv + proj + MLP (24 N D^2) and attention (4 N^2 D)."""
+    d, p = backbone.embed_dim, backbone.patch_embed.patch_size[0]
+    patches = (size // p) ** 2
+    n = patches + 1
+    per_block = 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * backbone.blocks[0].mlp.fc1.out_features + 4 * n * n * d
+    return batch * (2 * patches * 3 * p * p * d + len(backbone.blocks) * per_block)
+
+
+def _analytic_head_flops(cfg, rows: int) -> float:
+    m = cfg.model
+    dims = [192] + [m.head_hidden_dim] * (m.head_layers - 1) + [m.head_bottleneck_dim, m.out_dim]
+    return rows * sum(2 * a * b for a, b in zip(dims, dims[1:]))
+
+
+def test_step_flops_match_the_analytic_count_and_scale_with_the_batch():
+    from raydino.core.flops import peak_tflops, step_flops
+
+    cfg = tiny_cfg("loss.koleo_weight=0")  # ViT-Tiny (D 192), 32 px globals, 16 px locals
+    student, _ = build_student_teacher(cfg)
+    a, batch = cfg.augment, 8
+    counted = step_flops(cfg, batch)
+    teacher = _analytic_vit_forward_flops(student.backbone, a.global_crop_size, 2 * batch) + _analytic_head_flops(cfg, 2 * batch)
+    student_fwd = (
+        teacher
+        + _analytic_vit_forward_flops(student.backbone, a.local_crop_size, a.n_local_crops * batch)
+        + _analytic_head_flops(cfg, a.n_local_crops * batch)
+    )
+    assert counted["teacher_forward"] == pytest.approx(teacher, rel=0.01)
+    assert counted["student_forward"] == pytest.approx(student_fwd, rel=0.01)
+    # backward: twice the forward, less the patch embedding's gradient w.r.t. the (constant) crops
+    assert 1.9 * student_fwd < counted["student_backward"] <= 2 * student_fwd
+    assert step_flops(cfg, 2 * batch)["total"] == 2 * counted["total"]
+    # real tensors on the CPU count the same up to how the CPU attention kernels are registered (0.4 % here)
+    assert step_flops(cfg, batch, device="cpu")["total"] == pytest.approx(counted["total"], rel=0.01)
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some GPU") is None

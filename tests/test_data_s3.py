@@ -85,6 +85,27 @@ def test_outage_mid_run_fails_clearly_and_rerun_completes(s3, source):
     assert len(ids) == len(set(ids)) == N_IMAGES  # no duplicate, no missing row
 
 
+def test_rerun_trusts_finished_s3_shards_by_etag_without_downloading_them(s3, source, monkeypatch):
+    from raydino.data import storage
+
+    dest, opts = f"s3://{BUCKET}/run-etag", ShardJobOptions(target_shard_mb=0.02, workers=1, progress=False)
+    first = shard_dataset(str(source), dest, options=opts, storage_options=_opts(s3))
+    reads: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda loc, path: reads.append(path) or real(loc, path))
+    again = shard_dataset(str(source), dest, options=opts, storage_options=_opts(s3))
+    assert again.reused_shards == first.shards and not [p for p in reads if "/shards/" in p], reads
+
+    # Same size, other bytes (a bad copy into the bucket): the ETag differs, so the shard is redone.
+    client, key = s3_client(_opts(s3)), "run-etag/shards/shard-00001.parquet"
+    body = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    redone = shard_dataset(str(source), dest, options=opts, storage_options=_opts(s3))
+    assert (redone.written_shards, redone.reused_shards) == (1, first.shards - 1)
+    open_shards(dest, _opts(s3)).verify(deep=True)
+
+
 def test_s3_source_to_local(s3, source, tmp_path):
     client = s3_client(_opts(s3))
     uploaded = {}

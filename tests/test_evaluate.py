@@ -226,3 +226,37 @@ def test_checkpoint_from_s3(tmp_path, run_dir, monkeypatch, capsys):
         assert Path(meta["checkpoint"]).is_relative_to(tmp_path / "cache")
         captured = capsys.readouterr()
         assert SECRET not in captured.out + captured.err + (out / "metrics.json").read_text()
+
+
+def test_evaluate_warns_when_labelled_images_are_in_the_checkpoints_pretraining_data(tmp_path, capsys):
+    """The checkpoint's config names its pretraining shards; two test, one val and four train images of the
+    labelled set are among them: evaluate says so, with the count `python -m raydino.shard --overlap` gives."""
+    import shutil
+
+    from raydino.data.synth import generate_dataset
+    from raydino.data.writer import ShardJobOptions, shard_dataset
+
+    tree = tmp_path / "tree"  # synthetic fundus photographs: no two alike (make_tree's discs are near copies)
+    generate_dataset(str(tree), 60, 64, seed=3, workers=1, progress=False)
+    total = len(list(tree.glob("*/*/*.jpg")))
+    labelled = tmp_path / "labelled-shards"
+    shard_dataset(str(tree), str(labelled), options=ShardJobOptions(workers=1, progress=False))
+    leaked = sorted(tree.glob("test/*/*.jpg"))[:2] + sorted(tree.glob("val/*/*.jpg"))[:1]
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, p in enumerate(leaked + sorted(tree.glob("train/*/*.jpg"))[:4]):
+        shutil.copy(p, pool / f"{i}.jpg")
+    pretrain = tmp_path / "pretrain-shards"
+    shard_dataset(str(pool), str(pretrain), options=ShardJobOptions(workers=1, progress=False))
+
+    run = tmp_path / "run"
+    state = build_train_state(load_config("smoke", [f"data.uri={pretrain}"]), steps_per_epoch=2)
+    save_checkpoint(state, run / "checkpoint_00000000")
+    args = ["--checkpoint", str(run), "--data", str(labelled), "--out", str(tmp_path / "eval"), "--probe", "fast", "--bootstrap", "0"]
+    for data in (labelled, tree):  # labelled shards (stored hashes), and the RETFound folder itself (hashed here)
+        args[3] = str(data)
+        assert evaluate.main(args) == 0
+        printed = capsys.readouterr()
+        line = next((ln for ln in (printed.out + printed.err).splitlines() if "overlap the pretraining data" in ln), "")
+        assert f"warning: 7 of {total} labelled images overlap the pretraining data" in line, printed.out[-2000:] + printed.err[-2000:]
+        assert "test 2 (2 exact, 0 near)" in line

@@ -1,7 +1,9 @@
-"""The DINO core on a real CUDA GPU: bf16 autocast, NCCL + DDP, the device augmentation.
+"""The DINO core on a real CUDA GPU: bf16 autocast, NCCL + DDP, the device augmentation, no host
+syncs in a deferred step, torch.compile; and, on any machine, what `bench gpu` measures with: the
+official DINO recipe's step (`raydino/bench/reference_dino.py`) and the bench's rows.
 
-Skipped where no GPU is visible (CI, the 2-core dev machines); run on a GPU node with
-`python -m pytest tests/test_gpu.py`.  Imports no Ray.
+The CUDA tests are skipped where no GPU is visible (CI, the 2-core dev machines); run them on a GPU
+node with `python -m pytest tests/test_gpu.py`.  Imports no Ray.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from raydino.config import AugmentConfig, load_config
 from raydino.core.step import autocast_dtype, build_train_state, train_step
 from raydino.distributed.cluster import free_port
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def cfg_for(*extra: str):
@@ -52,6 +54,7 @@ def nccl_group():
     dist.destroy_process_group()
 
 
+@needs_cuda
 def test_bf16_autocast_trains_and_keeps_fp32_weights():
     cfg = cfg_for()  # precision auto
     torch.manual_seed(0)
@@ -67,6 +70,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights():
         assert {p.dtype for p in module.parameters()} == {torch.float32}
 
 
+@needs_cuda
 def test_bf16_loss_close_to_fp32_loss_on_the_same_weights():
     losses = {}
     for precision in ("bf16", "fp32"):
@@ -77,6 +81,7 @@ def test_bf16_loss_close_to_fp32_loss_on_the_same_weights():
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
 
 
+@needs_cuda
 def test_cuda_fp32_steps_match_cpu_steps(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch-embedding conv in full fp32
     matmul_precision = torch.get_float32_matmul_precision()
@@ -95,6 +100,7 @@ def test_cuda_fp32_steps_match_cpu_steps(monkeypatch):
     assert losses["cpu"][2] != losses["cpu"][0]  # the steps changed the weights
 
 
+@needs_cuda
 def test_ddp_over_nccl_matches_a_plain_step(nccl_group):
     """One rank: DDP's NCCL all-reduce of gradients (and the loss's centre all-reduce) changes nothing."""
     cfg = cfg_for("train.precision=fp32")
@@ -110,6 +116,7 @@ def test_ddp_over_nccl_matches_a_plain_step(nccl_group):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+@needs_cuda
 def test_resnet_trains_in_bf16_under_ddp_over_nccl(nccl_group):
     """BatchNorm under autocast and DDP (SyncBatchNorm itself needs 2+ GPUs: NCCL refuses two ranks on one)."""
     cfg = cfg_for("model.arch=resnet18")
@@ -122,6 +129,7 @@ def test_resnet_trains_in_bf16_under_ddp_over_nccl(nccl_group):
     assert losses[-1] < losses[0]
 
 
+@needs_cuda
 def test_device_augmentation_on_cuda_matches_cpu_with_the_same_draws():
     from raydino.bench.common import fundus_jpeg
 
@@ -145,3 +153,185 @@ def test_device_augmentation_on_cuda_matches_cpu_with_the_same_draws():
         # Additive noise (std 0.1 x 255) comes from each device's own generator: independent draws,
         # so the difference is noise of std ~sqrt(2) x 25.5 (less where clipped at 0 or 255).
         assert 15 < diff.std() < 45, (k, diff.std())
+
+
+# ---------------------------------------------------------------- issue 14 on CUDA
+
+
+@needs_cuda
+def test_a_deferred_step_never_waits_for_the_gpu():
+    """After a first step (allocations, optimizer state), a deferred step issues no synchronising call."""
+    from raydino.core.step import check_finite
+
+    cfg = cfg_for()
+    torch.manual_seed(0)
+    state = build_train_state(cfg, steps_per_epoch=10, device="cuda")
+    assert all(g["fused"] for g in state.optimizer.param_groups)  # fused AdamW by default on CUDA
+    crops = crops_for(cfg)
+    train_step(state, crops, defer=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            train_step(state, crops, defer=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check_finite(state)
+
+
+@needs_cuda
+def test_a_non_finite_deferred_step_is_skipped_on_the_gpu():
+    from raydino.core.step import NonFiniteLossError, check_finite
+
+    cfg = cfg_for()
+    state = build_train_state(cfg, steps_per_epoch=10, device="cuda")
+    train_step(state, crops_for(cfg), defer=True)
+    before = [p.detach().clone() for p in (*state.student.parameters(), *state.teacher.parameters())]
+    bad = [c.float() for c in crops_for(cfg, seed=1)]
+    bad[0][0, 0, 0, 0] = float("nan")
+    train_step(state, bad, defer=True)
+    train_step(state, crops_for(cfg, seed=2), defer=True)
+    after = list((*state.student.parameters(), *state.teacher.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        check_finite(state)
+
+
+@needs_cuda
+def test_compiled_bf16_steps_match_eager_steps_on_cuda():
+    cfg = cfg_for()
+    losses = {}
+    for compiled in ("false", "true"):
+        conf = cfg_for(f"train.compile={compiled}")
+        torch.manual_seed(0)
+        state = build_train_state(conf, steps_per_epoch=10, device="cuda")
+        losses[compiled] = [train_step(state, crops_for(cfg))["loss"] for _ in range(3)]
+    assert losses["true"] == pytest.approx(losses["false"], rel=0.02)
+
+
+@needs_cuda
+def test_reference_dino_step_runs_in_fp16_with_a_grad_scaler_on_cuda():
+    from raydino.bench.reference_dino import ReferenceDINO
+    from raydino.core.step import normalize_on_device
+
+    cfg = cfg_for("loss.koleo_weight=0")
+    ref = ReferenceDINO(cfg, "cuda", precision="fp16")
+    images = [normalize_on_device(c) for c in crops_for(cfg)]
+    losses = [ref.step(images, lr=1e-3, wd=0.04, momentum=0.99) for _ in range(5)]
+    assert ref.scaler is not None and all(torch.isfinite(torch.tensor(losses)))
+
+
+# ---------------------------------------------------------------- the official recipe's step, on any machine
+
+
+def reference_cfg(*extra: str):
+    return cfg_for(
+        "loss.koleo_weight=0",
+        "model.head_use_bn=false",
+        "optim.lr=0.05",
+        "optim.warmup_epochs=0",
+        "optim.freeze_last_layer_epochs=0",
+        "train.batch_size=4",
+        *extra,
+    )
+
+
+def test_reference_dino_steps_match_raydinos_steps_on_the_same_weights():
+    """Three steps of the recipe's code and of raydino's from the same weights and crops (fp32 on the CPU):
+    equal losses (each after the previous update), so the yardstick computes the same DINO."""
+    from raydino.bench.reference_dino import ReferenceDINO, load_from_raydino
+    from raydino.core.step import normalize_on_device
+
+    cfg = reference_cfg("augment.local_crop_size=32")  # one resolution: the two resample position embeddings differently
+    torch.manual_seed(0)
+    state = build_train_state(cfg, steps_per_epoch=10)
+    ref = ReferenceDINO(cfg, "cpu", precision="fp32", teacher_temps=state.schedules.teacher_temp)
+    load_from_raydino(ref, state.student, state.teacher)
+    crops = crops_for(cfg, device="cpu")
+    for i in range(3):
+        lr, wd, m = state.schedules.at(i)
+        ref_loss = ref.step([normalize_on_device(c) for c in crops], lr, wd, m)
+        # the same weights first; then Adam's first steps amplify float noise in gradients that are ~0
+        # (biases with no effect on the output), so later losses agree to ~1e-4 depending on threads
+        assert train_step(state, crops)["loss"] == pytest.approx(ref_loss, rel=1e-5 if i == 0 else 1e-3)
+    torch.testing.assert_close(ref.loss.center, state.loss_fn.center, rtol=1e-3, atol=1e-5)
+
+
+def test_reference_vit_gives_timms_features_on_global_crops_and_resamples_for_local_ones():
+    from raydino.bench.reference_dino import ReferenceDINO, load_from_raydino
+    from raydino.core.step import normalize_on_device
+
+    cfg = reference_cfg()
+    torch.manual_seed(0)
+    state = build_train_state(cfg, steps_per_epoch=10)
+    ref = ReferenceDINO(cfg, "cpu", precision="fp32")
+    load_from_raydino(ref, state.student, state.teacher)
+    crops = [normalize_on_device(c) for c in crops_for(cfg, device="cpu")]
+    with torch.no_grad():
+        torch.testing.assert_close(ref.teacher.backbone(crops[0]), state.teacher.backbone(crops[0]), rtol=1e-4, atol=1e-5)
+        local = ref.teacher.backbone(crops[2])
+    assert local.shape == (cfg.train.batch_size, 192) and torch.isfinite(local).all()
+
+
+def test_reference_dino_loss_equals_raydinos_on_the_same_logits():
+    import numpy as np
+
+    from raydino.bench.reference_dino import DINOLoss as RefLoss
+    from raydino.core.loss import DINOLoss
+
+    torch.manual_seed(0)
+    K, B, n_crops, temps = 32, 3, 4, np.array([0.04, 0.05])
+    ours, ref = DINOLoss(K, n_crops, temps), RefLoss(K, n_crops, temps)
+    for _ in range(3):  # the centre moves between calls
+        s, t = torch.randn(n_crops * B, K), torch.randn(2 * B, K)
+        assert ours(s, t, epoch=1).item() == pytest.approx(ref(s, t, epoch=1).item(), rel=1e-6)
+        torch.testing.assert_close(ours.center, ref.center)
+
+
+# ---------------------------------------------------------------- bench gpu's rows, dry run on the CPU
+
+
+def test_bench_gpu_rows_add_one_change_each():
+    from raydino.bench.gpu import row_overrides
+
+    plan = row_overrides(["baseline", "fused_adamw", "deferred_check", "compile", "batch_x2", "fp32", "fp32_head_logits"])
+    assert plan["baseline"] == ({"optim.fused": False, "train.compile": False, "train.fp32_head_logits": False}, False, 1)
+    assert plan["fused_adamw"][0]["optim.fused"] is True and plan["fused_adamw"][1] is False
+    assert plan["deferred_check"][1] is True and plan["compile"][0]["train.compile"] is True
+    assert plan["batch_x2"] == ({**plan["compile"][0]}, True, 2)
+    assert plan["fp32"][0]["train.precision"] == "fp32" and plan["fp32"][0]["train.compile"] is False
+    assert plan["fp32_head_logits"][0]["train.fp32_head_logits"] is True
+    # a row builds only on the rows chosen above it
+    assert row_overrides(["baseline", "batch_x2"])["batch_x2"] == (plan["baseline"][0], True, 2)
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: six rows built and stepped
+def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path):
+    import json
+    import math
+
+    from raydino.bench import __main__ as bench
+
+    rows = ["baseline", "fused_adamw", "deferred_check", "batch_x2", "fp32", "reference"]
+    args = ["gpu", "--device", "cpu", "--config", "smoke", "--steps", "1", "--warmup", "1", "--rows", *rows, "--peak-tflops", "1"]
+    for kv in (
+        "model.out_dim=256",
+        "model.head_hidden_dim=64",
+        "model.head_bottleneck_dim=32",
+        "augment.n_local_crops=2",
+        "train.batch_size=2",
+        "optim.fused=true",
+    ):
+        args += ["--set", kv]
+    assert bench.main([*args, "--json", str(tmp_path / "gpu.json")]) == 0
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert list(r["rows"]) == rows and (tmp_path / "gpu.png").exists()
+    assert r["flops"]["per_image"] > 0 and r["fused_attention"] is True and r["peak_tflops"] == 1
+    # raydino.plan reads training.bf16: the row that trains the config as given (fused, deferred, eager)
+    assert r["training"]["bf16"]["row"] == "deferred_check" and r["training"]["fp32"]["row"] == "fp32"
+    for name, t in r["rows"].items():
+        assert t["all_finite"] and math.isfinite(t["images_per_s"]), name
+        assert t["tflops"] == pytest.approx(r["flops"]["per_image"] * t["images_per_s"] / 1e12) and t["mfu"] == pytest.approx(t["tflops"])
+    assert r["rows"]["batch_x2"]["batch_size"] == 4 and r["rows"]["reference"]["precision"] == "fp32"  # fp16 only on CUDA
+    assert {"best_over_baseline", "best_over_reference", "batch_x2_over_reference"} <= set(r["ratios"])
+    assert r["numerics"]["rel_diff_bf16"] < 0.02 and "augmentation" not in r

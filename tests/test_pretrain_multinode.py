@@ -142,32 +142,14 @@ def test_a_preemption_notice_triggers_a_checkpoint_the_restart_resumes_from(clus
     GCS records the death (AUTOSCALER_DRAIN_PREEMPTED only sometimes, for a node killed here): the
     budgets themselves are checked in test_distributed_cluster, so one ordinary failure is allowed."""
     import subprocess
-    import threading
     import time
 
     from helpers.ray_cluster import VENV_BIN
 
     c, data_node_id = cluster
     steps = 6 * 4  # smoke: 4 steps per epoch on 2 workers
-    cfg = load_config(
-        "smoke",
-        [
-            f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", "run.name=spot", "run.shared_fs=true",
-            "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4", "run.cpus_per_worker=0.6",
-            "train.threads=1", "train.epochs=6", "train.log_every=1", "train.checkpoint_every=3", "run.max_failures=1",
-        ],
-    )  # fmt: skip
-    out: dict = {}
-
-    def train():
-        try:
-            out["summary"] = run(cfg, "smoke", probe=False)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            out["error"] = e
-
+    thread, out = start_six_epoch_run(shards, tmp_path, "spot")
     run_dir = tmp_path / "runs" / "spot"
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
     deadline = time.monotonic() + 240
     while not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
         assert thread.is_alive() and time.monotonic() < deadline, f"no first checkpoint: {out}"
@@ -206,30 +188,12 @@ def test_losing_the_data_node_mid_epoch_reruns_its_tasks_and_the_run_finishes(cl
     """The labelled data node (every read and augmentation task) dies mid-epoch with no notice, and a
     replacement with the same label joins: Ray Data re-runs the lost tasks there and the run takes every
     planned step.  (The same loss under `ray job submit`, with real `ray start` nodes: test_node_loss.)"""
-    import threading
     import time
 
     c, data_node_id = cluster
     steps = 6 * 4  # smoke: 4 steps per epoch on 2 workers
-    cfg = load_config(
-        "smoke",
-        [
-            f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", "run.name=lose-data", "run.shared_fs=true",
-            "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4", "run.cpus_per_worker=0.6",
-            "train.threads=1", "train.epochs=6", "train.log_every=1", "train.checkpoint_every=3", "run.max_failures=1",
-        ],
-    )  # fmt: skip
-    out: dict = {}
-
-    def train():
-        try:
-            out["summary"] = run(cfg, "smoke", probe=False)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            out["error"] = e
-
+    thread, out = start_six_epoch_run(shards, tmp_path, "lose-data")
     run_dir = tmp_path / "runs" / "lose-data"
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
     deadline = time.monotonic() + 240
     while (registered_step(run_dir) or 0) < 3:
         assert thread.is_alive() and time.monotonic() < deadline, f"no first checkpoint: {out}"
@@ -248,6 +212,32 @@ def test_losing_the_data_node_mid_epoch_reruns_its_tasks_and_the_run_finishes(cl
     # Training itself was not on that node: a restart, if Ray Train made one, resumed from a committed checkpoint.
     workers = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank*.json")]
     assert all(w["start_step"] == 0 or w["start_step"] >= committed for w in workers), (committed, workers)
+
+
+def start_six_epoch_run(shards: str, tmp_path, name: str):
+    """The smoke run of the node-loss tests (6 epochs, a checkpoint every 3 steps, data on the labelled
+    node), trained in a thread of this process; returns the thread and the dict its summary or error lands in."""
+    import threading
+
+    cfg = load_config(
+        "smoke",
+        [
+            f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", f"run.name={name}", "run.shared_fs=true",
+            "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4", "run.cpus_per_worker=0.6",
+            "train.threads=1", "train.epochs=6", "train.log_every=1", "train.checkpoint_every=3", "run.max_failures=1",
+        ],
+    )  # fmt: skip
+    out: dict = {}
+
+    def train():
+        try:
+            out["summary"] = run(cfg, "smoke", probe=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the callers' assertions
+            out["error"] = e
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return thread, out
 
 
 def ray_node_labels(node_id: str) -> dict:

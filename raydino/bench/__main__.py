@@ -4,8 +4,9 @@
     python -m raydino.bench train [--config demo] [--workers 2] [--steps 30] [--warmup 5] [--rounds 2] [--no-smoke]
     python -m raydino.bench data  [--config demo] [--sizes 1000 20000] [--image-size 96] [--rate 1000]
     python -m raydino.bench all   [--out DIR]
-    python -m raydino.bench gpu   [--config vits16-paper] [--steps 20] [--warmup 5]   (needs CUDA, not Ray)
+    python -m raydino.bench gpu   [--config vits16-paper] [--steps 20] [--warmup 5] [--rows ...] [--device cpu]   (CUDA, not Ray)
     python -m raydino.bench ckpt  [--config demo] [--workers 1] [--checkpoints 5] [--gap 2] [--rounds 2] [--storage URI]
+    python -m raydino.bench shardsize [--images 16] [--size 3000x2000] [--max-side 1024] [--quality 95] [--rounds 2]
 
 Every subcommand prints progress with an ETA and ends with its ratio line; `--out DIR` writes
 DIR/<bench>.json and a PNG beside it (`--json FILE` for one subcommand: FILE and FILE's .png).
@@ -78,6 +79,16 @@ def _add_gpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--aug-images", type=int, default=1024, help="images through the GPU augmentation (default 1024)")
     p.add_argument("--cpu-images", type=int, default=64, help="images through each CPU pipeline (default 64)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the rows, no NCCL, no augmentation (default cuda)")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        choices=["baseline", "fused_adamw", "deferred_check", "fp32_head_logits", "compile", "batch_x2", "fp32", "reference"],
+        help="timed rows (default all; each ablation row includes the changes of the rows above it)",
+    )
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak for MFU (default: dense bf16 by GPU name)")
+    p.add_argument("--no-augment", action="store_true", help="leave out the augmentation timing")
 
 
 def _add_ckpt_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +98,28 @@ def _add_ckpt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", type=int, default=5, help="checkpoints per run, the first not counted (default 5)")
     p.add_argument("--gap", type=float, default=2.0, help="seconds of stand-in training between checkpoints (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds of a synchronous and an asynchronous run (default 2)")
-    p.add_argument("--storage", default=None, help="where checkpoints go: a directory or s3://bucket/prefix (default a temporary directory)")
+    p.add_argument("--storage", default=None, help="where checkpoints go: a directory, s3:// or gs://bucket/prefix (default a temporary directory)")
+
+
+def _wxh(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 3000x2000") from None
+    if min(w, h) < 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be >= 64")
+    return w, h
+
+
+def _add_shardsize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=16, help="camera-size JPEGs made and sharded (default 16)")
+    p.add_argument("--size", type=_wxh, default=(3000, 2000), metavar="WxH", help="their size (default 3000x2000)")
+    p.add_argument("--max-side", type=int, default=1024, help="raydino.shard --max-side of the capped run (default 1024; >= 64)")
+    p.add_argument("--quality", type=int, default=95, help="raydino.shard --quality of the capped run (default 95; 1-100)")
+    p.add_argument("--preset", default="strong", choices=["strong", "weak", "weak_med"])
+    p.add_argument("--batch", type=int, default=8, help="images per augment_batch call (default 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: per core)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best is kept (default 2)")
 
 
 def _sub_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
@@ -114,7 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "all": sub.add_parser("all", help="aug, train and data (options of train/data prefixed --train-/--data-)"),
         "gpu": sub.add_parser("gpu", help="one CUDA GPU: bf16 vs fp32 DINO steps under DDP/NCCL, GPU augmentation"),
         "ckpt": sub.add_parser("ckpt", help="how long a checkpoint holds training back: synchronous vs asynchronous upload"),
+        "shardsize": sub.add_parser("shardsize", help="raydino.shard --fov-crop --max-side vs as found: shard bytes, augmentation images/s"),
     }
+    _add_shardsize_args(parsers["shardsize"])
     _add_ckpt_args(parsers["ckpt"])
     _add_gpu_args(parsers["gpu"])
     _add_aug_args(parsers["aug"])
@@ -139,11 +173,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{option}: must be > 0")
         if value < 0:
             parser.error(f"{option}: must be >= 0")
+    if args.cmd == "shardsize" and args.max_side < 64:
+        parser.error(f"--max-side={args.max_side}: must be >= 64")
+    if args.cmd == "shardsize" and not 1 <= args.quality <= 100:
+        parser.error(f"--quality={args.quality}: must be from 1 to 100")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raydino.bench.aug import bench_aug, plot_aug
+    from raydino.bench.aug import bench_aug, bench_shardsize, plot_aug, plot_shardsize
     from raydino.bench.checkpoint import bench_checkpoint, plot_checkpoint
     from raydino.bench.data import bench_data, plot_data
     from raydino.bench.gpu import bench_gpu, plot_gpu
@@ -164,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": (lambda: bench_data(args if args.cmd == "data" else _sub_args(args, "data_")), plot_data),
         "gpu": (lambda: bench_gpu(args), plot_gpu),
         "ckpt": (lambda: bench_checkpoint(args), plot_checkpoint),
+        "shardsize": (lambda: bench_shardsize(args), plot_shardsize),
     }
     for bench in ["aug", "train", "data"] if args.cmd == "all" else [args.cmd]:
         run, plot = runs[bench]

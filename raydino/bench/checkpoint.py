@@ -11,7 +11,7 @@ Runs alternate SYNC (Ray Train uploads inside report()) and ASYNC (`train.async_
 default: the upload continues while training does) in ABBA order, so slow drift of a shared machine
 hits both; the figure is the median stall per mode and their ratio.  The first checkpoint of a run
 is left out (it pays one-off start-up costs).  `--storage` is where the checkpoints go: a local
-directory (the default, a temporary one) or `s3://bucket/prefix` (with `--set data.s3_endpoint=...`).
+directory (the default, a temporary one), `s3://bucket/prefix` (with `--set data.s3_endpoint=...`) or `gs://bucket/prefix`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _one_run(cfg: Any, mode: str, index: int, args: Any, storage: str, work: Pat
 
     out_dir = work / f"{index:02d}-{mode}"
     out_dir.mkdir(parents=True)
-    run_storage = RunStorage.open(storage, cfg.data.s3_endpoint, cfg.data.s3_region)
+    run_storage = RunStorage.for_config(storage, cfg)
     conf = {"config": cfg.to_dict(), "checkpoints": args.checkpoints, "gap": args.gap, "asynchronous": mode == "async", "out_dir": str(out_dir)}
     name = f"bench-ckpt-{index:02d}-{mode}"
     trainer = torch_trainer(

@@ -1,24 +1,32 @@
-"""`python -m raydino.bench gpu`: DINO on one real GPU -- bf16, NCCL, throughput.
+"""`python -m raydino.bench gpu`: DINO on one real GPU -- throughput, FLOP utilisation, the official recipe.
 
-Needs CUDA; imports no Ray (a GPU box without Ray can run it).  In one process, one run:
+Needs CUDA (`--device cpu` runs the same rows on the CPU as a dry run); imports no Ray.  In one
+process, one run:
 
-  1. NCCL: a one-rank process group with the NCCL backend (what `TorchConfig(backend="nccl")` sets up
-     on each Ray Train GPU worker), an all-reduce checked against its known answer, and the student
-     wrapped in `DistributedDataParallel` for every timed step, so the gradient all-reduce is NCCL's.
-  2. Training throughput of `--config` (default: the paper's ViT-S/16 at 224 px, 2x224 + 8x96 crops,
-     batch 64 per GPU as in DINO) with `train.precision=bf16` (autocast) and the fp32 reference, on
-     the same uint8 crops already on the GPU (so only the model is timed): median step, images/s,
-     peak GPU memory, and whether every loss was finite.  Ratio: bf16 images/s over fp32.
-  3. Augmentation: raydino's batched device pipeline on the GPU (images/s, wall) against, per CPU
-     core, DINO's reference pipeline and raydino's CPU pipeline, on the bench's fundus JPEG; from
-     these, how many CPU cores each CPU pipeline needs to keep up with the bf16 training rate, and
-     what share of a training step the GPU augmentation would add.
+  1. FLOPs of one training step of `--config` (default: the paper's ViT-S/16 at 224 px, 2x224 + 8x96
+     crops, batch 64 per GPU as in DINO), counted once with torch's FlopCounterMode on the `meta`
+     device (`raydino.core.flops`), and the GPU's dense bf16 peak (by name, or `--peak-tflops`).
+  2. NCCL: a one-rank process group with the NCCL backend (what Ray Train sets up on each GPU worker),
+     an all-reduce checked against its known answer; the student of every timed step is wrapped in
+     `DistributedDataParallel`, so the gradient all-reduce is NCCL's.
+  3. Numerics: the loss of the same weights on the same crops in fp32 and in bf16 (the head's last
+     layer in bf16, then in fp32).
+  4. The ablation (`ROWS`): each row adds one change to the one before it -- fused AdamW, the deferred
+     finite check, torch.compile (compile time measured), twice the batch -- then fp32 head logits
+     and fp32 on their own, then the official DINO recipe's step (`bench/reference_dino.py`: its own attention, fp16
+     autocast + GradScaler) from the same initial weights on the same crops.  Per row: median step,
+     images/s, achieved TFLOP/s, MFU, peak GPU memory, whether every loss was finite.  Crops are made
+     once and already on the GPU, so only the model is timed.
+  5. Augmentation: raydino's batched device pipeline on the GPU (images/s) against, per CPU core,
+     DINO's reference pipeline and raydino's CPU pipeline; from these, how many CPU cores each CPU
+     pipeline needs to keep up with the fastest training row.
 
 Writes JSON (and a PNG beside it) with `--json FILE` or `--out DIR`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -51,48 +59,233 @@ def _nccl_group() -> None:
         raise RuntimeError(f"NCCL all_reduce returned {x.tolist()}, expected [0, 1, 2, 3]")
 
 
-def time_training(cfg_dict: dict[str, Any], crops: list[Any], warmup: int, steps: int) -> dict[str, Any]:
-    """Median step time of `core.step.train_step` (DDP over NCCL) on the given device crops."""
+# The ablation: each row adds one change to the row before it (all bf16 unless named), so each
+# change is measured on its own.  "baseline" is the step's settings before issue 14: foreach AdamW,
+# eager, the loss checked and the metrics read on the host every step, bf16 logits in the head's
+# last layer.  (Its code already clips on the device: the ~150 `.item()` calls per step of the old
+# per-tensor clipping are gone from every row; the 820-826 images/s in docs/performance.md had them.)
+ROWS: dict[str, dict[str, Any]] = {
+    "baseline": {"set": {"optim.fused": False, "train.compile": False, "train.fp32_head_logits": False}, "defer": False},
+    "fused_adamw": {"set": {"optim.fused": True}, "defer": False},
+    "deferred_check": {"set": {}, "defer": True},
+    "compile": {"set": {"train.compile": True}, "defer": True},
+    "batch_x2": {"set": {}, "defer": True, "batch_factor": 2},
+}
+ROW_LABELS = {
+    "baseline": "baseline (foreach AdamW, eager, host sync every step)",
+    "fused_adamw": "+ fused AdamW",
+    "deferred_check": "+ deferred finite check / metrics (no per-step sync)",
+    "compile": "+ torch.compile (student and teacher)",
+    "batch_x2": "+ twice the batch per GPU (lr scaled linearly)",
+    "fp32_head_logits": "deferred_check with fp32 logits in the head's last layer",
+    "fp32": "fp32 (no autocast; fused, deferred, eager)",
+    "reference": "official DINO recipe (fp16 autocast + GradScaler)",
+}
+
+
+def row_overrides(rows: list[str]) -> dict[str, tuple[dict[str, Any], bool, int]]:
+    """Cumulative overrides of each selected ablation row: {row: (config overrides, defer, batch factor)}.
+
+    A row adds its change to those of the selected rows above it (`--rows baseline batch_x2` times
+    the baseline at twice the batch)."""
+    out, acc = {}, {}
+    for name, row in ROWS.items():
+        if name not in rows:
+            continue
+        acc = {**acc, **row["set"]}
+        out[name] = (dict(acc), row["defer"], row.get("batch_factor", 1))
+    # Beside the ablation: one change against the eager, fused, deferred step.
+    eager = {"optim.fused": True, "train.compile": False, "train.fp32_head_logits": False}
+    if "fp32_head_logits" in rows:
+        out["fp32_head_logits"] = ({**eager, "train.fp32_head_logits": True}, True, 1)
+    if "fp32" in rows:
+        out["fp32"] = ({**eager, "train.precision": "fp32"}, True, 1)
+    return out
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_loop(step: Any, device: Any, warmup: int, steps: int) -> dict[str, Any]:
+    """Wall time of each call of `step()` (device synchronised around each); median over the timed ones.
+
+    `compile_s`: what the warm-up steps took beyond `warmup` median steps (compilation, autotuning and
+    allocator warm-up); 0 for an eager step up to noise."""
+
+    seconds, outputs, error = [], [], None
+    for _ in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            outputs.append(step())
+        except Exception as e:  # a non-finite loss (either step's error) ends the row, reported
+            error = f"{type(e).__name__}: {e}"
+            break
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+    timed = seconds[warmup:]
+    median = statistics.median(timed) if timed else float("nan")
+    losses = [float(o) for o in outputs]  # read after the loop: a deferred step's loss is a device tensor
+    return {
+        "median_step_s": median,
+        "step_s": timed,
+        "warmup_s": seconds[:warmup],
+        "compile_s": max(0.0, sum(seconds[:warmup]) - warmup * median) if timed else float("nan"),
+        "losses": losses,
+        "all_finite": error is None and bool(np.all(np.isfinite(losses))),
+        "error": error,
+    }
+
+
+def _state(cfg: Any, device: Any, ddp: bool, steps: int) -> Any:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from raydino.config import build_config
-    from raydino.core.step import NonFiniteLossError, autocast_dtype, build_train_state, train_step
+    from raydino.core.step import build_train_state
 
-    cfg = build_config(cfg_dict)
     torch.manual_seed(0)
-    state = build_train_state(cfg, steps_per_epoch=warmup + steps, world_size=1, device="cuda")
-    state.student = DistributedDataParallel(state.student, device_ids=[0])
-    torch.cuda.reset_peak_memory_stats()
-    seconds, losses, error = [], [], None
-    for _ in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    state = build_train_state(cfg, steps_per_epoch=steps, world_size=1, device=device)
+    if ddp:
+        state.student = DistributedDataParallel(state.student, device_ids=[device.index or 0])
+    return state
+
+
+def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, defer: bool, ddp: bool) -> dict[str, Any]:
+    """Median step of raydino's `train_step` for `cfg` on the given crops (already on the device)."""
+    import torch
+
+    from raydino.core.step import autocast_dtype, check_finite, train_step
+
+    state = _state(cfg, device, ddp, warmup + steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        out = train_step(state, crops, defer=defer)
+        return out["loss"]
+
+    result = timed_loop(step, device, warmup, steps)
+    if defer and result["error"] is None:
         try:
-            stats = train_step(state, crops)
-        except NonFiniteLossError as e:
-            error = str(e)
-            break
-        torch.cuda.synchronize()  # train_step already syncs on the loss value; this is for the optimizer tail
-        seconds.append(time.perf_counter() - t0)
-        losses.append(stats["loss"])
-    timed = seconds[warmup:]
-    median = statistics.median(timed) if timed else float("nan")
-    dtype = autocast_dtype(cfg, state.device)
-    result = {
-        "precision": cfg.train.precision,
-        "autocast": str(dtype) if dtype else "none",
-        "median_step_s": median,
-        "images_per_s": cfg.train.batch_size / median,
-        "step_s": timed,
-        "losses": losses,
-        "all_finite": error is None and all(np.isfinite(losses)),
-        "error": error,
-        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
-    }
-    del state
-    torch.cuda.empty_cache()
+            check_finite(state)
+        except Exception as e:
+            result.update(all_finite=False, error=str(e))
+    dtype = autocast_dtype(cfg, device)
+    result.update(
+        precision=cfg.train.precision,
+        autocast=str(dtype) if dtype else "none",
+        batch_size=cfg.train.batch_size,
+        images_per_s=cfg.train.batch_size / result["median_step_s"],
+        peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        fused_optimizer=all(g.get("fused") for g in state.optimizer.param_groups),
+        compiled=cfg.train.compile,
+        deferred=defer,
+        fp32_head_logits=cfg.train.fp32_head_logits,
+    )
+    state = None  # frees the row's GPU memory (the closure holds the same cell)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return result
+
+
+def time_reference(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, ddp: bool) -> dict[str, Any]:
+    """The official recipe's step (raydino/bench/reference_dino.py) from raydino's initial weights, same crops."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raydino.bench.reference_dino import ReferenceDINO, load_from_raydino
+    from raydino.core.step import normalize_on_device
+
+    state = _state(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}), device, False, warmup + steps)
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    ref = ReferenceDINO(cfg, device, precision=precision, teacher_temps=state.schedules.teacher_temp)
+    load_from_raydino(ref, state.student, state.teacher)
+    schedules = state.schedules
+    del state
+    if ddp:
+        ref.student = DistributedDataParallel(ref.student, device_ids=[device.index or 0])
+    images = [normalize_on_device(c) for c in crops]  # the recipe's data loader hands over normalised floats
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    it = iter(range(warmup + steps))
+
+    def step():
+        i = next(it)
+        lr, wd, m = schedules.at(i)
+        return ref.step(images, lr, wd, m, epoch=0, freeze_last_layer=i < schedules.freeze_last_layer_steps)
+
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as main_dino.py sets it
+    try:
+        result = timed_loop(step, device, warmup, steps)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    result.update(
+        precision=precision,
+        autocast="torch.float16" if precision == "fp16" else "none",
+        batch_size=cfg.train.batch_size,
+        images_per_s=cfg.train.batch_size / result["median_step_s"],
+        peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    )
+    ref = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def numerics(cfg: Any, crops: list[Any], device: Any) -> dict[str, Any]:
+    """The loss of the same weights on the same crops in fp32 and under bf16 autocast, with the head's
+    last layer in bf16 and in fp32: relative differences (the goal: within 2 %)."""
+    import torch
+
+    from raydino.core.step import forward_loss
+
+    state = _state(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}), device, False, 10)
+    heads = [state.student.head, state.teacher.head]
+    out: dict[str, Any] = {"fp32": forward_loss(state, crops, None)}
+    for fp32_logits in (False, True):
+        for head in heads:
+            head.fp32_last_layer = fp32_logits
+        key = "bf16_fp32_logits" if fp32_logits else "bf16"
+        out[key] = forward_loss(state, crops, torch.bfloat16)
+        out[f"rel_diff_{key}"] = abs(out[key] - out["fp32"]) / abs(out["fp32"])
+    del state
+    return out
+
+
+def summarise(result: dict[str, Any], peak: float | None) -> None:
+    """Fill in TFLOP/s, MFU and the ratios the issue asks for (in place), from rows and the FLOP count."""
+    flops_per_image = result["flops"]["per_image"]
+    runs = result["rows"]
+    for r in runs.values():
+        achieved = flops_per_image * r["images_per_s"] / 1e12
+        r["tflops"] = achieved
+        r["mfu"] = achieved / peak if peak else None
+    ratios: dict[str, Any] = {}
+    base = runs.get("baseline", {}).get("images_per_s")
+    ref = runs.get("reference", {}).get("images_per_s")
+    batch_rows = [n for n in (*ROWS, "fp32_head_logits") if n in runs and n != "batch_x2" and math.isfinite(runs[n]["images_per_s"])]
+    best = max(batch_rows, key=lambda n: runs[n]["images_per_s"]) if batch_rows else None
+    if best:
+        ratios["best_at_config_batch"] = best
+        if base:
+            ratios["best_over_baseline"] = runs[best]["images_per_s"] / base
+        if ref:
+            ratios["best_over_reference"] = runs[best]["images_per_s"] / ref
+    if "batch_x2" in runs and ref:
+        ratios["batch_x2_over_reference"] = runs["batch_x2"]["images_per_s"] / ref
+    if base and "fp32" in runs:
+        ratios["baseline_over_fp32"] = base / runs["fp32"]["images_per_s"]
+    for name in ROWS:
+        if name in runs and runs[name]["compiled"]:
+            eager = runs.get("deferred_check")
+            gain = (eager["median_step_s"] - runs[name]["median_step_s"]) if eager and name == "compile" else None
+            runs[name]["compile_break_even_steps"] = runs[name]["compile_s"] / gain if gain and gain > 0 else None
+    result["ratios"] = ratios
 
 
 def time_augmentation(aug_cfg: Any, images: int, batch: int, cpu_images: int) -> dict[str, Any]:
@@ -132,51 +325,57 @@ def bench_gpu(args: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from raydino.augment.device import DeviceMultiCropAugment
-    from raydino.bench.common import fundus_jpeg
     from raydino.config import load_config
-    from raydino.data.loader import crop_keys
+    from raydino.core.flops import peak_tflops, step_flops
     from raydino.progress import Progress
 
-    if not torch.cuda.is_available():
+    device = torch.device(getattr(args, "device", "cuda") or "cuda")
+    on_cuda = device.type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
         print(
-            "python -m raydino.bench gpu: error: no CUDA device is visible here (torch.cuda.is_available() is False); run it on a GPU node",
+            "python -m raydino.bench gpu: error: no CUDA device is visible here (torch.cuda.is_available() is False); "
+            "run it on a GPU node (or pass --device cpu for a dry run of the rows)",
             file=sys.stderr,
         )
         raise SystemExit(2)
     cfg = load_config(args.config, list(args.set))
-    progress = Progress(unit="runs", stream=sys.stdout, min_interval_s=0, label="bench gpu", total=4)
-    _nccl_group()
-    progress.step(f"NCCL {_nccl_version()}: one-rank all_reduce correct")
+    rows = list(getattr(args, "rows", None) or [*ROWS, "fp32_head_logits", "fp32", "reference"])
+    plan = row_overrides(rows)
+    with_aug = on_cuda and not getattr(args, "no_augment", False)
+    progress = Progress(unit="runs", stream=sys.stdout, min_interval_s=0, label="bench gpu", total=len(plan) + ("reference" in rows) + 2 + with_aug)
+    name = torch.cuda.get_device_name(0) if on_cuda else "cpu"
+    peak = getattr(args, "peak_tflops", None) or (peak_tflops(name) if on_cuda else None)
+    flops = step_flops(cfg)
+    progress.step(f"FLOPs per step counted (torch FlopCounterMode, meta device): {flops['per_image'] / 1e9:.1f} GFLOP per image")
+    if on_cuda:
+        _nccl_group()
+        progress.step(f"NCCL {_nccl_version()}: one-rank all_reduce correct")
+    else:
+        progress.step("no NCCL on cpu: rows run without DDP")
+    runs: dict[str, Any] = {}
+    configured = None  # the row that trains `--config` + `--set` as `raydino.pretrain` would
     try:
-        aug = DeviceMultiCropAugment(cfg.augment, device="cuda", seed=1)
-        out = aug.augment_tensors([fundus_jpeg(512)[0]] * cfg.train.batch_size)
-        crops = [out[k].contiguous() for k in crop_keys(cfg.augment)]
-        runs = {}
-        for precision in ("bf16", "fp32"):
-            conf = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
-            runs[precision] = time_training(conf.to_dict(), crops, args.warmup, args.steps)
-            r = runs[precision]
-            progress.step(
-                f"{precision}: median step {1000 * r['median_step_s']:.1f} ms, "
-                f"{r['images_per_s']:.0f} images/s, peak {r['peak_gpu_mem_gb']:.1f} GB, "
-                f"finite={r['all_finite']}"
-            )
+        crops_by_batch = {}
+        for _, _, factor in plan.values():
+            b = cfg.train.batch_size * factor
+            if b not in crops_by_batch:
+                crops_by_batch[b] = make_crops(cfg, b, device)
+        crops = crops_by_batch[cfg.train.batch_size]
+        numbers = numerics(cfg, crops, device)
+        for row, (overrides, defer, factor) in plan.items():
+            conf = load_config(args.config, [*args.set, *(f"{k}={_yaml(v)}" for k, v in overrides.items())])
+            if factor != 1:
+                conf = conf.model_copy(update={"train": conf.train.model_copy(update={"batch_size": cfg.train.batch_size * factor})})
+            r = runs[row] = time_row(conf, crops_by_batch[conf.train.batch_size], device, args.warmup, args.steps, defer, ddp=on_cuda)
+            progress.step(_row_line(row, r))
+            if configured is None and defer and _effective(conf, device) == _effective(cfg, device):
+                configured = row
+        if "reference" in rows:
+            r = runs["reference"] = time_reference(cfg, crops, device, args.warmup, args.steps, ddp=on_cuda)
+            progress.step(_row_line("reference", r))
     finally:
-        dist.destroy_process_group()
-    augment = time_augmentation(cfg.augment, args.aug_images, cfg.train.batch_size, args.cpu_images)
-    train_rate = runs["bf16"]["images_per_s"]
-    augment["cores_to_feed_bf16_training"] = {
-        "reference_dino": train_rate / augment["reference_dino_images_per_s_per_core"],
-        "raydino_cpu": train_rate / augment["raydino_cpu_images_per_s_per_core"],
-    }
-    augment["gpu_augment_share_of_step"] = train_rate / (train_rate + augment["gpu_images_per_s"])
-    progress.step(
-        f"augmentation on the GPU {augment['gpu_images_per_s']:.0f} images/s; per core: reference "
-        f"{augment['reference_dino_images_per_s_per_core']:.0f}, raydino "
-        f"{augment['raydino_cpu_images_per_s_per_core']:.0f}"
-    )
-    props = torch.cuda.get_device_properties(0)
+        if on_cuda:
+            dist.destroy_process_group()
     result = {
         "bench": "gpu",
         "config": args.config,
@@ -186,40 +385,143 @@ def bench_gpu(args: Any) -> dict[str, Any]:
         "warmup_steps": args.warmup,
         "steps": args.steps,
         "crops": f"2x{cfg.augment.global_crop_size} + {cfg.augment.n_local_crops}x{cfg.augment.local_crop_size}",
-        "device": f"{props.name}, {props.total_memory / 2**30:.0f} GiB",
+        "device": f"{name}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB" if on_cuda else "cpu",
         "cpu_count": os.cpu_count(),
-        "machine": f"{platform.machine()}, torch {torch.__version__}, CUDA {torch.version.cuda}",
-        "nccl": _nccl_version(),
-        "training": runs,
-        "ratio_bf16_over_fp32": runs["bf16"]["images_per_s"] / runs["fp32"]["images_per_s"],
-        "augmentation": augment,
+        "machine": f"{platform.machine()}, torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if on_cuda else ""),
+        "nccl": _nccl_version() if on_cuda else None,
+        "fused_attention": _fused_attention(cfg),
+        "flops": flops,
+        "peak_tflops": peak,
+        "peak_source": "--peak-tflops"
+        if getattr(args, "peak_tflops", None)
+        else ("raydino.core.flops.PEAK_BF16_TFLOPS (dense bf16, NVIDIA data sheets)" if peak else None),
+        "numerics": numbers,
+        "rows": runs,
     }
+    summarise(result, peak)
+    # What `raydino.plan` reads: the rate of the config as given (training.bf16; training.fp32 for fp32 runs).
+    precision_key = "fp32" if cfg.train.precision == "fp32" else "bf16"
+    training = {precision_key: {**runs[configured], "row": configured}} if configured else {}
+    if "fp32" in runs and precision_key != "fp32":
+        training["fp32"] = {**runs["fp32"], "row": "fp32"}
+    result["training"] = training
+    if "bf16" in training and "fp32" in training:
+        result["ratio_bf16_over_fp32"] = training["bf16"]["images_per_s"] / training["fp32"]["images_per_s"]
+    if with_aug:
+        augment = time_augmentation(cfg.augment, args.aug_images, cfg.train.batch_size, args.cpu_images)
+        best = result["ratios"].get("best_at_config_batch")
+        train_rate = runs[best]["images_per_s"] if best else float("nan")
+        augment["training_rate_fed"] = {"row": best, "images_per_s": train_rate}
+        augment["cores_to_feed_training"] = {
+            "reference_dino": train_rate / augment["reference_dino_images_per_s_per_core"],
+            "raydino_cpu": train_rate / augment["raydino_cpu_images_per_s_per_core"],
+        }
+        augment["gpu_augment_share_of_step"] = train_rate / (train_rate + augment["gpu_images_per_s"])
+        progress.step(
+            f"augmentation on the GPU {augment['gpu_images_per_s']:.0f} images/s; per core: reference "
+            f"{augment['reference_dino_images_per_s_per_core']:.0f}, raydino "
+            f"{augment['raydino_cpu_images_per_s_per_core']:.0f}"
+        )
+        result["augmentation"] = augment
     print_gpu(result)
     return result
 
 
+def _effective(cfg: Any, device: Any) -> dict[str, Any]:
+    """The config as a step on `device` runs it: optim.fused resolved (None = fused on CUDA)."""
+    from raydino.core.step import use_fused_optimizer
+
+    d = cfg.to_dict()
+    d["optim"]["fused"] = use_fused_optimizer(cfg, device)
+    return d
+
+
+def _yaml(v: Any) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _fused_attention(cfg: Any) -> bool | None:
+    import torch
+
+    from raydino.core.model import build_backbone, fused_attention
+
+    with torch.device("meta"):
+        return fused_attention(build_backbone(cfg.model, img_size=cfg.augment.global_crop_size))
+
+
+def make_crops(cfg: Any, batch: int, device: Any) -> list[Any]:
+    """uint8 multi-crops of the bench's fundus JPEG for `batch` images, on the device (GPU augmentation on
+    CUDA, the CPU pipeline elsewhere): made once, so only the model is timed."""
+    from raydino.bench.common import fundus_jpeg
+    from raydino.data.loader import crop_keys
+
+    jpeg = fundus_jpeg(512)[0]
+    if device.type == "cuda":
+        from raydino.augment.device import DeviceMultiCropAugment
+
+        out = DeviceMultiCropAugment(cfg.augment, device=device, seed=1).augment_tensors([jpeg] * batch)
+    else:
+        from raydino.augment.cpu import MultiCropAugment
+
+        out = MultiCropAugment(cfg.augment, seed=1).augment_tensors([jpeg] * batch)
+    return [out[k].contiguous().to(device) for k in crop_keys(cfg.augment)]
+
+
+def _row_line(row: str, r: dict[str, Any]) -> str:
+    extra = f", compile {r['compile_s']:.0f} s" if r.get("compiled") else ""
+    mem = f", peak {r['peak_gpu_mem_gb']:.1f} GB" if r.get("peak_gpu_mem_gb") is not None else ""
+    return f"{row}: median step {1000 * r['median_step_s']:.1f} ms, {r['images_per_s']:.0f} images/s{mem}{extra}, finite={r['all_finite']}"
+
+
 def print_gpu(r: dict[str, Any]) -> None:
-    a = r["augmentation"]
+    peak = f"{r['peak_tflops']:.0f}" if r.get("peak_tflops") else "unknown"
     print(
-        f"\nraydino bench gpu on {r['device']} ({r['machine']}, NCCL {r['nccl']}): {r['model']}, "
-        f"batch {r['batch_size']}, {r['crops']} crops, DDP over NCCL"
+        f"\nraydino bench gpu on {r['device']} ({r['machine']}" + (f", NCCL {r['nccl']}" if r.get("nccl") else "") + f"): {r['model']}, "
+        f"batch {r['batch_size']}, {r['crops']} crops" + (", DDP over NCCL" if r.get("nccl") else "")
     )
-    for p, t in r["training"].items():
+    f = r["flops"]
+    print(
+        f"  {f['per_image'] / 1e9:.1f} GFLOP per image per step (torch FlopCounterMode: teacher fwd {f['teacher_forward'] / 1e9:.0f}, "
+        f"student fwd {f['student_forward'] / 1e9:.0f}, bwd {f['student_backward'] / 1e9:.0f} GFLOP per step); "
+        f"peak {peak} TFLOP/s dense bf16; fused attention (SDPA) in timm's ViT: {r['fused_attention']}"
+    )
+    for name, t in r["rows"].items():
+        mfu = f"{100 * t['mfu']:5.1f}%" if t.get("mfu") is not None else "   n/a"
+        comp = f"  compile {t['compile_s']:.0f} s" if t.get("compiled") else ""
+        be = t.get("compile_break_even_steps")
+        comp += f" (pays off after {be:.0f} steps)" if be else ""
         print(
-            f"  {p:5s} median step {1000 * t['median_step_s']:7.1f} ms  {t['images_per_s']:7.0f} images/s  "
-            f"peak {t['peak_gpu_mem_gb']:5.1f} GB  losses finite: {t['all_finite']}"
+            f"  {ROW_LABELS.get(name, name):58s} b{t['batch_size']:<4d} {1000 * t['median_step_s']:7.1f} ms  {t['images_per_s']:6.0f} img/s  "
+            f"{t['tflops']:6.1f} TFLOP/s  MFU {mfu}  finite {t['all_finite']}{comp}"
         )
-    c = a["cores_to_feed_bf16_training"]
+        if t.get("error"):
+            print(f"      {name} stopped: {t['error'][:300]}")
+    n = r["numerics"]
     print(
-        f"  augmentation: GPU pipeline {a['gpu_images_per_s']:.0f} images/s; per CPU core: DINO reference "
-        f"{a['reference_dino_images_per_s_per_core']:.0f}, raydino {a['raydino_cpu_images_per_s_per_core']:.0f} "
-        f"({a['raydino_cpu_backend']})"
+        f"  numerics, same weights and crops: loss fp32 {n['fp32']:.4f}, bf16 {n['bf16']:.4f} ({100 * n['rel_diff_bf16']:.2f} %), "
+        f"bf16 with fp32 logits {n['bf16_fp32_logits']:.4f} ({100 * n['rel_diff_bf16_fp32_logits']:.2f} %)"
     )
-    print(
-        f"  cores to feed bf16 training: DINO reference {c['reference_dino']:.1f}, raydino CPU {c['raydino_cpu']:.1f}; "
-        f"augmenting on the GPU adds {100 * a['gpu_augment_share_of_step']:.0f}% to a step"
-    )
-    print(f"  ratio bf16 / fp32 images/s: {r['ratio_bf16_over_fp32']:.2f}")
+    ratios = r["ratios"]
+    if "best_over_baseline" in ratios:
+        print(f"  best at batch {r['batch_size']} ({ratios['best_at_config_batch']}) / baseline: {ratios['best_over_baseline']:.2f}x")
+    if "best_over_reference" in ratios:
+        print(f"  best at batch {r['batch_size']} / official DINO recipe: {ratios['best_over_reference']:.2f}x")
+    if "batch_x2_over_reference" in ratios:
+        print(f"  twice the batch / official DINO recipe: {ratios['batch_x2_over_reference']:.2f}x")
+    if "baseline_over_fp32" in ratios:
+        print(f"  ratio bf16 (baseline) / fp32 images/s: {ratios['baseline_over_fp32']:.2f}")
+    a = r.get("augmentation")
+    if a:
+        c = a["cores_to_feed_training"]
+        print(
+            f"  augmentation: GPU pipeline {a['gpu_images_per_s']:.0f} images/s; per CPU core: DINO reference "
+            f"{a['reference_dino_images_per_s_per_core']:.0f}, raydino {a['raydino_cpu_images_per_s_per_core']:.0f} "
+            f"({a['raydino_cpu_backend']})"
+        )
+        print(
+            f"  cores to feed {a['training_rate_fed']['images_per_s']:.0f} images/s: DINO reference {c['reference_dino']:.1f}, "
+            f"raydino CPU {c['raydino_cpu']:.1f}; augmenting on the GPU adds {100 * a['gpu_augment_share_of_step']:.0f}% to a step"
+        )
 
 
 def plot_gpu(r: dict[str, Any], path: Path) -> None:
@@ -228,19 +530,28 @@ def plot_gpu(r: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a = r["augmentation"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
-    names = list(r["training"])
-    ax1.bar(names, [r["training"][n]["images_per_s"] for n in names], color=["#1f77b4", "#999999"])
-    ax1.set_ylabel("training images / s")
-    ax1.set_title(f"{r['model']}, batch {r['batch_size']}")
-    cores = r["cpu_count"] or 1
-    labels = ["GPU pipeline", f"{cores}-core raydino CPU", f"{cores}-core DINO reference"]
-    vals = [a["gpu_images_per_s"], cores * a["raydino_cpu_images_per_s_per_core"], cores * a["reference_dino_images_per_s_per_core"]]
-    ax2.barh(labels[::-1], vals[::-1], color=["#d62728", "#1f77b4", "#1f77b4"])
-    ax2.axvline(r["training"]["bf16"]["images_per_s"], color="k", ls="--", label="bf16 training rate")
-    ax2.set_xlabel("augmented images / s")
-    ax2.legend(loc="lower right")
+    a = r.get("augmentation")
+    fig, axes = plt.subplots(1, 2 if a else 1, figsize=(13 if a else 8, 4), squeeze=False)
+    ax1 = axes[0][0]
+    names = list(r["rows"])
+    rates = [r["rows"][n]["images_per_s"] for n in names]
+    colors = ["#999999" if n in ("reference", "fp32") else "#1f77b4" for n in names]
+    ax1.barh([f"{n} (b{r['rows'][n]['batch_size']})" for n in names][::-1], rates[::-1], color=colors[::-1])
+    for i, n in enumerate(names[::-1]):
+        t = r["rows"][n]
+        label = f" {t['tflops']:.0f} TFLOP/s" + (f", MFU {100 * t['mfu']:.0f}%" if t.get("mfu") is not None else "")
+        ax1.text(t["images_per_s"], i, label, va="center", fontsize=8)
+    ax1.set_xlabel("training images / s")
+    ax1.set_title(f"{r['model']}, {r['crops']}")
+    if a:
+        ax2 = axes[0][1]
+        cores = r["cpu_count"] or 1
+        labels = ["GPU pipeline", f"{cores}-core raydino CPU", f"{cores}-core DINO reference"]
+        vals = [a["gpu_images_per_s"], cores * a["raydino_cpu_images_per_s_per_core"], cores * a["reference_dino_images_per_s_per_core"]]
+        ax2.barh(labels[::-1], vals[::-1], color=["#d62728", "#1f77b4", "#1f77b4"])
+        ax2.axvline(a["training_rate_fed"]["images_per_s"], color="k", ls="--", label="training rate")
+        ax2.set_xlabel("augmented images / s")
+        ax2.legend(loc="lower right")
     fig.suptitle(r["device"])
     fig.tight_layout()
     fig.savefig(path, dpi=120)

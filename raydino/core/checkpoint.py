@@ -3,7 +3,7 @@
 A checkpoint is a directory holding `state.pt` (student, teacher, optimizer, scaler, loss centre,
 step, epoch, RNG states, resolved config) and `config.yaml` (the same config, for people).  Files
 are written to a temporary name in the same directory and renamed, so a reader never sees half a
-checkpoint.  Ray Train copies such a directory to the run's storage (local or s3://).
+checkpoint.  Ray Train copies such a directory to the run's storage (local, s3:// or gs://).
 """
 
 from __future__ import annotations

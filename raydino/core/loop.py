@@ -2,6 +2,12 @@
 
 The pretraining recipe runs it inside each Ray Train worker (hooks call `ray.train.report`); a
 one-worker Tune trial runs it in the trial process.  Reading order: `fit` is the whole loop.
+
+The loop never makes the host wait for the device between log steps: it runs `train_step(...,
+defer=True)`, reads the loss and statistics (one device-to-host copy) and checks the loss's
+finiteness (`check_finite`) only at log steps and before every checkpoint hook.  A non-finite loss
+is never applied (the step skips it on the device) and stops the loop at the latest at the next log
+step, with the number of the step where it happened; no checkpoint hook runs after it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 
 from raydino.core.loss import CollapseStats
 from raydino.core.model import log_uniform_entropy
-from raydino.core.step import TrainState, train_step
+from raydino.core.step import TrainState, check_finite, materialize, train_step
 
 Batch = Sequence[torch.Tensor]  # crops, globals first, each [B, 3, S, S] uint8
 
@@ -59,6 +65,7 @@ def fit(
     max_entropy = log_uniform_entropy(cfg.model.out_dim)
     window: dict[str, float] = {"images": 0, "wait": 0.0, "t0": time.perf_counter()}
     t_start = time.perf_counter()
+    first_loss = None  # a 0-d tensor until the first log step reads it
     state.student.train()
     state.teacher.train()
 
@@ -79,18 +86,27 @@ def fit(
                 continue
             crops = [c.to(state.device, non_blocking=True) for c in batch]
             wait = time.perf_counter() - t_wait
-            metrics = train_step(state, crops)
+            metrics = train_step(state, crops, defer=True)  # device tensors: no host sync here
             n_images = crops[0].shape[0] * world_size
             window["images"] += n_images
             window["wait"] += wait
             summary.images += n_images
             summary.data_wait_seconds += wait
-            summary.first_loss = metrics["loss"] if summary.first_loss is None else summary.first_loss
-            summary.last_loss = metrics["loss"]
+            if first_loss is None:
+                first_loss = metrics["loss"]
+            log_step = state.step % cfg.train.log_every == 0 or state.step == epoch_end_step
+            checkpoint_step = state.step % cfg.train.checkpoint_every == 0 and state.step < epoch_end_step
+            if log_step or checkpoint_step:
+                check_finite(state)  # raises NonFiniteLossError naming the first non-finite step
+                metrics = materialize(metrics)
+                if summary.first_loss is None:
+                    summary.first_loss = float(first_loss)
+                summary.last_loss = metrics["loss"]
 
-            if state.step % cfg.train.log_every == 0 or state.step == epoch_end_step:
+            if log_step:
                 elapsed = time.perf_counter() - window["t0"]
-                stats = state.loss_fn.last_stats or CollapseStats(float("nan"), float("nan"), max_entropy)
+                nan = float("nan")
+                stats = CollapseStats(metrics.get("teacher_entropy", nan), metrics.get("teacher_marginal_entropy", nan), max_entropy)
                 metrics.update(
                     step=state.step,
                     epoch=state.epoch,
@@ -102,7 +118,7 @@ def fit(
                 summary.history.append(dict(metrics))
                 hooks.on_log(state, metrics)
                 window = {"images": 0, "wait": 0.0, "t0": time.perf_counter()}
-            if state.step % cfg.train.checkpoint_every == 0 and state.step < epoch_end_step:
+            if checkpoint_step:
                 hooks.on_checkpoint(state, {"loss": metrics["loss"], "step": state.step, "epoch": state.epoch}, False)
             t_wait = time.perf_counter()
         if state.step < epoch_end_step:

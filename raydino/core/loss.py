@@ -66,12 +66,23 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.teacher_temps = teacher_temps
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.last_stats: CollapseStats | None = None
+        # The last step's entropies as 0-d device tensors: turned into a CollapseStats (one host sync)
+        # only when `last_stats` is read, at log steps, so a step itself never waits for the device.
+        self._last_entropies: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def last_stats(self) -> CollapseStats | None:
+        if self._last_entropies is None:
+            return None
+        entropy, marginal = torch.stack(self._last_entropies).tolist()
+        return CollapseStats(entropy, marginal, math.log(self.center.shape[-1]))
 
     def teacher_temp(self, epoch: int) -> float:
         return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int, update_center: bool = True) -> torch.Tensor:
+        """The loss with the current centre; then the centre moves (unless `update_center` is False: the
+        caller then calls `update_center` itself, e.g. gated on the loss being finite)."""
         student_out = student_out.float()
         teacher_out = teacher_out.float()
         student_logp = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(self.n_crops)
@@ -87,28 +98,39 @@ class DINOLoss(nn.Module):
                     continue
                 total = total + torch.sum(-q * logp, dim=-1).mean()
                 n_terms += 1
-        self.last_stats = collapse_stats(teacher_p)
-        self.update_center(teacher_out)
+        self._last_entropies = entropy_tensors(teacher_p)
+        if update_center:
+            self.update_center(teacher_out)
         return total / n_terms
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
+    def update_center(self, teacher_out: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+        """centre ← m · centre + (1 − m) · batch mean (over all workers).  With `gate` (a 0-d bool
+        tensor), the centre keeps its value where the gate is False, decided on the device."""
         batch_sum = teacher_out.detach().float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(len(teacher_out)), device=teacher_out.device)
+        # new_full fills on the device; torch.tensor(..., device=cuda) would copy from the host and wait for it
+        count = batch_sum.new_full((), float(len(teacher_out)))
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         batch_center = batch_sum / count
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        new = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(new if gate is None else torch.where(gate, new, self.center))
 
 
 @torch.no_grad()
-def collapse_stats(probs: torch.Tensor) -> CollapseStats:
+def entropy_tensors(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-sample entropy and entropy of the batch mean, as 0-d tensors on the probs' device."""
     probs = probs.float().clamp_min(1e-12)
-    entropy = float(-(probs * probs.log()).sum(-1).mean())
+    entropy = -(probs * probs.log()).sum(-1).mean()
     mean_p = probs.mean(0)
-    marginal = float(-(mean_p * mean_p.log()).sum())
-    return CollapseStats(entropy, marginal, math.log(probs.shape[-1]))
+    marginal = -(mean_p * mean_p.log()).sum()
+    return entropy, marginal
+
+
+def collapse_stats(probs: torch.Tensor) -> CollapseStats:
+    entropy, marginal = entropy_tensors(probs)
+    return CollapseStats(float(entropy), float(marginal), math.log(probs.shape[-1]))
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -57,8 +57,12 @@ class DINOHead(nn.Module):
         nlayers: int = 3,
         use_bn: bool = False,
         norm_last_layer: bool = True,
+        fp32_last_layer: bool = False,
     ) -> None:
         super().__init__()
+        # Under autocast, compute the out_dim logits (and their gradients) in fp32: a bf16 logit carries
+        # ~3 significant digits, and the loss divides logits by temperatures of 0.1 and 0.04.
+        self.fp32_last_layer = fp32_last_layer
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         for i in range(len(dims) - 1):
@@ -85,6 +89,9 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
         x = nn.functional.normalize(x, dim=-1, p=2)
+        if self.fp32_last_layer and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.last_layer(x.float())
         return self.last_layer(x)
 
 
@@ -127,6 +134,7 @@ def build_student_teacher(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwo
         m.head_layers,
         m.head_use_bn,
         m.norm_last_layer,
+        fp32_last_layer=cfg.train.fp32_head_logits,
     )
     student = MultiCropNetwork(backbone, head)
     if m.pretrained_init:
@@ -136,6 +144,14 @@ def build_student_teacher(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwo
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher
+
+
+def fused_attention(network: nn.Module) -> bool | None:
+    """True when every attention layer of a timm ViT calls F.scaled_dot_product_attention (timm's
+    `fused_attn`, on by default unless TIMM_FUSED_ATTN=0 or export mode); None for a network without
+    timm attention layers (CNNs)."""
+    flags = [m.fused_attn for m in network.modules() if hasattr(m, "fused_attn") and hasattr(m, "qkv")]
+    return all(flags) if flags else None
 
 
 def disable_stochastic_depth(network: nn.Module) -> None:

@@ -3,6 +3,14 @@
 `TrainState` holds everything a step changes; `checkpoint.py` saves and restores exactly that.
 The step knows nothing of Ray or of where batches come from: the recipe passes a list of crops
 already on the device (uint8, normalised here on the device).
+
+Host syncs.  `train_step(state, crops)` checks the loss and returns floats: one wait for the device
+per step.  `train_step(..., defer=True)` (what `loop.fit` calls) never waits: the loss's finiteness
+is a flag on the device, a non-finite step is skipped on the device (the fused optimizer's
+`found_inf`, a gated centre and EMA; every later step too), the metrics stay 0-d tensors, and the
+caller runs `check_finite(state)` (one sync) at log steps and before every checkpoint, which raises
+`NonFiniteLossError` naming the first non-finite step.  Without a fused optimizer (or with a
+GradScaler) the deferred step checks at once, as the plain one does.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raydino.augment.ops import normalize
+from raydino.augment.ops import IMAGENET_MEAN, IMAGENET_STD
 from raydino.config import Config
 from raydino.core.loss import DINOLoss, koleo_loss
 from raydino.core.model import MultiCropNetwork, build_student_teacher, has_batchnorm
@@ -47,6 +55,10 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # recipe bookkeeping saved with checkpoints
+    # Deferred finite check (device tensors, not checkpointed): the first non-finite step (-1: none
+    # yet) and its loss.  Once set, every later deferred step is skipped on the device as well.
+    nonfinite_step: torch.Tensor | None = None
+    nonfinite_value: torch.Tensor | None = None
 
     @property
     def student_module(self) -> MultiCropNetwork:
@@ -66,12 +78,31 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def use_fused_optimizer(cfg: Config, device: torch.device) -> bool:
+    """`optim.fused`, or when unset (None): fused on CUDA, foreach (torch's default) elsewhere."""
+    return cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """AdamW (or SGD) over DINO's two parameter groups; lr and weight decay are set every step from the
+    schedules.  Build it after the model is on its device: fused kernels need the parameters there."""
     groups = param_groups(model)
+    fused = {"fused": True} if use_fused_optimizer(cfg, torch.device(device)) else {}
     if cfg.optim.optimizer == "sgd":
-        # lr and weight decay are overwritten every step from the schedules
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.sgd_momentum)
-    return torch.optim.AdamW(groups, lr=0.0)
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.sgd_momentum, **fused)
+    return torch.optim.AdamW(groups, lr=0.0, **fused)
+
+
+def compile_networks(student: nn.Module, teacher: nn.Module, **options: Any) -> None:
+    """torch.compile the backbone and head of student and teacher in place (`nn.Module.compile`: the
+    parameters and state-dict keys stay as they are, so checkpoints and DDP are unaffected).
+
+    One graph per crop resolution (dynamic=False): global and local crops each get their own
+    specialised kernels.  The first step of each resolution pays the compile time."""
+    options = {"dynamic": False, **options}
+    for network in (student, teacher):
+        network.backbone.compile(**options)
+        network.head.compile(**options)
 
 
 def build_train_state(cfg: Config, steps_per_epoch: int, world_size: int = 1, device: torch.device | str = "cpu") -> TrainState:
@@ -94,10 +125,12 @@ def build_train_state(cfg: Config, steps_per_epoch: int, world_size: int = 1, de
             )
     student.to(device)
     teacher.to(device)
+    if cfg.train.compile:
+        compile_networks(student, teacher)
     schedules = build_schedules(cfg, steps_per_epoch, world_size)
     n_crops = 2 + cfg.augment.n_local_crops
     loss_fn = DINOLoss(cfg.model.out_dim, n_crops, schedules.teacher_temp, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
-    return TrainState(cfg, student, teacher, loss_fn, make_optimizer(student, cfg), schedules, device)
+    return TrainState(cfg, student, teacher, loss_fn, make_optimizer(student, cfg, device), schedules, device)
 
 
 def sync_batchnorm_supported(device: torch.device) -> bool:
@@ -105,17 +138,15 @@ def sync_batchnorm_supported(device: torch.device) -> bool:
     return device.type in ("cuda", "xpu", "hpu")
 
 
-def clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """DINO clips each parameter tensor separately (not the global norm); returns the pre-clip norms."""
-    norms = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        n = p.grad.detach().norm(2)
-        norms.append(float(n))
-        coef = clip / (n + 1e-6)
-        if coef < 1:
-            p.grad.mul_(coef)
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """DINO clips each parameter tensor separately (not the global norm): grad ×= clip / (‖grad‖ + 1e-6)
+    where that is below 1.  On the device, without a host sync; returns the pre-clip norms (1-D tensor)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
+    coefs = (clip / (norms + 1e-6)).clamp_max(1.0)  # 1.0 where DINO leaves the gradient alone: x * 1.0 == x
+    torch._foreach_mul_(grads, list(coefs.to(grads[0].dtype).unbind()))
     return norms
 
 
@@ -127,24 +158,81 @@ def cancel_last_layer_gradients(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher ← m · teacher + (1 − m) · student, parameter by parameter."""
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: torch.Tensor | None = None) -> None:
+    """teacher ← m · teacher + (1 − m) · student, parameter by parameter.  With `gate` (a 0-d bool
+    tensor on the device) the teacher stays as it is where the gate is False, without a host sync."""
     t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    if gate is None:
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    else:
+        # 0-d device tensors through the foreach `.Tensor` overloads (a tensor passed where a Scalar is
+        # expected, as _foreach_lerp_'s weight, would be read with .item(): a host sync).
+        m = torch.where(gate, momentum, 1.0).to(t_params[0].dtype)  # 1: a skipped step leaves the teacher alone
+        torch._foreach_mul_(t_params, m)
+        torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - m))
 
 
-def train_step(state: TrainState, crops: list[torch.Tensor]) -> dict[str, float]:
-    """One optimisation step on a batch of multi-crops (globals first; uint8 or float, on the device)."""
+_NORMALIZE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalize_on_device(crops: torch.Tensor) -> torch.Tensor:
+    """uint8 → float (x/255 − mean)/std, as `augment.ops.normalize`, with its constants made once per
+    device: a fresh `torch.tensor(..., device="cuda")` per crop is a host-to-device copy that waits."""
+    consts = _NORMALIZE.get(crops.device)
+    if consts is None:
+        scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(3, 1, 1).to(crops.device)
+        shift = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1).to(crops.device)
+        consts = _NORMALIZE[crops.device] = (scale, shift)
+    scale, shift = consts
+    return crops.float().mul_(scale).sub_(shift)
+
+
+def supports_deferred_check(state: TrainState) -> bool:
+    """The optimizer can skip a step on the device: torch's fused AdamW/SGD take a `found_inf` flag."""
+    opt = state.optimizer
+    return (
+        state.scaler is None
+        and getattr(opt, "_step_supports_amp_scaling", False)
+        and all(g.get("fused") for g in opt.param_groups)  # a restored state dict may carry fused=False
+    )
+
+
+def check_finite(state: TrainState) -> None:
+    """Raise NonFiniteLossError if a deferred step was non-finite (one host sync; every rank agrees)."""
+    if state.nonfinite_step is None:
+        return
+    step = int(state.nonfinite_step)
+    if step >= 0:
+        raise NonFiniteLossError(step, float(state.nonfinite_value))
+
+
+def materialize(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics with every 0-d tensor turned into a float, in one device-to-host copy."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(metrics)
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**metrics, **dict(zip(keys, values))}
+
+
+def train_step(state: TrainState, crops: list[torch.Tensor], defer: bool = False) -> dict[str, Any]:
+    """One optimisation step on a batch of multi-crops (globals first; uint8 or float, on the device).
+
+    Returns floats, after raising NonFiniteLossError if the loss is not finite (the update is not
+    applied).  With `defer`, returns 0-d tensors for the loss and statistics and never waits for the
+    device (see the module's docstring); the caller must run `check_finite(state)` before it saves.
+    """
     cfg = state.cfg
     lr, wd, momentum = state.schedules.at(state.step)
     for i, group in enumerate(state.optimizer.param_groups):
         group["lr"] = lr
         if i == 0:  # group 0 carries the decayed weights
             group["weight_decay"] = wd
+    deferred = defer and supports_deferred_check(state)
 
-    crops = [normalize(c) if c.dtype == torch.uint8 else c for c in crops]
+    crops = [normalize_on_device(c) if c.dtype == torch.uint8 else c for c in crops]
     dtype = autocast_dtype(cfg, state.device)
     amp = torch.autocast(state.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with amp:
@@ -155,18 +243,29 @@ def train_step(state: TrainState, crops: list[torch.Tensor]) -> dict[str, float]
             student_out, features = state.student(crops, return_features=True)
             # per global crop, over this worker's batch (as DINOv2)
             koleo = sum(koleo_loss(f) for f in features[: 2 * len(crops[0])].chunk(2))
-            loss = state.loss_fn(student_out, teacher_out, state.epoch) + cfg.loss.koleo_weight * koleo
+            loss = state.loss_fn(student_out, teacher_out, state.epoch, update_center=False) + cfg.loss.koleo_weight * koleo
         else:
             student_out = state.student(crops)
-            loss = state.loss_fn(student_out, teacher_out, state.epoch)
+            loss = state.loss_fn(student_out, teacher_out, state.epoch, update_center=False)
 
-    value = float(loss.detach())
-    finite = torch.tensor(1.0 if math.isfinite(value) else 0.0, device=loss.device)
+    finite = torch.isfinite(loss.detach()).float()
     if dist.is_available() and dist.is_initialized():
-        # All ranks must agree before backward: one rank skipping DDP's all-reduce would hang the rest.
+        # All ranks must agree: one rank skipping DDP's all-reduce (or its update) would hang or split the rest.
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() == 0.0:
-        raise NonFiniteLossError(state.step, value)
+    finite = finite > 0
+    if deferred:
+        if state.nonfinite_step is None:
+            state.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            state.nonfinite_value = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first_bad = (~finite) & (state.nonfinite_step < 0)
+        state.nonfinite_step.copy_(torch.where(first_bad, state.step, state.nonfinite_step))
+        state.nonfinite_value.copy_(torch.where(first_bad, loss.detach().float(), state.nonfinite_value))
+        gate = state.nonfinite_step < 0  # sticky: after a non-finite step nothing more is applied
+    else:
+        if not bool(finite):  # the host waits here for the loss
+            raise NonFiniteLossError(state.step, float(loss.detach()))
+        gate = None
+    state.loss_fn.update_center(teacher_out, gate=gate)
 
     state.optimizer.zero_grad(set_to_none=True)
     if state.scaler is not None:
@@ -174,27 +273,50 @@ def train_step(state: TrainState, crops: list[torch.Tensor]) -> dict[str, float]
         state.scaler.unscale_(state.optimizer)
     else:
         loss.backward()
-    grad_norms = clip_gradients(state.student, cfg.optim.clip_grad) if cfg.optim.clip_grad > 0 else []
+    grad_norms = clip_gradients(state.student, cfg.optim.clip_grad) if cfg.optim.clip_grad > 0 else None
     if state.epoch < cfg.optim.freeze_last_layer_epochs and state.step < state.schedules.freeze_last_layer_steps:
         cancel_last_layer_gradients(state.student)
     if state.scaler is not None:
         state.scaler.step(state.optimizer)
         state.scaler.update()
+    elif deferred:
+        # The fused kernels' own skip (what GradScaler uses): parameters, moments and step counts stay as they were.
+        state.optimizer.grad_scale, state.optimizer.found_inf = None, (~gate).float()
+        try:
+            state.optimizer.step()
+        finally:
+            del state.optimizer.grad_scale, state.optimizer.found_inf
     else:
         state.optimizer.step()
-    ema_update(state.teacher, state.student_module, momentum)
+    ema_update(state.teacher, state.student_module, momentum, gate=gate)
 
     state.step += 1
-    stats = state.loss_fn.last_stats
-    return {
-        "loss": value,
+    entropies = state.loss_fn._last_entropies
+    max_entropy = math.log(cfg.model.out_dim)
+    entropy, marginal = entropies if entropies is not None else (float("nan"), float("nan"))
+    metrics = {
+        "loss": loss.detach(),
         "lr": lr,
         "weight_decay": wd,
         "momentum": momentum,
         "teacher_temp": state.loss_fn.teacher_temp(state.epoch),
-        "teacher_entropy": stats.entropy if stats else float("nan"),
-        "teacher_marginal_entropy": stats.marginal_entropy if stats else float("nan"),
-        "entropy_gap": stats.distance_to_uniform if stats else float("nan"),
-        "grad_norm_max": max(grad_norms) if grad_norms else 0.0,
-        **({"koleo": float(koleo.detach())} if koleo is not None else {}),
+        "teacher_entropy": entropy,
+        "teacher_marginal_entropy": marginal,
+        "entropy_gap": max_entropy - entropy,
+        "grad_norm_max": grad_norms.max() if grad_norms is not None and grad_norms.numel() else 0.0,
+        **({"koleo": koleo.detach()} if koleo is not None else {}),
     }
+    return metrics if defer else materialize(metrics)
+
+
+@torch.no_grad()
+def forward_loss(state: TrainState, crops: list[torch.Tensor], dtype: torch.dtype | None = None) -> float:
+    """The DINO loss of the current weights on `crops` under autocast to `dtype` (None: fp32), changing
+    nothing (no centre update, no step): for comparing precisions on the same weights and inputs."""
+    crops = [normalize_on_device(c) if c.dtype == torch.uint8 else c for c in crops]
+    amp = torch.autocast(state.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with amp:
+        teacher_out = state.teacher(crops[:2])
+        student_out = state.student(crops)
+        loss = state.loss_fn(student_out, teacher_out, state.epoch, update_center=False)
+    return float(loss)

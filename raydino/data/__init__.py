@@ -2,7 +2,7 @@
 
 Components only (no Ray here; the recipes `raydino.shard` and `raydino.synth` are the CLIs):
 
-* `storage`     URI (path, file://, s3://) -> pyarrow filesystem; S3 endpoint, retries, redaction
+* `storage`     URI (path, file://, s3://, gs://) -> pyarrow filesystem; endpoints, retries, redaction
 * `imagebytes`  recognise / strip metadata from / validate encoded images
 * `sources`     list a folder, RETFound-layout tree or CSV of photographs
 * `writer`      shard a source into Parquet + manifest.json, in parallel and resumably
@@ -14,4 +14,5 @@ Components only (no Ray here; the recipes `raydino.shard` and `raydino.synth` ar
 * `catalog`     the paper's downstream datasets (classes, split sizes) and tree checks
 * `loader`      in-process multi-crop batches from shards (single-process training)
 * `labelled`    labelled splits (RETFound trees or shards) for probes
+* `overlap`     pixel and perceptual hashes of a dataset's rows: duplicates, and the leakage guard (`--overlap`)
 """

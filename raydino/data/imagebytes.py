@@ -11,8 +11,10 @@ decoding and re-encoding, hence the two small parsers below (JPEG markers, PNG c
 formats are simple length-prefixed sequences).
 
 Other formats (TIFF, BMP, WebP, GIF) keep metadata in places that cannot be removed without
-re-encoding, and most training decoders do not read TIFF anyway, so they are re-encoded once,
-*losslessly*, to PNG: the pixels are identical, only the container changes.
+re-encoding, and most training decoders do not read TIFF anyway, so they are re-encoded once to
+PNG: losslessly for 8- and 16-bit pixels (16-bit greyscale stays 16-bit) and 32-bit integer or
+float pixels whose values a 16-bit PNG holds exactly; float pixels in [0, 1] are quantised to
+1/65535 (the row's note says so); other float or 32-bit ranges are rejected, never clipped.
 
 `prepare_image` also decodes every image fully once: that is the only reliable test for
 truncated or corrupt files, which are rejected with a reason instead of reaching training.
@@ -24,9 +26,12 @@ import hashlib
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from raydino.data.fov import ImageTransform, transform_image
 
 # JPEG application segments kept: APP0 (JFIF/JFXX header), APP2 only when it is an ICC colour
 # profile, APP14 (Adobe colour transform flag, needed to decode CMYK/YCCK correctly).
@@ -57,6 +62,15 @@ class PreparedImage:
     sha256: str  # of ``data``
     source_format: str  # format of the file as found
     removed: tuple[str, ...]  # what was stripped ("EXIF", "COM", "tEXt", ...), for the summary
+    # Only with an active ImageTransform (--fov-crop / --max-side): the size as found, the field of
+    # view (cx, cy, r in original pixels; None: not found or not looked for), whether it was found
+    # (None: not looked for), and whether the pixels were resized / re-encoded.
+    orig_width: int | None = None
+    orig_height: int | None = None
+    fov: tuple[float, float, float] | None = None
+    fov_found: bool | None = None
+    resized: bool = False
+    reencoded: bool = False
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -190,12 +204,36 @@ def strip_png_metadata(data: bytes) -> tuple[bytes, tuple[str, ...]]:
             out.append(data[pos:end])
         else:
             removed.append(ctype.decode("latin-1"))
+            if ctype == b"eXIf":  # keep the orientation alone, as for JPEG: the photograph stays upright
+                orientation = _orientation_in(data[pos + 8 : end - 4])
+                if orientation != 1:
+                    out.append(_png_exif_chunk(orientation))
         pos = end
         if ctype == b"IEND":
             if data[pos:].strip(b"\x00"):
                 removed.append("trailing data")
             break
     return b"".join(out), tuple(removed)
+
+
+def _orientation_in(tiff_payload: bytes) -> int:
+    """Orientation (1..8) in a PNG eXIf chunk's payload (a TIFF header, no ``Exif\\0\\0``); 1 if absent or broken."""
+    try:
+        exif = Image.Exif()
+        exif.load(b"Exif\x00\x00" + tiff_payload)
+        value = int(exif.get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block only means "no orientation"
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _png_exif_chunk(orientation: int) -> bytes:
+    """A PNG eXIf chunk holding only the Orientation tag."""
+    exif = Image.Exif()
+    exif[_EXIF_ORIENTATION] = orientation
+    payload = exif.tobytes().removeprefix(b"Exif\x00\x00")  # PNG's eXIf holds the TIFF block alone
+    body = b"eXIf" + payload
+    return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
 # ------------------------------------------------------------------ validation
@@ -228,11 +266,13 @@ def _decode(data: bytes) -> tuple[Image.Image, tuple[int, int]]:
         raise ImageRejected(f"corrupt image data ({msg})") from None
 
 
-def prepare_image(data: bytes, *, keep_metadata: bool = False) -> PreparedImage:
+def prepare_image(data: bytes, *, keep_metadata: bool = False, transform: ImageTransform | None = None) -> PreparedImage:
     """Validate one encoded image and return the bytes a shard stores.
 
     * JPEG / PNG: the original compressed data, minus metadata segments (unless ``keep_metadata``).
     * other formats: lossless PNG re-encode (unless ``keep_metadata``, then the original bytes).
+    * with an active ``transform`` (not with ``keep_metadata``), then: cropped to the field of
+      view and/or capped in size and re-encoded when the pixels change (`raydino.data.fov`).
     Raises ImageRejected for empty, non-image, truncated or corrupt input.
     """
     if not data:
@@ -256,9 +296,11 @@ def prepare_image(data: bytes, *, keep_metadata: bool = False) -> PreparedImage:
         out_fmt = "png"
     else:
         img, size = _decode(data)
-        out, out_fmt = _to_png(img), "png"
-        removed = ("re-encoded losslessly to PNG",)
+        out, note = _to_png(img)
+        out_fmt, removed = "png", (note,)
     width, height = size
+    if transform is not None and transform.active and not keep_metadata:
+        return _transformed(out, out_fmt, fmt, (int(width), int(height)), removed, transform)
     return PreparedImage(
         data=out,
         format=out_fmt,
@@ -267,6 +309,30 @@ def prepare_image(data: bytes, *, keep_metadata: bool = False) -> PreparedImage:
         sha256=hashlib.sha256(out).hexdigest(),
         source_format=fmt,
         removed=removed,
+    )
+
+
+def _transformed(out: bytes, out_fmt: str, fmt: str, size: tuple[int, int], removed: tuple[str, ...], transform: ImageTransform) -> PreparedImage:
+    """The cleaned bytes ``out`` through the field-of-view crop / size cap (`raydino.data.fov.transform_image`)."""
+    try:
+        t = transform_image(out, out_fmt, size, transform)
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        raise ImageRejected(f"corrupt image data ({str(e) or type(e).__name__})") from None
+    data = out if t.data is None else t.data
+    return PreparedImage(
+        data=data,
+        format=t.format,
+        height=t.height,
+        width=t.width,
+        sha256=hashlib.sha256(data).hexdigest(),
+        source_format=fmt,
+        removed=removed,
+        orig_width=size[0],
+        orig_height=size[1],
+        fov=None if t.fov is None else (t.fov.cx, t.fov.cy, t.fov.r),
+        fov_found=t.fov_found,
+        resized=t.resized,
+        reencoded=t.data is not None,
     )
 
 
@@ -279,11 +345,41 @@ def _jpeg_orientation(data: bytes) -> int:
         return 1
 
 
-def _to_png(img: Image.Image) -> bytes:
+def _to_png(img: Image.Image) -> tuple[bytes, str]:
+    """PNG bytes of a decoded image and what the conversion did ("re-encoded losslessly to PNG", or
+    the precision it cost).  16-bit greyscale stays 16-bit (PNG holds it exactly); 32-bit integer and
+    float pixels are stored as 16-bit when that is exact, float in [0, 1] quantised to 1/65535 (said
+    so), anything else rejected rather than clipped to 8 bits."""
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)  # first frame only: a fundus photograph is a still image
-    if img.mode not in ("1", "L", "LA", "I;16", "P", "RGB", "RGBA"):
+    # The EXIF block goes with the other metadata, so its orientation goes into the pixels (a transpose: lossless).
+    img = ImageOps.exif_transpose(img)
+    note = "re-encoded losslessly to PNG"
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img, note = _as_16bit(img)
+    elif img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        # CMYK, YCbCr, LAB, HSV, PA, La, RGBX...: 8-bit channels, converted to RGB(A) exactly or
+        # as closely as Pillow's colour conversion allows.
+        note = f"re-encoded to PNG from mode {img.mode} (colour converted to {'RGBA' if 'A' in img.mode else 'RGB'})"
         img = img.convert("RGBA" if "A" in img.mode else "RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=3)  # lossless; level 3: fast, small enough
-    return buf.getvalue()
+    return buf.getvalue(), note
+
+
+def _as_16bit(img: Image.Image) -> tuple[Image.Image, str]:
+    import numpy as np  # local: only high-bit-depth TIFF/PNG sources need it
+
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):  # any byte order: the values are kept, stored as native 16-bit
+        return Image.fromarray(arr.astype(np.uint16)), "re-encoded losslessly to 16-bit PNG"
+    if not np.isfinite(arr).all():
+        raise ImageRejected(f"{img.mode}-mode pixels include NaN or infinity")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0 and hi <= 65535 and (img.mode == "I" or np.array_equal(arr, np.round(arr))):
+        return Image.fromarray(arr.astype(np.uint16)), f"re-encoded losslessly to 16-bit PNG (from mode {img.mode})"
+    if img.mode == "F" and lo >= 0 and hi <= 1:
+        q = np.round(arr.astype(np.float64) * 65535).astype(np.uint16)
+        return Image.fromarray(q), "float pixels in [0, 1] stored as 16-bit PNG (quantised to 1/65535: not lossless)"
+    kind = "32-bit integer" if img.mode == "I" else "float"
+    raise ImageRejected(f"{kind} pixels span [{lo:g}, {hi:g}]: no 16-bit PNG holds them; convert the file to 8 or 16 bits first")

@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
+
+from raydino.augment.decode import as_rgb
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -262,7 +264,9 @@ def decode_image(item: str | bytes, name: str | None = None) -> torch.Tensor:
     DataError naming it (`name`, else the path), not PIL's message about an anonymous buffer."""
     try:
         with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as im:
-            return v2.functional.pil_to_tensor(im.convert("RGB"))
+            rgb = as_rgb(im)  # 16-bit greyscale scaled, not clipped
+            ImageOps.exif_transpose(rgb, in_place=True)  # EXIF orientation, as training's decoder applies it
+            return v2.functional.pil_to_tensor(rgb)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         what = name or (item if isinstance(item, str) else f"{len(item)} encoded bytes")
         raise DataError(f"image {what} cannot be decoded ({e}); remove or replace it") from None

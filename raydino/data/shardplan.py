@@ -3,7 +3,8 @@
 A plan is deterministic (same source, options and seed: shard *k* holds the same files on every
 run) and every shard carries a fingerprint of its members and of the options, so that a rerun
 keeps exactly the shards whose receipt (``_progress/shard-k.json``) still matches its plan and its
-file on storage, and redoes the rest.  `raydino.data.writer` drives the job.
+file on storage (same size and ETag or modification time, looked up, not downloaded), and redoes
+the rest.  `raydino.data.writer` drives the job.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import io
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from raydino.data import storage
 from raydino.data.shards import PROGRESS_DIR, REJECTS_NAME, SCHEMA_VERSION, SHARDS_DIR, ShardEntry, ShardError, check_shard_bytes, shard_name
@@ -57,7 +60,13 @@ def order_items(items: list[SourceItem], shuffle_seed: int | None) -> list[Sourc
 
 
 def plan_shards(
-    items: list[SourceItem], target_bytes: float, *, keep_metadata: bool, dataset: str | None, shuffle_seed: int | None
+    items: list[SourceItem],
+    target_bytes: float,
+    *,
+    keep_metadata: bool,
+    dataset: str | None,
+    shuffle_seed: int | None,
+    transform: dict[str, Any] | None = None,
 ) -> list[PlannedShard]:
     """Cut the ordered items into shards of about `target_bytes`, each with its fingerprint."""
     shards: list[list[SourceItem]] = []
@@ -76,6 +85,9 @@ def plan_shards(
     if shuffle_seed is not None:
         # Only when shuffled: unshuffled plans keep the fingerprints (and receipts) of earlier raydino versions.
         settings["row_order"] = row_order(shuffle_seed)
+    if transform:
+        # --fov-crop / --max-side / --quality change the stored pixels: a rerun with others rewrites.
+        settings["transform"] = transform
     planned = []
     for i, members in enumerate(shards):
         h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -104,13 +116,41 @@ def load_receipt(dest: Location, plan: PlannedShard) -> dict[str, Any] | None:
     if entry is None:  # every file of this shard was rejected: nothing to verify
         return receipt
     shard_path = dest.join(entry["path"])
+    if receipt.get("version"):
+        # Trusted without reading it: the object is the one this receipt's run wrote (same size and
+        # ETag / modification time).  Re-hashing every finished shard on S3 cost a full download per
+        # resume; `python -m raydino.shard --verify DEST` still checks every byte.
+        return receipt if shard_version(dest, shard_path) == receipt["version"] else None
     if not storage.exists(dest, shard_path):
         return None
-    try:
+    try:  # a receipt from before versions were recorded: check the bytes
         check_shard_bytes(ShardEntry(**entry), storage.read_bytes(dest, shard_path), dest.uri_of(entry["path"]))
     except ShardError:
         return None
     return receipt
+
+
+_S3_CLIENTS: dict[tuple[str | None, str | None], Any] = {}
+
+
+def shard_version(dest: Location, path: str) -> str | None:
+    """What identifies one stored object without reading it: size plus S3's ETag (a digest of the
+    content), elsewhere size plus modification time; None if the object is missing."""
+    if dest.scheme == "s3":
+        from botocore.exceptions import ClientError
+
+        key = (dest.options.resolved_endpoint(), dest.options.resolved_region())
+        client = _S3_CLIENTS.get(key) or _S3_CLIENTS.setdefault(key, storage.s3_client(dest.options))
+        bucket, _, name = path.partition("/")
+        try:
+            head = storage.with_retries(lambda: client.head_object(Bucket=bucket, Key=name), what=f"looking up s3://{path}", options=dest.options)
+        except ClientError:  # 404 (gone) or 403: not the object the receipt recorded
+            return None
+        return f"size={head['ContentLength']} etag={head['ETag'].strip(chr(34))}"
+    info = storage.file_info(dest, path)
+    if info.type != pafs.FileType.File:
+        return None
+    return f"size={info.size} mtime_ns={info.mtime_ns}"
 
 
 def write_rejects(dest: Location, rejects: list[Reject]) -> None:

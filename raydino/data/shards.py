@@ -1,6 +1,6 @@
 """Parquet shards + ``manifest.json``: the format, and a reader that verifies what it reads.
 
-Layout of a sharded dataset (a local folder or an ``s3://`` prefix)::
+Layout of a sharded dataset (a local folder or an ``s3://`` / ``gs://`` prefix)::
 
     DEST/manifest.json          schema version, shards (rows, bytes, sha256), totals, source
     DEST/rejects.csv            every source file that did not become a row, with the reason
@@ -50,6 +50,16 @@ SCHEMA = pa.schema(
     ]
 )
 
+# Only in shards written with `--fov-crop` / `--max-side` (manifest `transform` set): the size as
+# found, and the field of view detected (original pixels; null when not found or not looked for).
+TRANSFORM_FIELDS = [
+    pa.field("orig_width", pa.int32()),
+    pa.field("orig_height", pa.int32()),
+    pa.field("fov_cx", pa.float32()),
+    pa.field("fov_cy", pa.float32()),
+    pa.field("fov_r", pa.float32()),
+]
+
 
 class ShardError(RuntimeError):
     """A shard (or the manifest) disagrees with what was promised; the message names it."""
@@ -85,6 +95,9 @@ class Totals(_Model):
     rejected: int = 0  # files that were opened (or looked up) and failed
     skipped: int = 0  # files never opened (not images by name, hidden, outside split folders)
     source_files: int = 0  # everything the source listed
+    # Rows whose decoded pixels equal an earlier row's (exact duplicates, from hashes.parquet:
+    # raydino.data.overlap); None in manifests written before raydino counted them.
+    duplicates: int | None = None
 
 
 class Manifest(_Model):
@@ -100,6 +113,9 @@ class Manifest(_Model):
     row_order: dict[str, Any] | None = None
     columns: list[str] = [f.name for f in SCHEMA]
     options: dict[str, Any] = {}
+    # {"fov_crop", "max_side", "quality", "fov_found", "fov_not_found", "resized", "reencoded"} when
+    # the images were cropped to their field of view and/or capped in size; None: stored as found.
+    transform: dict[str, Any] | None = None
     shards: list[ShardEntry]
     totals: Totals
     rejects_file: str = REJECTS_NAME
@@ -115,8 +131,11 @@ def load_manifest(loc: Location) -> Manifest:
         raise ShardError(f"no {MANIFEST_NAME} at {loc.uri} (is this the DEST of `python -m raydino.shard`?)")
     try:
         data = json.loads(storage.read_bytes(loc, path))
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{loc.uri_of(MANIFEST_NAME)} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # truncated by a crash, or overwritten with binary
+        raise ShardError(
+            f"{loc.uri_of(MANIFEST_NAME)} is corrupt (not valid JSON: {e}); rerun the `python -m raydino.shard` "
+            "command that made this dataset: finished shards are kept and the manifest is written again"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ShardError(f"{loc.uri_of(MANIFEST_NAME)} is not a raydino shard manifest")
     version = data.get("schema_version")
@@ -231,10 +250,11 @@ class ShardSet:
         verify: bool = True,
     ) -> Iterator[pa.RecordBatch]:
         """Record batches, shard by shard (one shard in memory at a time)."""
-        cols = list(columns) if columns else [f.name for f in SCHEMA]
-        unknown = set(cols) - {f.name for f in SCHEMA}
+        allowed = list(dict.fromkeys([f.name for f in SCHEMA] + list(self.manifest.columns)))
+        cols = list(columns) if columns else allowed
+        unknown = set(cols) - set(allowed)
         if unknown:
-            raise ValueError(f"columns {sorted(unknown)} are not shard columns (allowed: {[f.name for f in SCHEMA]})")
+            raise ValueError(f"columns {sorted(unknown)} are not shard columns (allowed: {allowed})")
         read_cols = list(dict.fromkeys(cols + (["split"] if split else []) + (["id", "image", "sha256"] if verify else [])))
         for entry in self.entries(split):
             where = self.location.uri_of(entry.path)
@@ -263,5 +283,5 @@ def _check_rows(batch: pa.RecordBatch, where: str) -> None:
 
 
 def open_shards(uri: str, options: StorageOptions | None = None) -> ShardSet:
-    """Open a sharded dataset (local folder, ``file://`` or ``s3://``) by its manifest."""
+    """Open a sharded dataset (local folder, ``file://``, ``s3://`` or ``gs://``) by its manifest."""
     return ShardSet(uri, options)

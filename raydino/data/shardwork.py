@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydino.data import storage
+from raydino.data.fov import ImageTransform
 from raydino.data.imagebytes import ImageRejected, PreparedImage, prepare_image
-from raydino.data.shardplan import PlannedShard, Reject, receipt_path
-from raydino.data.shards import SCHEMA, SCHEMA_VERSION, shard_name
+from raydino.data.shardplan import PlannedShard, Reject, receipt_path, shard_version
+from raydino.data.shards import SCHEMA, SCHEMA_VERSION, TRANSFORM_FIELDS, shard_name
 from raydino.data.sources import SourceItem
 from raydino.data.storage import Location, StorageError, StorageOptions
 
@@ -45,8 +46,12 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def process_chunk(root_uri: str, options: StorageOptions, paths: list[str], keep_metadata: bool) -> list[PreparedImage | str]:
+def process_chunk(
+    root_uri: str, options: StorageOptions, paths: list[str], keep_metadata: bool, transform: ImageTransform | None = None
+) -> list[PreparedImage | str]:
     """Read and prepare a few images; a string in the result is a rejection reason.
+
+    ``transform``: the field-of-view crop / size cap (`raydino.data.fov`), None for none.
 
     Transient storage errors propagate (the run stops and can be resumed); per-file problems
     become reasons.  Runs in pool processes, so it only takes picklable arguments.
@@ -68,7 +73,7 @@ def process_chunk(root_uri: str, options: StorageOptions, paths: list[str], keep
             out.append(f"unreadable: {storage.redact(str(e)).splitlines()[0]}")
             continue
         try:
-            out.append(prepare_image(data, keep_metadata=keep_metadata))
+            out.append(prepare_image(data, keep_metadata=keep_metadata, transform=transform))
         except ImageRejected as e:
             out.append(e.reason)
     return out
@@ -78,20 +83,32 @@ def process_chunk(root_uri: str, options: StorageOptions, paths: list[str], keep
 
 
 def encode_shard(rows: list[tuple[SourceItem, PreparedImage]], dataset: str | None, fingerprint: str) -> bytes:
-    """The rows as one Parquet file in memory (`raydino.data.shards.SCHEMA`), stamped with the plan's fingerprint."""
+    """The rows as one Parquet file in memory (`raydino.data.shards.SCHEMA`), stamped with the plan's fingerprint.
+
+    Rows prepared with a field-of-view crop / size cap also get `TRANSFORM_FIELDS` (original size,
+    detected circle); without one the file is exactly what it always was.
+    """
+    schema = SCHEMA
+    columns = {
+        "id": [it.id for it, _ in rows],
+        "image": [p.data for _, p in rows],
+        "format": [p.format for _, p in rows],
+        "height": [p.height for _, p in rows],
+        "width": [p.width for _, p in rows],
+        "label": [it.label for it, _ in rows],
+        "split": [it.split for it, _ in rows],
+        "dataset": [dataset] * len(rows),
+        "sha256": [p.sha256 for _, p in rows],
+    }
+    if any(p.orig_width is not None for _, p in rows):
+        schema = pa.schema([*SCHEMA, *TRANSFORM_FIELDS])
+        columns["orig_width"] = [p.orig_width for _, p in rows]
+        columns["orig_height"] = [p.orig_height for _, p in rows]
+        for i, name in enumerate(("fov_cx", "fov_cy", "fov_r")):
+            columns[name] = [None if p.fov is None else p.fov[i] for _, p in rows]
     table = pa.table(
-        {
-            "id": [it.id for it, _ in rows],
-            "image": [p.data for _, p in rows],
-            "format": [p.format for _, p in rows],
-            "height": [p.height for _, p in rows],
-            "width": [p.width for _, p in rows],
-            "label": [it.label for it, _ in rows],
-            "split": [it.split for it, _ in rows],
-            "dataset": [dataset] * len(rows),
-            "sha256": [p.sha256 for _, p in rows],
-        },
-        schema=SCHEMA.with_metadata({"raydino.schema_version": str(SCHEMA_VERSION), "raydino.fingerprint": fingerprint}),
+        columns,
+        schema=schema.with_metadata({"raydino.schema_version": str(SCHEMA_VERSION), "raydino.fingerprint": fingerprint}),
     )
     avg = max(1, sum(len(p.data) for _, p in rows) // len(rows))
     sink = pa.BufferOutputStream()
@@ -130,7 +147,16 @@ def write_shard(dest: Location, plan: PlannedShard, results: list[PreparedImage 
         receipt["split_labels"] = {k: dict(v) for k, v in split_labels.items()}
         receipt["metadata_stripped"] = sum(1 for _, p in rows if p.removed and p.source_format in ("jpeg", "png"))
         receipt["transcoded"] = sum(1 for _, p in rows if p.format != p.source_format)
+        if any(p.orig_width is not None for _, p in rows):
+            receipt["transform"] = {
+                "fov_found": sum(1 for _, p in rows if p.fov_found is True),
+                "fov_not_found": sum(1 for _, p in rows if p.fov_found is False),
+                "resized": sum(1 for _, p in rows if p.resized),
+                "reencoded": sum(1 for _, p in rows if p.reencoded),
+            }
     else:
         storage.delete_file(dest, dest.join(name))  # a stale file from an earlier plan
+    if receipt["entry"] is not None:  # what a rerun compares instead of downloading the shard again
+        receipt["version"] = shard_version(dest, dest.join(name))
     storage.write_bytes(dest, receipt_path(dest, plan.index), json.dumps(receipt).encode())
     return receipt

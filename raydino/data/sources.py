@@ -2,7 +2,7 @@
 
 A source is one of
 
-* a folder (searched recursively), local or ``s3://``: every file is a candidate, unlabelled,
+* a folder (searched recursively), local, ``s3://`` or ``gs://``: every file is a candidate, unlabelled,
   split ``train`` unless a labels CSV says otherwise;
 * a RETFound-layout tree ``ROOT/{train,val,test}/<class>/<image>``: split and class come from
   the path (detected when the folder's top level holds split folders);
@@ -134,8 +134,17 @@ def _list_local(root: str) -> tuple[list[_File], list[Skipped]]:
     which must be reported rather than silently left out."""
     files: list[_File] = []
     problems: list[Skipped] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+
+    def unreadable_folder(e: OSError) -> None:  # os.walk's default is to skip such a folder silently
+        rel = os.path.relpath(e.filename or root, root).replace(os.sep, "/")
+        problems.append(Skipped(rel + "/", f"unreadable folder: {e.strerror or type(e).__name__}; its images were not listed", kind="rejected"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable_folder):
         dirnames.sort()
+        for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            # Not followed (a link can loop, or list the same images twice), but never left out unsaid.
+            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            problems.append(Skipped(rel + "/", "symbolic link to a folder: not followed; point SRC at the real folder or copy it in"))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root).replace(os.sep, "/")
@@ -176,9 +185,29 @@ def _list_folder(loc: Location, files: list[_File]) -> SourceListing:
     return listing
 
 
-def _read_csv_rows(loc: Location, path: str) -> list[list[str]]:
-    text = storage.read_bytes(loc, path).decode("utf-8-sig", errors="replace")
+def _read_csv_rows(loc: Location, path: str, where: str) -> list[list[str]]:
+    data = storage.read_bytes(loc, path)
+    try:
+        text = data.decode("utf-8-sig")  # strict: a replaced character would silently miss its image
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SourceError(
+            f"{where} is not UTF-8 (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8, e.g. "
+            "`iconv -f cp1252 -t utf-8 in.csv > out.csv` or Excel's 'CSV UTF-8' (Windows exports are often cp1252)"
+        ) from None
     return [row for row in csv.reader(io.StringIO(text)) if row and any(c.strip() for c in row)]
+
+
+def _refuse_duplicates(paths: list[tuple[int, str]], where: str) -> None:
+    """Each image once: two rows for one path would give it two labels (or splits), one silently lost."""
+    rows_of: dict[str, list[int]] = {}
+    for lineno, rel in paths:
+        rows_of.setdefault(rel, []).append(lineno)
+    dups = [(rel, lines) for rel, lines in rows_of.items() if len(lines) > 1]
+    if dups:
+        shown = "; ".join(f"{rel} (rows {', '.join(map(str, lines))})" for rel, lines in dups[:10])
+        more = f"; and {len(dups) - 10} more" if len(dups) > 10 else ""
+        raise SourceError(f"{where}: {len(dups)} path(s) listed more than once: {shown}{more}. List each image once")
 
 
 def _clean_rel(raw: str) -> str:
@@ -205,11 +234,11 @@ def _csv_columns(rows: list[list[str]], label_column: str, where: str) -> tuple[
 
 def _list_csv(csv_loc: Location, label_column: str) -> SourceListing:
     where = f"CSV {csv_loc.uri}"
-    rows, ip, il, isp = _csv_columns(_read_csv_rows(csv_loc, csv_loc.path), label_column, where)
+    rows, ip, il, isp = _csv_columns(_read_csv_rows(csv_loc, csv_loc.path, where), label_column, where)
     root = storage.Location(csv_loc.fs, posixpath.dirname(csv_loc.path), csv_loc.scheme, csv_loc.options)
     listing = SourceListing(kind="csv", root=root)
-    seen: set[str] = set()
     entries: list[tuple[str, str, str | None, str]] = []
+    numbered: list[tuple[int, str]] = []
     for lineno, row in rows:
         raw = row[ip].strip() if ip < len(row) else ""
         if not raw:
@@ -218,11 +247,9 @@ def _list_csv(csv_loc: Location, label_column: str) -> SourceListing:
         path = rel if rel.startswith("/") else root.join(rel)
         label = row[il].strip() if il is not None and il < len(row) and row[il].strip() else None
         split = normalise_split(row[isp], f"{where}, row {lineno}") if isp is not None and isp < len(row) and row[isp].strip() else "train"
-        if rel in seen:
-            listing.skipped.append(Skipped(rel, f"duplicate entry (row {lineno})", kind="rejected"))
-            continue
-        seen.add(rel)
+        numbered.append((lineno, rel))
         entries.append((rel, path, label, split))
+    _refuse_duplicates(numbered, where)
     infos = storage.with_retries(
         lambda: csv_loc.fs.get_file_info([p for _, p, _, _ in entries]), what=f"looking up files of {where}", options=csv_loc.options
     )
@@ -238,7 +265,8 @@ def _apply_labels(listing: SourceListing, labels_csv: str, label_column: str, op
     """Labels (and splits) for a folder source from a ``path,label[,split]`` CSV relative to it."""
     loc = storage.resolve(labels_csv, options)
     where = f"labels CSV {loc.uri}"
-    rows, ip, il, isp = _csv_columns(_read_csv_rows(loc, loc.path), label_column, where)
+    rows, ip, il, isp = _csv_columns(_read_csv_rows(loc, loc.path, where), label_column, where)
+    _refuse_duplicates([(lineno, _clean_rel(row[ip]) if ip < len(row) else "") for lineno, row in rows], where)
     table: dict[str, tuple[str | None, str | None]] = {}
     for lineno, row in rows:
         rel = _clean_rel(row[ip]) if ip < len(row) else ""

@@ -1,21 +1,27 @@
 """Where data lives: a URI becomes a pyarrow filesystem plus a path on it.
 
-Every raydino location is one of
+Every raydino location is one of (`REMOTE_SCHEMES` is the table of object stores)
 
 * a plain path (``data/shards``) or ``file:///abs/path`` -> ``pyarrow.fs.LocalFileSystem``
 * ``s3://bucket/prefix``                                 -> ``pyarrow.fs.S3FileSystem``
+* ``gs://bucket/prefix`` (Google Cloud Storage)          -> ``pyarrow.fs.GcsFileSystem``
 
 S3-compatible endpoints (MinIO, Ceph, moto, ...) come from, in order: an explicit
 ``StorageOptions.endpoint`` (the config field ``data.s3_endpoint``), the URI query
 (``s3://b/p?endpoint_override=host:port&scheme=http``), then the standard AWS variables
-``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.  Credentials are never passed around by raydino:
-pyarrow and boto3 both read the standard AWS chain (environment, ``~/.aws``, instance role),
-so they cannot end up in a manifest, a log line or a pickled task.  Text that might contain
-them (error messages, URIs) goes through `redact` / `display_uri` before it is shown.
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.  A GCS endpoint (an emulator, a private endpoint)
+comes from ``StorageOptions.gcs_endpoint`` (``data.gcs_endpoint``), the URI query, then
+``STORAGE_EMULATOR_HOST`` (the variable Google's own clients read); none means storage.googleapis.com.
+Credentials are never passed around by raydino: pyarrow and boto3 read the standard AWS chain
+(environment, ``~/.aws``, instance role), pyarrow's GCS client Google's Application Default
+Credentials (``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth application-default login``, the VM's
+service account), so they cannot end up in a manifest, a log line or a pickled task.  A plain-http
+GCS endpoint (an emulator) is reached anonymously: no token ever travels unencrypted.  Text that
+might contain credentials (error messages, URIs) goes through `redact` / `display_uri` before it is shown.
 
-pyarrow already retries S3 requests (``retry_strategy``); `with_retries` adds a second,
-slower layer with exponential backoff around whole operations (one shard upload, one file
-read) so that a short outage of the endpoint does not end a long job, while a long one ends
+pyarrow already retries S3 and GCS requests (``retry_strategy``, ``retry_time_limit``); `with_retries`
+adds a second, slower layer with exponential backoff around whole operations (one shard upload, one
+file read) so that a short outage of the endpoint does not end a long job, while a long one ends
 it with a message that says what failed and that rerunning resumes.
 """
 
@@ -28,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -37,8 +44,22 @@ T = TypeVar("T")
 
 # The one list of credential variables: `redact` hides their values, `forwardable_env` never sends
 # them to other nodes (each node reads its own credential chain).  AWS_SECURITY_TOKEN is the older
-# name of AWS_SESSION_TOKEN that boto and some SDKs still read.
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+# name of AWS_SESSION_TOKEN that boto and some SDKs still read.  GOOGLE_OAUTH_ACCESS_TOKEN (an OAuth
+# token) and GOOGLE_CREDENTIALS (a service-account key's JSON itself) are how some Google tools take
+# credentials in the environment; raydino reads neither, but never shows or forwards them.
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID",
+    "GOOGLE_OAUTH_ACCESS_TOKEN", "GOOGLE_CREDENTIALS",
+)  # fmt: skip
+
+# Non-secret settings every node of a run needs to reach the same storage: every AWS_* variable but
+# the secrets above, and these (a GCS emulator; where the service-account key file is, which must then
+# exist at that path on every node; the project).
+FORWARD_ENV_PREFIXES = ("AWS_",)
+FORWARD_ENV = (
+    "STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT",
+)  # fmt: skip
 
 
 class StorageError(OSError):
@@ -53,8 +74,9 @@ class TransientStorageError(StorageError):
 class StorageOptions:
     """How to reach object storage.  Picklable and free of secrets by construction."""
 
-    endpoint: str | None = None  # e.g. "http://127.0.0.1:9000"; None: AWS_ENDPOINT_URL(_S3) or AWS
-    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    endpoint: str | None = None  # S3, e.g. "http://127.0.0.1:9000"; None: AWS_ENDPOINT_URL(_S3) or AWS
+    region: str | None = None  # S3; None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    gcs_endpoint: str | None = None  # GCS, e.g. "http://127.0.0.1:9023"; None: STORAGE_EMULATOR_HOST or Google
     max_attempts: int = 5  # raydino-level attempts per operation (each has pyarrow's own retries)
     backoff_s: float = 0.5  # first wait; doubles each attempt, capped by backoff_max_s
     backoff_max_s: float = 8.0
@@ -65,8 +87,9 @@ class StorageOptions:
 
     @classmethod
     def from_config(cls, data_cfg: Any, **kw: Any) -> StorageOptions:
-        """Build from a `raydino.config.DataConfig` (fields s3_endpoint, s3_region)."""
-        return cls(endpoint=getattr(data_cfg, "s3_endpoint", None), region=getattr(data_cfg, "s3_region", None), **kw)
+        """Build from a `raydino.config.DataConfig` (fields s3_endpoint, s3_region, gcs_endpoint) or its dict."""
+        get = data_cfg.get if isinstance(data_cfg, dict) else lambda k: getattr(data_cfg, k, None)
+        return cls(endpoint=get("s3_endpoint"), region=get("s3_region"), gcs_endpoint=get("gcs_endpoint"), **kw)
 
     def resolved_endpoint(self) -> str | None:
         extra = dict(self.extra)
@@ -80,6 +103,19 @@ class StorageOptions:
         """The configured region, or None (pyarrow and boto3 then use us-east-1)."""
         return self.region or dict(self.extra).get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
+    def resolved_gcs_endpoint(self) -> str | None:
+        """The GCS endpoint as scheme://host[:port], or None (storage.googleapis.com).  STORAGE_EMULATOR_HOST
+        without a scheme is plain http, as Google's clients read it."""
+        extra = dict(self.extra)
+        if self.gcs_endpoint:
+            return self.gcs_endpoint if "://" in self.gcs_endpoint else f"https://{self.gcs_endpoint}"
+        if "endpoint_override" in extra:
+            return f"{extra.get('scheme', 'https')}://{extra['endpoint_override']}"
+        env = os.environ.get("STORAGE_EMULATOR_HOST")
+        if env:
+            return env if "://" in env else f"http://{env}"
+        return None
+
 
 @dataclass(frozen=True)
 class Location:
@@ -87,13 +123,17 @@ class Location:
 
     fs: pafs.FileSystem
     path: str
-    scheme: str  # "file" or "s3"
+    scheme: str  # "file", or a key of REMOTE_SCHEMES ("s3", "gs")
     options: StorageOptions
+
+    @property
+    def is_remote(self) -> bool:
+        return self.scheme != "file"
 
     @property
     def uri(self) -> str:
         """Display-safe URI of this location."""
-        return self.path if self.scheme == "file" else f"s3://{self.path}"
+        return self.path if self.scheme == "file" else f"{self.scheme}://{self.path}"
 
     def join(self, *parts: str) -> str:
         """Path on ``fs`` of a child (``parts`` are POSIX-relative)."""
@@ -105,7 +145,7 @@ class Location:
 
     def uri_of(self, *parts: str) -> str:
         p = self.join(*parts)
-        return p if self.scheme == "file" else f"s3://{p}"
+        return p if self.scheme == "file" else f"{self.scheme}://{p}"
 
 
 # ------------------------------------------------------------------ resolving
@@ -131,16 +171,94 @@ def _s3_filesystem(opts: StorageOptions) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-S3_URI_QUERY_KEYS = ("endpoint_override", "scheme", "region")
+def _gcs_filesystem(opts: StorageOptions) -> pafs.GcsFileSystem:
+    # google-cloud-cpp retries transient errors itself for up to retry_time_limit (its default is 15
+    # minutes, which would hide an outage from `with_retries`); one connection timeout's worth here, so
+    # each `with_retries` attempt lasts about as long as an S3 one.
+    kwargs: dict[str, Any] = {"retry_time_limit": timedelta(seconds=max(1.0, opts.connect_timeout_s))}
+    endpoint = opts.resolved_gcs_endpoint()
+    if endpoint:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+            raise StorageError(f"GCS endpoint {display_uri(endpoint)!r}: expected http(s)://host[:port]")
+        kwargs["endpoint_override"] = parts.netloc.rsplit("@", 1)[-1]
+        kwargs["scheme"] = parts.scheme
+        # Plain http is an emulator's: no token is ever sent unencrypted (emulators take none).
+        kwargs["anonymous"] = parts.scheme == "http"
+    # No token here on purpose: pyarrow reads Application Default Credentials itself.
+    return pafs.GcsFileSystem(**kwargs)
+
+
+def _s3_bucket_ok(name: str) -> bool:
+    return re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", name) is not None
+
+
+def _gcs_bucket_ok(name: str) -> bool:
+    # https://cloud.google.com/storage/docs/buckets#naming: 3-63 characters, or up to 222 with dots
+    # (each dot-separated part at most 63).
+    return (
+        re.fullmatch(r"[a-z0-9][a-z0-9._\-]*[a-z0-9]", name) is not None
+        and 3 <= len(name) <= (222 if "." in name else 63)
+        and all(0 < len(part) <= 63 for part in name.split("."))
+    )
+
+
+@dataclass(frozen=True)
+class RemoteScheme:
+    """One kind of object storage: how its URIs are checked, its filesystem built, its errors explained."""
+
+    name: str  # the URI scheme raydino writes: "s3", "gs"
+    aliases: tuple[str, ...]  # other spellings accepted on input ("s3a", "gcs")
+    label: str  # for messages: "S3", "GCS"
+    filesystem: Callable[[StorageOptions], pafs.FileSystem]
+    bucket_ok: Callable[[str], bool]
+    bucket_rule: str  # what a valid bucket name is, for the error that refuses one
+    query_keys: tuple[str, ...]  # what a URI's ?query may set
+    credentials: str  # where credentials come from (never from raydino's arguments)
+    endpoint_settings: str  # where a custom endpoint is set
+
+
+# The object stores raydino speaks.  A new one is a row here (plus its filesystem factory).
+REMOTE_SCHEMES: dict[str, RemoteScheme] = {
+    "s3": RemoteScheme(
+        "s3", ("s3a",), "S3", _s3_filesystem, _s3_bucket_ok,
+        "3-63 lower-case letters, digits, dots and hyphens",
+        ("endpoint_override", "scheme", "region"),
+        "the AWS environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role)",
+        "--s3-endpoint / data.s3_endpoint / AWS_ENDPOINT_URL",
+    ),
+    "gs": RemoteScheme(
+        "gs", ("gcs",), "GCS", _gcs_filesystem, _gcs_bucket_ok,
+        "3-63 lower-case letters, digits, hyphens, underscores and dots (up to 222 with dots)",
+        ("endpoint_override", "scheme"),
+        "Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, "
+        "`gcloud auth application-default login` or the VM's service account)",
+        "--gcs-endpoint / data.gcs_endpoint / STORAGE_EMULATOR_HOST",
+    ),
+}  # fmt: skip
+_SCHEME_OF = {alias: spec for spec in REMOTE_SCHEMES.values() for alias in (spec.name, *spec.aliases)}
+S3_URI_QUERY_KEYS = REMOTE_SCHEMES["s3"].query_keys
+ALLOWED = "a local path, file://, " + ", ".join(f"{k}://" for k in REMOTE_SCHEMES)
+
+
+def remote_scheme(scheme: str) -> RemoteScheme | None:
+    """The table row of a URI scheme (its aliases included), None for file or an unknown one."""
+    return _SCHEME_OF.get(scheme.lower())
 
 
 def resolve(uri: str, options: StorageOptions | None = None) -> Location:
-    """Turn a path or ``file://`` / ``s3://`` URI into a `Location`."""
+    """Turn a path or ``file://`` / ``s3://`` / ``gs://`` URI into a `Location`."""
     if not isinstance(uri, str) or not uri.strip():
-        raise StorageError(f"storage URI {uri!r}: expected a path, file:// or s3://bucket/prefix")
+        raise StorageError(f"storage URI {uri!r}: expected a path, file:///abs/path, {', '.join(f'{k}://bucket/prefix' for k in REMOTE_SCHEMES)}")
     opts = options or StorageOptions()
     uri = uri.strip()
     if "://" not in uri:
+        typo = re.match(r"([A-Za-z][A-Za-z0-9+.\-]+):/*", uri)  # gs:/bucket, s3:bucket (a drive letter C: is one letter)
+        if typo and (typo.group(1).lower() == "file" or remote_scheme(typo.group(1))):
+            raise StorageError(
+                f"storage URI {display_uri(uri)!r}: {typo.group(1)}: needs two slashes "
+                f"({typo.group(1)}://{uri[typo.end() :] or 'bucket/prefix'}); a local folder of that name would be ./{uri}"
+            )
         return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "file", opts)
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
@@ -150,29 +268,29 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
                 f"storage URI {uri!r}: {parts.netloc!r} would be read as a host name; use file:///absolute/path or a plain (relative) path"
             )
         return Location(pafs.LocalFileSystem(), os.path.abspath(unquote(parts.path)), "file", opts)
-    if scheme in ("s3", "s3a"):
-        if parts.username or parts.password:
-            raise StorageError(
-                f"storage URI {display_uri(uri)!r} embeds credentials; remove them and use the AWS "
-                "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role)"
-            )
-        bucket = parts.netloc  # not .hostname: that lower-cases and drops a port, hiding a typo
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-            raise StorageError(
-                f"storage URI {display_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name "
-                "(3-63 lower-case letters, digits, dots and hyphens; an endpoint goes in "
-                "?endpoint_override= or AWS_ENDPOINT_URL)"
-            )
-        given = parse_qs(parts.query, keep_blank_values=True)
-        unknown = sorted(set(given) - set(S3_URI_QUERY_KEYS))
-        if unknown:
-            raise StorageError(f"storage URI {display_uri(uri)!r}: unknown query key(s) {unknown}; allowed: {', '.join(S3_URI_QUERY_KEYS)}")
-        query = {k: v[-1] for k, v in given.items()}
-        if query:
-            opts = replace(opts, extra=tuple(sorted({**dict(opts.extra), **query}.items())))
-        path = f"{bucket}/{parts.path.strip('/')}".rstrip("/")
-        return Location(_s3_filesystem(opts), path, "s3", opts)
-    raise StorageError(f"storage URI {display_uri(uri)!r}: scheme {scheme!r} is not supported (allowed: a local path, file://, s3://)")
+    spec = remote_scheme(scheme)
+    if spec is None:
+        raise StorageError(f"storage URI {display_uri(uri)!r}: scheme {scheme!r} is not supported (allowed: {ALLOWED})")
+    if parts.username or parts.password:
+        raise StorageError(f"storage URI {display_uri(uri)!r} embeds credentials; remove them and use {spec.credentials}")
+    bucket = parts.netloc  # not .hostname: that lower-cases and drops a port, hiding a typo
+    if not bucket:
+        raise StorageError(f"storage URI {display_uri(uri)!r}: no bucket; expected {spec.name}://bucket/prefix")
+    if not spec.bucket_ok(bucket):
+        raise StorageError(
+            f"storage URI {display_uri(uri)!r}: {bucket!r} is not a valid {spec.label} bucket name "
+            f"({spec.bucket_rule}; an endpoint goes in ?endpoint_override= or {spec.endpoint_settings.rsplit(' / ', 1)[-1]})"
+        )
+    given = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(given) - set(spec.query_keys))
+    if unknown:
+        # Only the key names: a value (access_token=...) is never echoed.
+        raise StorageError(f"storage URI {display_uri(uri)!r}: unknown query key(s) {unknown}; allowed: {', '.join(spec.query_keys)}")
+    query = {k: v[-1] for k, v in given.items()}
+    if query:
+        opts = replace(opts, extra=tuple(sorted({**dict(opts.extra), **query}.items())))
+    path = f"{bucket}/{parts.path.strip('/')}".rstrip("/")
+    return Location(spec.filesystem(opts), path, spec.name, opts)
 
 
 def s3_client(options: StorageOptions | None = None) -> Any:
@@ -206,12 +324,20 @@ def redact(text: str) -> str:
         if value and len(value) >= 4:
             out = out.replace(value, "***")
     out = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", out)
+    # Google OAuth access tokens (ya29.…), a token in a query string, an Authorization header's value.
+    out = re.sub(r"\bya29\.[\w\-.~+/]+=*", "ya29.***", out)
+    out = re.sub(r"((?:access_token|token|signature|X-Goog-Signature)=)[^&\s'\"]+", r"\1***", out, flags=re.IGNORECASE)
+    out = re.sub(r"(Bearer\s+)[\w\-.~+/]+=*", r"\1***", out)
     return out
 
 
 def forwardable_env() -> dict[str, str]:
-    """The AWS_* settings (endpoint, region, profile...) every node of a run needs, without a credential."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") and k not in SECRET_ENV}
+    """The storage settings (endpoint, region, profile, emulator, project...) every node of a run needs,
+    without a credential: `FORWARD_ENV_PREFIXES` and `FORWARD_ENV`, less `SECRET_ENV`."""
+    return {
+        k: v for k, v in os.environ.items()
+        if (k.startswith(FORWARD_ENV_PREFIXES) or k in FORWARD_ENV) and k not in SECRET_ENV
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------ retries
@@ -234,7 +360,27 @@ _TRANSIENT_MARKERS = (
     "Connection refused",
     "timed out",
     "Could not connect",
+    # google-cloud-cpp (GCS) status codes of errors worth another attempt: 429, 5xx, timeouts, resets.
+    "Status(UNAVAILABLE",
+    "Status(DEADLINE_EXCEEDED",
+    "Status(RESOURCE_EXHAUSTED",
+    "Status(INTERNAL",
+    "Status(ABORTED",
 )
+
+
+def brief_error(exc: BaseException) -> str:
+    """The first line of an error, redacted; google-cloud-cpp's long ``google::cloud::Status(...)``
+    (GCS) cut to its code and cause, e.g. ``GCS UNAVAILABLE (Could not connect to server)``."""
+    text = redact(str(exc)).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    m = re.search(r"google::cloud::Status\((\w+):", text)
+    if not m:
+        return text
+    curl = re.search(r"CURL error \[\d+\]=(.+?)(?= error_info=|\}|$)", text)
+    http = re.search(r"HTTP status code: (\d+)|\"code\": (\d+)", text)
+    cause = curl.group(1).strip() if curl else f"HTTP {http.group(1) or http.group(2)}" if http else ""
+    return f"GCS {m.group(1)}" + (f" ({cause})" if cause else "")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -271,7 +417,7 @@ def with_retries(fn: Callable[[], T], *, what: str, options: StorageOptions | No
                     ) from None
                 raise
             if attempt >= opts.max_attempts:
-                raise TransientStorageError(f"{what}: storage unreachable after {attempt} attempts ({redact(str(e)).splitlines()[0]})") from None
+                raise TransientStorageError(f"{what}: storage unreachable after {attempt} attempts ({brief_error(e)})") from None
             time.sleep(delay * (0.75 + 0.5 * random.random()))
             delay = min(delay * 2, opts.backoff_max_s)
     raise AssertionError("unreachable")
@@ -293,7 +439,7 @@ def read_bytes(loc: Location, path: str) -> bytes:
 def write_bytes(loc: Location, path: str, data: bytes) -> None:
     """Write ``data`` so that readers never see a partial file.
 
-    Local: write a temporary sibling, then rename (atomic on POSIX).  S3: an object only
+    Local: write a temporary sibling, then rename (atomic on POSIX).  S3 and GCS: an object only
     appears when its upload completes, so a direct write is already all-or-nothing.
     """
 
@@ -351,14 +497,20 @@ def check_writable(loc: Location) -> None:
         write_bytes(loc, probe, b"ok")
         delete_file(loc, probe)
     except TransientStorageError as e:
-        hint = " Check the endpoint (--s3-endpoint / data.s3_endpoint / AWS_ENDPOINT_URL) and the network." if loc.scheme == "s3" else ""
+        spec = REMOTE_SCHEMES.get(loc.scheme)
+        hint = f" Check the endpoint ({spec.endpoint_settings}) and the network." if spec else ""
         raise TransientStorageError(f"destination {loc.uri} is unreachable: {str(e).split(': ', 1)[-1]}{hint}") from None
     except Exception as e:  # noqa: BLE001 - turned into one clear message
-        hint = ""
-        if loc.scheme == "s3":
-            hint = " (does the bucket exist, and do the AWS credentials allow writing to it?)"
-        raise StorageError(f"destination {loc.uri} is not writable: {redact(str(e)).splitlines()[0]}{hint}") from None
+        spec, reason = REMOTE_SCHEMES.get(loc.scheme), brief_error(e)
+        if spec is None:
+            raise StorageError(f"destination {loc.uri} is not writable: {reason}") from None
+        bucket = loc.path.split("/", 1)[0]
+        if isinstance(e, FileNotFoundError):  # a write answered 404: no such bucket
+            hint = f"bucket {bucket!r} not found ({reason}): does the bucket exist under that name? Create it, or correct the URI"
+        else:
+            hint = f"{reason}; does the bucket exist, and may these credentials write to it? {spec.label} credentials come from {spec.credentials}"
+        raise StorageError(f"destination {loc.uri} is not writable: {hint}") from None
 
 
 def _show(loc: Location, path: str) -> str:
-    return path if loc.scheme == "file" else f"s3://{path}"
+    return path if loc.scheme == "file" else f"{loc.scheme}://{path}"

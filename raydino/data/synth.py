@@ -268,9 +268,12 @@ def synthetic_shards(
     shards = os.path.join(root, "shards")
     manifest = os.path.join(shards, MANIFEST_NAME)
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f).get("row_order"):
-                return shards
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                if json.load(f).get("row_order"):
+                    return shards
+        except ValueError:  # a corrupt manifest in raydino's own cache (an interrupted write): shard again
+            pass
         # Sharded by a raydino that kept the source order (class by class): shard the images again.
     images = os.path.join(root, "images")
     if not os.path.exists(os.path.join(images, "synth.json")):  # written last: absent = never made, or interrupted

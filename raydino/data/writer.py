@@ -40,9 +40,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from raydino.data import catalog, storage
+from raydino.data.fov import DEFAULT_QUALITY, ImageTransform, check_transform
 from raydino.data.imagebytes import PreparedImage
+from raydino.data.overlap import HASHES_NAME, dataset_hashes
 from raydino.data.shardplan import PlannedShard, Reject, load_receipt, order_items, plan_shards, remove_stale, row_order, write_rejects
-from raydino.data.shards import MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry, Totals, shard_name
+from raydino.data.shards import MANIFEST_NAME, REJECTS_NAME, SCHEMA, TRANSFORM_FIELDS, Manifest, ShardEntry, Totals, shard_name
 from raydino.data.shardwork import ignore_sigint, process_chunk, write_shard
 from raydino.data.sources import SPLIT_ORDER, SourceItem, SourceListing, list_source
 from raydino.data.storage import Location, StorageError, StorageOptions
@@ -72,6 +74,16 @@ class ShardJobOptions:
     # source order (split, then id).  Part of every shard's fingerprint: a rerun with another seed
     # rewrites the shards instead of mixing two orders.
     shuffle_seed: int | None = 0
+    # Pixels (`raydino.data.fov`): crop each image to its circular field of view, cap the longer side
+    # at max_side px, re-encode changed JPEGs at quality.  Off by default (bytes kept as found);
+    # part of the fingerprint when on, like shuffle_seed.
+    fov_crop: bool = False
+    max_side: int | None = None
+    quality: int = DEFAULT_QUALITY
+
+    def transform(self) -> ImageTransform | None:
+        t = ImageTransform(self.fov_crop, self.max_side, self.quality)
+        return t if t.active else None
 
     def __post_init__(self) -> None:
         if not (self.target_shard_mb > 0):
@@ -80,6 +92,9 @@ class ShardJobOptions:
             raise ValueError(f"workers={self.workers}: must be >= 1 (or None for all cores)")
         if self.shuffle_seed is not None and (isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)):
             raise ValueError(f"shuffle_seed={self.shuffle_seed!r}: must be an integer (or None to keep the source order)")
+        check_transform(self.max_side, self.quality)
+        if self.keep_metadata and self.transform() is not None:
+            raise ValueError("keep_metadata stores files exactly as found; it cannot be combined with fov_crop or max_side, which re-encode")
 
 
 @dataclass
@@ -96,6 +111,8 @@ class ShardSummary:
     elapsed_s: float
     warnings: list[str] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    duplicates: int | None = None  # rows repeating another row's decoded pixels
+    transform: dict[str, Any] | None = None  # the manifest's: settings and counts of the fov crop / size cap
 
     def text(self) -> str:
         splits = ", ".join(f"{k} {v}" for k, v in self.by_split.items())
@@ -103,6 +120,18 @@ class ShardSummary:
             f"{self.rows} images in {self.shards} shards ({self.bytes / 2**20:.1f} MiB) at {self.dest} [{splits}]",
             f"  {self.written_shards} shards written, {self.reused_shards} kept from an earlier run, {self.elapsed_s:.1f} s",
         ]
+        if self.duplicates:
+            lines.append(
+                f"  {self.duplicates} rows repeat the decoded pixels of another row (exact duplicates; see {self.dest.rstrip('/')}/{HASHES_NAME})"
+            )
+        if self.transform:
+            t = self.transform
+            parts = []
+            if t.get("fov_crop"):
+                parts.append(f"{t['fov_found']} cropped to their field of view, {t['fov_not_found']} with no disc found (kept uncropped)")
+            if t.get("max_side"):
+                parts.append(f"{t['resized']} downscaled to at most {t['max_side']} px")
+            lines.append(f"  {'; '.join(parts)}; {t['reencoded']} re-encoded (JPEG quality {t['quality']}, PNG for lossless sources)")
         if self.rejected or self.skipped:
             lines.append(f"  {self.rejected} files rejected, {self.skipped} skipped; reasons in {self.dest.rstrip('/')}/{REJECTS_NAME}")
             for reason, n in Counter(r.reason for r in self.rejects).most_common(5):
@@ -153,6 +182,7 @@ def _run_pending(
     workers = opts.workers or _default_workers(listing, pending)
     by_index = {p.index: p for p in pending}
     collected: dict[int, list[PreparedImage | str]] = {p.index: [] for p in pending}
+    transform = opts.transform()
 
     def _finish_chunk(index: int, results: list[PreparedImage | str]) -> None:
         collected[index].extend(results)
@@ -173,7 +203,7 @@ def _run_pending(
     chunks = _chunks(pending)
     if workers == 1 or sum(len(p.items) for p in pending) <= _CHUNK_ITEMS:
         for index, chunk in chunks:
-            _finish_chunk(index, process_chunk(root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata))
+            _finish_chunk(index, process_chunk(root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata, transform))
         return
     ctx = multiprocessing.get_context("spawn")
     in_flight: deque[tuple[int, Future]] = deque()
@@ -181,7 +211,7 @@ def _run_pending(
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=ignore_sigint) as pool:
         try:
             for index, chunk in chunks:
-                in_flight.append((index, pool.submit(process_chunk, root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata)))
+                in_flight.append((index, pool.submit(process_chunk, root_uri, src_opts, [c.path for c in chunk], opts.keep_metadata, transform)))
                 while len(in_flight) >= window:
                     i, fut = in_flight.popleft()
                     _finish_chunk(i, fut.result())
@@ -208,7 +238,7 @@ def shard_dataset(
     on_shard_written: Callable[[int, dict[str, Any]], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> ShardSummary:
-    """Shard ``src`` (folder, RETFound tree or CSV; local or s3://) into ``dest``.
+    """Shard ``src`` (folder, RETFound tree or CSV; local, s3:// or gs://) into ``dest``.
 
     Returns a summary; raises ShardingError when the destination cannot be written, the
     source cannot be read, or not a single image was readable.  ``on_shard_written(index,
@@ -237,7 +267,11 @@ def shard_dataset(
                 on_warning(w)
 
     items = order_items(listing.items, opts.shuffle_seed)
-    plan = plan_shards(items, opts.target_shard_mb * 2**20, keep_metadata=opts.keep_metadata, dataset=opts.dataset, shuffle_seed=opts.shuffle_seed)
+    transform = opts.transform()
+    plan = plan_shards(
+        items, opts.target_shard_mb * 2**20, keep_metadata=opts.keep_metadata, dataset=opts.dataset, shuffle_seed=opts.shuffle_seed,
+        transform=transform.settings() if transform else None,
+    )  # fmt: skip
     storage.delete_file(dest_loc, dest_loc.join(MANIFEST_NAME))  # DEST is incomplete from here on
 
     receipts: dict[int, dict[str, Any]] = {}
@@ -279,6 +313,9 @@ def shard_dataset(
             f"({n_rejected} rejected, {n_skipped} skipped); reasons in {dest_loc.uri_of(REJECTS_NAME)}"
         )
     manifest = _manifest(listing, entries, receipts, opts, n_rejected, n_skipped, src)
+    # Hashes of the decoded pixels (hashes.parquet, reused when the shards did not change): the
+    # manifest's duplicate count, and what `--overlap` compares.  Costs a full decode per image.
+    manifest.totals.duplicates = dataset_hashes(dest_loc, entries, workers=opts.workers, progress=opts.progress).duplicates
     storage.write_bytes(dest_loc, dest_loc.join(MANIFEST_NAME), manifest.to_json().encode())
     t = manifest.totals
     return ShardSummary(
@@ -294,6 +331,8 @@ def shard_dataset(
         elapsed_s=time.monotonic() - t0,
         warnings=warnings,
         rejects=rejects,
+        duplicates=manifest.totals.duplicates,
+        transform=manifest.transform,
     )
 
 
@@ -315,6 +354,12 @@ def _manifest(
     for r in receipts.values():
         for split, labels in r.get("split_labels", {}).items():
             by_split_label.setdefault(split, Counter()).update(labels)
+    transform = opts.transform()
+    counts: Counter[str] = Counter()
+    for r in receipts.values():
+        counts.update(r.get("transform", {}))
+    keys = ("fov_found", "fov_not_found", "resized", "reencoded")
+    extra = {"transform": {**transform.settings(), **{k: counts[k] for k in keys}}} if transform else {}
     sort_split = lambda d: dict(sorted(d.items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], 9), kv[0])))  # noqa: E731
     return Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -330,7 +375,9 @@ def _manifest(
             "metadata_stripped": sum(r.get("metadata_stripped", 0) for r in receipts.values()),
             "transcoded_to_png": sum(r.get("transcoded", 0) for r in receipts.values()),
         },
+        columns=[f.name for f in SCHEMA] + ([f.name for f in TRANSFORM_FIELDS] if transform else []),
         shards=entries,
+        **extra,
         totals=Totals(
             rows=sum(e.rows for e in entries),
             bytes=sum(e.bytes for e in entries),

@@ -233,7 +233,7 @@ def check_locality(cfg: Config, uris: dict[str, str | None], nodes: list[dict[st
     where = f"{len(alive)} nodes" if len(alive) >= 2 else "an autoscaler that adds nodes"
     raise ConfigError(
         f"this cluster has {where}, and {', '.join(local)} is a local path that other nodes cannot see: use s3:// "
-        f"(or gs:// where supported), or --set run.shared_fs=true if every node mounts it at the same path (NFS, EFS, Filestore)"
+        f"or gs://, or --set run.shared_fs=true if every node mounts it at the same path (NFS, EFS, Filestore)"
     )
 
 

@@ -1,8 +1,8 @@
 """Start or join a Ray cluster, once, the same way for every recipe.
 
 `init_ray` joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local Ray sized for the
-job.  Only non-secret AWS settings travel to the other nodes (`data.storage.forwardable_env`): each
-node reads credentials from its own chain.  Under `ray job submit`, settings the job's own runtime env
+job.  Only non-secret storage settings (AWS_*, the GCS emulator and project) travel to the other
+nodes (`data.storage.forwardable_env`): each node reads credentials from its own chain.  Under `ray job submit`, settings the job's own runtime env
 already carries are not sent again (`driver_env_vars`): Ray refuses a driver that restates them.
 """
 
@@ -40,7 +40,7 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def driver_env_vars() -> dict[str, str]:
-    """The AWS settings to forward to every node: `forwardable_env` less what the job's runtime env sets.
+    """The storage settings to forward to every node: `forwardable_env` less what the job's runtime env sets.
 
     A job submitted with `--runtime-env-json '{"env_vars": {"AWS_REGION": ...}}'` runs its driver with
     that variable set; forwarding it again makes `ray.init` fail ("Failed to merge the Job's runtime env

@@ -1,6 +1,6 @@
 """Recipe side (imports Ray): the Ray Data stream of augmented multi-crops from Parquet shards.
 
-shards (local / s3://) ──read_parquet (shard order reshuffled every epoch)──▶ rows of encoded
+shards (local / s3:// / gs://) ──read_parquet (shard order reshuffled every epoch)──▶ rows of encoded
 images ──map_batches(tasks)──▶ decode + multi-crop (uint8) ──streaming_split──▶ one stream per
 Ray Train worker ──local shuffle buffer (seeded by train.seed, epoch, rank)──▶ batches.
 

@@ -3,7 +3,7 @@
 One function, `load_teacher_backbone`, reads every source a user may name with `--checkpoint`:
 
 - a run directory (its checkpoint with the highest step), a checkpoint directory or its `state.pt`;
-- an `s3://` run or checkpoint, copied once into `$RAYDINO_CACHE/checkpoints`;
+- an `s3://` or `gs://` run or checkpoint, copied once into `$RAYDINO_CACHE/checkpoints`;
 - an exported `.safetensors` (arch and image size from its `.json` sidecar), or an official
   DINO `.pth` (with `--arch`);
 - `random`: a randomly initialised `--arch`, the baseline a pretrained backbone is compared with.
@@ -33,7 +33,7 @@ from raydino.core.model import build_backbone
 from raydino.core.weights import load_backbone_state, read_backbone_weights, teacher_backbone_state
 
 CHECKPOINT_HELP = (
-    "run dir (its latest checkpoint), checkpoint dir or state.pt, s3:// run or checkpoint, "
+    "run dir (its latest checkpoint), checkpoint dir or state.pt, s3:// or gs:// run or checkpoint, "
     "exported backbone .safetensors, official DINO .pth (with --arch), or 'random' (with --arch)"
 )
 
@@ -95,7 +95,7 @@ def find_latest_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def fetch_checkpoint(uri: str, storage_options: Any = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """An s3:// run (its latest `checkpoint_*`) or checkpoint, copied once into a local cache.
+    """An s3:// or gs:// run (its latest `checkpoint_*`) or checkpoint, copied once into a local cache.
 
     Latest = the greatest folder name: pretraining names them `checkpoint_<step, 8 digits>`.
     The cache is `$RAYDINO_CACHE/checkpoints` (default ~/.cache/raydino/checkpoints).

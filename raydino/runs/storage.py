@@ -1,7 +1,8 @@
-"""Where a pretraining run lives (local directory or s3://), and the embedded default dataset.
+"""Where a pretraining run lives (local directory, s3:// or gs://), and the embedded default dataset.
 
 No Ray here: the recipe asks this module for paths and filesystems and hands them to Ray Train.
-Only the URI, endpoint and region travel to workers; credentials stay in each node's AWS chain.
+Only the URI, endpoints and region travel to workers; credentials stay in each node's own chain
+(AWS's, or Google's Application Default Credentials).
 """
 
 from __future__ import annotations
@@ -26,16 +27,23 @@ class RunStorage:
     location: st.Location
     endpoint: str | None = None
     region: str | None = None
+    gcs_endpoint: str | None = None
     # (size, mtime) of each log file at its last upload: a checkpoint re-uploads only what changed.
     uploaded: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def open(cls, uri: str, endpoint: str | None = None, region: str | None = None) -> RunStorage:
+    def open(cls, uri: str, endpoint: str | None = None, region: str | None = None, gcs_endpoint: str | None = None) -> RunStorage:
+        """`endpoint` / `region`: S3's (data.s3_endpoint, data.s3_region); `gcs_endpoint`: GCS's (data.gcs_endpoint)."""
         try:
-            loc = st.resolve(uri, st.StorageOptions(endpoint=endpoint, region=region))
+            loc = st.resolve(uri, st.StorageOptions(endpoint=endpoint, region=region, gcs_endpoint=gcs_endpoint))
         except st.StorageError as e:
             raise ConfigError(f"run.storage={st.display_uri(uri)!r}: {e}") from None
-        return cls(loc, endpoint, region)
+        return cls(loc, endpoint, region, gcs_endpoint)
+
+    @classmethod
+    def for_config(cls, uri: str, cfg: Config) -> RunStorage:
+        """`open` with the storage endpoints and region of `cfg.data`."""
+        return cls.open(uri, cfg.data.s3_endpoint, cfg.data.s3_region, cfg.data.gcs_endpoint)
 
     @property
     def uri(self) -> str:
@@ -43,7 +51,7 @@ class RunStorage:
 
     @property
     def is_remote(self) -> bool:
-        return self.location.scheme != "file"
+        return self.location.is_remote
 
     @property
     def filesystem(self) -> pafs.FileSystem:
@@ -70,8 +78,11 @@ class RunStorage:
     def folders(self, name: str) -> set[str]:
         """Names of the folders directly inside run (or experiment) `name` that hold files."""
         base = self.location.join(name)
-        return {info.path[len(base):].strip("/").split("/", 1)[0] for info in st.list_files(self.location, base)
-                if "/" in info.path[len(base):].strip("/")}
+        return {
+            info.path[len(base) :].strip("/").split("/", 1)[0]
+            for info in st.list_files(self.location, base)
+            if "/" in info.path[len(base) :].strip("/")
+        }
 
     def check_writable(self, name: str) -> None:
         try:
@@ -134,7 +145,7 @@ class RunStorage:
         local.write_text("".join(line + "\n" for line in kept))
 
     def checkpoint_uri(self, checkpoint: Any) -> str | None:
-        """Where a Ray Train checkpoint lives, as a URI (Ray drops the s3:// of remote paths)."""
+        """Where a Ray Train checkpoint lives, as a URI (Ray drops the s3:// / gs:// of remote paths)."""
         if checkpoint is None:
             return None
         path = str(checkpoint.path)
@@ -155,11 +166,11 @@ class RunStorage:
         return self.location.uri_of(name, "logs", "loss.png")
 
     def to_dict(self, name: str) -> dict[str, Any]:
-        return {"uri": self.location.uri, "endpoint": self.endpoint, "region": self.region}
+        return {"uri": self.location.uri, "endpoint": self.endpoint, "region": self.region, "gcs_endpoint": self.gcs_endpoint}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunStorage:
-        return cls.open(d["uri"], d.get("endpoint"), d.get("region"))
+        return cls.open(d["uri"], d.get("endpoint"), d.get("region"), d.get("gcs_endpoint"))
 
 
 def _step_of(line: str) -> float:
@@ -186,12 +197,10 @@ def open_dataset(uri: str, cfg: Config) -> Any:
     """The shard set at `uri` (manifest read and validated), or a ConfigError saying what to do."""
     from raydino.data.shards import ShardError, open_shards
 
-    opts = st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
+    opts = st.StorageOptions.from_config(cfg.data)
     try:
         return open_shards(uri, opts)
     except ShardError as e:
-        raise ConfigError(
-            f"data.uri={st.display_uri(uri)!r}: {e}; make shards with `python -m raydino.shard IMAGES DEST`"
-        ) from None
+        raise ConfigError(f"data.uri={st.display_uri(uri)!r}: {e}; make shards with `python -m raydino.shard IMAGES DEST`") from None
     except st.StorageError as e:
         raise ConfigError(f"data.uri={st.display_uri(uri)!r}: {e}") from None

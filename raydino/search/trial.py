@@ -32,7 +32,7 @@ class TrialEvaluator:
         from raydino.data.labelled import SPLITS, decode_split, load_labelled
 
         self.cfg, self.evaluation = cfg, Evaluation.model_validate(ctx["spec"]["evaluation"])
-        opts = st.StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
+        opts = st.StorageOptions.from_config(cfg.data)
         self.data = load_labelled(ctx["probe_uri"], dataset=ctx["probe_dataset"], storage_options=opts)
         self.size = cfg.probe.image_size or cfg.augment.global_crop_size
         self.images = {s: decode_split(self.data.splits[s], self.size) for s in SPLITS}
