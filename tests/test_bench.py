@@ -32,6 +32,25 @@ def test_aug(tmp_path, capsys):
     assert "raydino / reference DINO" in capsys.readouterr().out
 
 
+def test_aug_at_several_sizes_gives_a_table_per_size_and_the_planner_reads_each(tmp_path, capsys):
+    from raydino.runs.planning import aug_rates, nearest_aug
+
+    out = tmp_path / "aug.json"
+    assert bench.main(["aug", "--images", "4", "--batch", "4", "--rounds", "1", "--size", "96,160", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sizes"] == [96, 160] and [r["size"] for r in result["by_size"]] == [96, 160]
+    assert all(any(row["pipeline"].startswith("reference") for row in r["results"]) for r in result["by_size"])
+    printed = capsys.readouterr().out
+    assert "  96px" in printed and " 160px" in printed
+    assert out.with_suffix(".png").stat().st_size > 1000
+    rates = aug_rates([(out, result)], result["crops"])
+    assert sorted(r.size for r in rates) == [96, 160]
+    assert nearest_aug(rates, 150, tmp_path, result["crops"]).size == 160
+    with pytest.raises(SystemExit):
+        bench.main(["aug", "--size", "512,32"])
+    assert "every size must be >= 64 px" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_train(tmp_path, capsys, local_ray):
     out = tmp_path / "bench"

@@ -24,7 +24,13 @@ from typing import Any
 
 def _add_aug_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=300, help="images per pipeline per round (default 300)")
-    p.add_argument("--size", type=int, default=512, help="side of the input JPEG in px (default 512)")
+    p.add_argument(
+        "--size",
+        type=_sizes,
+        default=[512],
+        metavar="PX[,PX...]",
+        help="side(s) of the input JPEG in px, e.g. 512,1024,2048: one table per size, then the ratios side by side (default 512)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: per core)")
     p.add_argument("--preset", default="strong", choices=["strong", "weak", "weak_med"])
     p.add_argument("--batch", type=int, default=32, help="images per augment_batch call (default 32)")
@@ -99,6 +105,16 @@ def _add_ckpt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gap", type=float, default=2.0, help="seconds of stand-in training between checkpoints (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds of a synchronous and an asynchronous run (default 2)")
     p.add_argument("--storage", default=None, help="where checkpoints go: a directory, s3:// or gs://bucket/prefix (default a temporary directory)")
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected pixel sizes separated by commas, e.g. 512,1024,2048") from None
+    if not sizes or min(sizes) < 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be >= 64 px")
+    return sizes
 
 
 def _wxh(text: str) -> tuple[int, int]:

@@ -255,6 +255,31 @@ def _pipelines(cfg: Any, data: bytes, n: int, batch: int, notes: list[str]) -> d
 
 
 def bench_aug(args: argparse.Namespace) -> dict[str, Any]:
+    """One size (`--size 512`): that size's table.  Several (`--size 512,1024,2048`): a table per size,
+    then the ratios side by side; the JSON holds every size's result under ``by_size``."""
+    sizes = args.size if isinstance(args.size, list) else [args.size]
+    if len(sizes) == 1:
+        return _bench_aug_one(args, sizes[0])
+    by_size = [_bench_aug_one(args, size) for size in sizes]
+    result = {k: v for k, v in by_size[0].items() if k not in ("size", "results", "notes")}
+    result.update(sizes=sizes, by_size=by_size)
+    print(f"\nraydino bench aug, per CPU core, {result['crops']} crops, preset {result['preset']}:")
+    print(f"  {'size':>6}  {'raydino img/s':>13}  {'reference img/s':>15}  {'ratio':>6}")
+    for r in by_size:
+        ours, ref = _headline(r)
+        print(f"  {r['size']:>4}px  {ours['images_per_s_per_core']:>13.1f}  {ref['images_per_s_per_core']:>15.1f}  {ours['vs_reference']:>5.2f}x")
+    return result
+
+
+def _headline(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(raydino's best augment_batch row, the reference row) of one size's result."""
+    rows = result["results"]
+    ref = next(r for r in rows if r["pipeline"].startswith("reference DINO"))
+    ours = max((r for r in rows if r["pipeline"].startswith("raydino augment_batch")), key=lambda r: r["images_per_s_per_core"])
+    return ours, ref
+
+
+def _bench_aug_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
     import platform
     import warnings
 
@@ -265,14 +290,14 @@ def bench_aug(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     cfg = AugmentConfig(preset=args.preset)
-    data, source = fundus_jpeg(args.size)
+    data, source = fundus_jpeg(size)
     notes = [f"input: {source}"]
     for fn in _pipelines(cfg, data, min(args.batch, args.images), args.batch, []).values():
         fn()  # warm-up: imports, allocator, first-call costs
     pipelines = _pipelines(cfg, data, args.images, args.batch, notes)
     best: dict[str, tuple[float, float]] = {name: (0.0, 0.0) for name in pipelines}
     every: dict[str, list[float]] = {name: [] for name in pipelines}
-    progress = Progress(unit="runs", stream=sys.stdout, min_interval_s=0, label="bench aug", total=args.rounds * len(pipelines))
+    progress = Progress(unit="runs", stream=sys.stdout, min_interval_s=0, label=f"bench aug {size}px", total=args.rounds * len(pipelines))
     for r in range(args.rounds):
         for name, fn in pipelines.items():
             per_core, wall = time_images(fn, args.images)
@@ -295,7 +320,7 @@ def bench_aug(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "aug",
         "preset": args.preset,
         "images": args.images,
-        "size": args.size,
+        "size": size,
         "threads": args.threads,
         "batch": args.batch,
         "rounds": args.rounds,
@@ -337,6 +362,25 @@ def plot_aug(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "by_size" in result:  # several sizes: raydino over the reference, per size
+        heads = [_headline(r) for r in result["by_size"]]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar([f"{s} px" for s in result["sizes"]], [o["vs_reference"] for o, _ in heads], color="#1f77b4")
+        for x, (o, ref) in enumerate(heads):
+            ax.text(
+                x,
+                o["vs_reference"],
+                f"{o['vs_reference']:.1f}x\n{o['images_per_s_per_core']:.0f} vs {ref['images_per_s_per_core']:.0f}",
+                ha="center",
+                va="bottom",
+            )
+        ax.set_ylabel("raydino / DINO reference (images per CPU second)")
+        ax.set_title(f"multi-crop augmentation by source size, preset {result['preset']}, {result['crops']}")
+        ax.margins(y=0.2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     rows = result["results"]
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
     names = [r["pipeline"] for r in rows][::-1]

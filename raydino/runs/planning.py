@@ -148,10 +148,12 @@ def aug_rates(files: list[tuple[Path, dict[str, Any]]], crops: str) -> list[AugR
     out = []
     for path, d in files:
         if d["bench"] == "aug" and d.get("crops") == crops:
-            for i, row in enumerate(d.get("results") or []):
-                if str(row.get("pipeline", "")).startswith(AUG_PIPELINE) and _positive(row.get("images_per_s_per_core")):
-                    key = f'results[{i}].images_per_s_per_core ("{row["pipeline"]}")'
-                    out.append(AugRate(float(row["images_per_s_per_core"]), int(d.get("size", 0)), f"{display_path(path)}: {key}", d.get("preset")))
+            # `--size 512,1024,...` writes one result per size under by_size; one size, the result itself
+            for prefix, one in [(f"by_size[{j}].", r) for j, r in enumerate(d["by_size"])] if "by_size" in d else [("", d)]:
+                for i, row in enumerate(one.get("results") or []):
+                    if str(row.get("pipeline", "")).startswith(AUG_PIPELINE) and _positive(row.get("images_per_s_per_core")):
+                        key = f'{prefix}results[{i}].images_per_s_per_core ("{row["pipeline"]}")'
+                        out.append(AugRate(float(row["images_per_s_per_core"]), int(one.get("size", 0)), f"{display_path(path)}: {key}", d.get("preset")))
     for path, d in files:
         a = d.get("augmentation") or {}
         if d["bench"] == "gpu" and d.get("crops") == crops and _positive(a.get("raydino_cpu_images_per_s_per_core")):
