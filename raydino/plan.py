@@ -27,7 +27,8 @@ SOURCES = f"""where each number comes from:
                               train.precision is fp32); its "batch_size" and "crops" must equal the config's.  Measured
                               on one GPU with the crops already on it (model only); "device" names the GPU.
   augmentation images/s/core  the `bench aug` JSON (same "crops") whose "size" is nearest --image-size: the row
-                              "{P.AUG_PIPELINE} ..." key images_per_s_per_core; else the `bench gpu`
+                              of the default backend ("{P.AUG_PIPELINES[0]} ...", in older files
+                              "{P.AUG_PIPELINES[1]} ...") key images_per_s_per_core; else the `bench gpu`
                               JSON's augmentation.raydino_cpu_images_per_s_per_core (512 px)
   GPU-hours                   images x epochs / (training images/s x --efficiency) / 3600
   wall time                   GPU-hours / --gpus: linear data-parallel scaling at --efficiency (default 0.9, an

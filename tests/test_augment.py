@@ -25,7 +25,12 @@ try:
 except ImportError:  # OpenCV missing: the torch backend is the CPU pipeline, its tests still run
     augment_cv = None
 needs_cv = pytest.mark.skipif(augment_cv is None, reason="OpenCV (opencv-python-headless) not installed")
-BACKENDS = [pytest.param("opencv", marks=needs_cv), "torch"]
+try:
+    from raydino.augment import fused as augment_fused
+except ImportError:  # Numba missing: the OpenCV or torch backend is the CPU pipeline
+    augment_fused = None
+needs_numba = pytest.mark.skipif(augment_fused is None, reason="Numba not installed")
+BACKENDS = [pytest.param("fused", marks=needs_numba), pytest.param("opencv", marks=needs_cv), "torch"]
 
 
 def _fundus(size: int, seed: int = 0) -> np.ndarray:
@@ -338,6 +343,12 @@ def test_jpeg_draft_decode_keeps_the_crops():
         assert 10 * math.log10(255**2 / mse) > 30, k  # PSNR > 30 dB: the same crops
 
 
+def _agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for k in a:
+        diff = (a[k].int() - b[k].int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-3, (k, diff.max(), diff.float().mean())
+
+
 @needs_cv
 @pytest.mark.parametrize("preset", ["strong", "weak_med"])
 def test_opencv_and_torch_backends_agree(jpeg256, preset):
@@ -346,13 +357,38 @@ def test_opencv_and_torch_backends_agree(jpeg256, preset):
     cfg = AugmentConfig(preset=preset, global_crop_size=64, local_crop_size=32, n_local_crops=4, noise_p=0.0)
     fast, batched = MultiCropAugment(cfg, backend="opencv"), MultiCropAugment(cfg, backend="torch")
     p = fast.sample_params([(256, 256)] * 24, generator=2)
-    a, b = fast.augment_tensors([jpeg256] * 24, params=p), batched.augment_tensors([jpeg256] * 24, params=p)
-    for k in a:
-        diff = (a[k].int() - b[k].int()).abs()
-        assert diff.max() <= 1 and diff.float().mean() < 1e-3, (k, diff.max(), diff.float().mean())
-    assert MultiCropAugment(cfg).backend == "opencv"  # auto picks OpenCV when it is installed
+    _agree(fast.augment_tensors([jpeg256] * 24, params=p), batched.augment_tensors([jpeg256] * 24, params=p))
     with pytest.raises(ValueError, match="backend='gpu'.*allowed"):
         MultiCropAugment(cfg, backend="gpu")
+
+
+@needs_numba
+@needs_cv
+@pytest.mark.parametrize("preset", ["strong", "weak", "weak_med"])
+def test_fused_backend_matches_opencv_and_torch(jpeg256, preset):
+    """The Numba backend computes the same functions as the OpenCV one, with the same per-crop
+    noise streams (so here the noise stays on) and the same blur kernels (sigma up to 2: up to 13
+    taps, the reflect border), +-1 grey level; and matches the batched torch backend without noise.
+    Every kind of input: JPEG bytes, an HWC array, a greyscale one (a stride-0 channel view), an
+    RGBA tensor (a channel slice), and a JPEG decoded in draft mode (boxes in reduced coordinates)."""
+    cfg = AugmentConfig(preset=preset, global_crop_size=64, local_crop_size=32, n_local_crops=4)
+    fused, cv = MultiCropAugment(cfg, backend="fused"), MultiCropAugment(cfg, backend="opencv")
+    assert MultiCropAugment(cfg).backend == "fused"  # auto picks the fastest installed backend
+    arr = _fundus(256, seed=3)
+    rgba = torch.from_numpy(np.concatenate([arr, np.full((256, 256, 1), 255, np.uint8)], -1)).permute(2, 0, 1)
+    inputs = [jpeg256] * 12 + [arr] * 4 + [arr[:, :, 1].copy()] * 4 + [rgba] * 4
+    p = fused.sample_params([(256, 256)] * 24, generator=5)
+    assert p.flip.any() and p.blur.any() and (p.blur_sigma[p.blur] > 1.7).any()
+    a = fused.augment_tensors(inputs, params=p)
+    _agree(a, cv.augment_tensors(inputs, params=p))
+    if preset != "weak_med":
+        _agree(a, MultiCropAugment(cfg, backend="torch").augment_tensors(inputs, params=p))
+    big = jpeg_bytes(_fundus(1024, seed=4), quality=90)
+    small = AugmentConfig(preset=preset, global_crop_size=48, local_crop_size=24, n_local_crops=2, global_crop_scale=(0.5, 1.0))
+    f2, c2 = MultiCropAugment(small, backend="fused"), MultiCropAugment(small, backend="opencv")
+    p = f2.sample_params([(1024, 1024)] * 4, generator=6)
+    assert all(draft_scale(p, b, f2.out_size) >= 2 for b in range(4))
+    _agree(f2.augment_tensors([big] * 4, params=p), c2.augment_tensors([big] * 4, params=p))
 
 
 def test_device_pipeline_on_cpu_matches_and_normalizes(jpeg256):

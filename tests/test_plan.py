@@ -39,7 +39,7 @@ def _train_rate(path: Path = GPU_JSON) -> float:
 
 def _aug_rate(path: Path = AUG_JSON) -> float:
     rows = json.loads(path.read_text())["results"]
-    return next(r["images_per_s_per_core"] for r in rows if r["pipeline"].startswith("raydino augment_batch, opencv backend"))
+    return next(r["images_per_s_per_core"] for p in planning.AUG_PIPELINES for r in rows if r["pipeline"].startswith(p))
 
 
 def _run(capsys, *argv: str, out: Path | None = None) -> tuple[int, str, str, dict | None]:
@@ -114,12 +114,27 @@ def test_efficiency_and_default_gpus(capsys, tmp_path):
 def test_user_bench_dir_changes_the_result(tmp_path, capsys):
     d = _bench_copy(tmp_path)
     _edit(d / "gpu.json", lambda j: j["training"]["bf16"].update(images_per_s=2 * j["training"]["bf16"]["images_per_s"], median_step_s=0.04))
-    _edit(d / "aug.json", lambda j: [r.update(images_per_s_per_core=100.0) for r in j["results"] if "opencv" in r["pipeline"]])
+    _edit(d / "aug.json", lambda j: [r.update(images_per_s_per_core=100.0) for r in j["results"] if r["pipeline"].startswith(planning.AUG_PIPELINES)])
     rc, out, err, r = _run(capsys, "--bench", str(d), "--gpus", "8", "--efficiency", "1", out=tmp_path / "p.json")
     assert rc == 0, err
     assert r["gpu_hours"] == pytest.approx(IMAGES * EPOCHS / (2 * _train_rate()) / 3600)
     assert r["cores_per_gpu"] == math.ceil(2 * _train_rate() / 100.0)
     assert str(d / "gpu.json") in r["training"]["source"] or r["training"]["source"].endswith("bench/gpu.json: training.bf16.images_per_s")
+
+
+def test_the_default_backends_row_is_read_before_the_older_one(tmp_path, capsys):
+    """A bench file with both rows: the fused backend's (what Ray Data runs now) is the rate used;
+    a file with only the OpenCV row (written before the fused backend) still plans."""
+    d = _bench_copy(tmp_path)
+
+    def add_fused(j: dict) -> None:
+        cv = next(r for r in j["results"] if r["pipeline"].startswith(planning.AUG_PIPELINES[1]))
+        j["results"].append(cv | {"pipeline": "raydino augment_batch, fused backend (batch 32)", "images_per_s_per_core": 50.0})
+
+    _edit(d / "aug.json", add_fused)
+    rc, _, err, r = _run(capsys, "--bench", str(d), "--gpus", "8", out=tmp_path / "p.json")
+    assert rc == 0, err
+    assert r["cores_per_gpu"] == math.ceil(_train_rate() / 50.0) and "fused backend" in r["augmentation"]["source"]
 
 
 def test_nearest_measured_image_size_is_used_and_named(tmp_path, capsys):
@@ -131,7 +146,9 @@ def test_nearest_measured_image_size_is_used_and_named(tmp_path, capsys):
     (d / "aug-1024.json").write_text(json.dumps(big))
     rc, out, _, r = _run(capsys, "--bench", str(d), "--image-size", "1100", out=tmp_path / "p.json")
     assert rc == 0
-    assert r["augmentation"]["size"] == 1024 and r["augmentation"]["source"].endswith(f'("{planning.AUG_PIPELINE} (batch 32)")')
+    assert r["augmentation"]["size"] == 1024 and re.search(
+        r'\("(' + "|".join(planning.AUG_PIPELINES) + r') \(batch 32\)"\)$', r["augmentation"]["source"]
+    )
     assert r["cores_per_gpu"] == math.ceil(_train_rate() / (_aug_rate() / 3))
     assert "measured at 1024 px, the nearest to --image-size 1100" in out
     rc, out, _, r = _run(capsys, "--bench", str(d), "--image-size", "600", out=tmp_path / "q.json")

@@ -17,10 +17,14 @@ Why it is faster (DINO's PIL pipeline manages ~65 images/s per core; see docs/au
   * every random number of a batch is drawn up front, vectorised, in numpy (`raydino.augment.params`);
   * the image is decoded once (JPEG draft mode when every crop allows it, `raydino.augment.decode`);
   * each crop is cut as a view and resized on uint8 with torch's native antialiased bicubic kernel
-    (a channels-last view for the OpenCV backend: the kernel's own layout, ~25 % faster);
-  * photometric ops, two interchangeable backends (same draws, outputs within +-1 grey level):
-    - "opencv" (the CPU default when OpenCV is installed, `raydino.augment.opencv`): crop by crop, all
-      ops of a crop back to back on a float32 HWC crop that stays in L2, each op one SIMD pass;
+    (a channels-last view: the kernel's own layout, ~25 % faster; the resize writes straight into
+    a reused HWC buffer for the fused backend);
+  * photometric ops, three interchangeable backends (same draws, outputs within +-1 grey level):
+    - "fused" (the CPU default when Numba is installed, `raydino.augment.fused`): every op of
+      every crop of one kind of one image in a single compiled call, planar float32, nothing
+      returning to Python between ops;
+    - "opencv" (`raydino.augment.opencv`): crop by crop, all ops of a crop back to back on a
+      float32 HWC crop that stays in L2, each op one SIMD library call;
     - "torch" (the fallback, and the device pipeline's ops; `raydino.augment.ops`): crops of one
       kind stacked and every op batched in float32 on [0, 255]; crops laid out by the step at which
       their hue op runs (`jitter_blocks`), so each of the 4 jitter steps is at most 3 calls whatever
@@ -46,14 +50,27 @@ from raydino.augment.ops import bias_field_maps, jitter_blocks, photometric_
 from raydino.augment.params import JITTER_ORDERS, CropParams, sample_params
 from raydino.config import AugmentConfig
 
-try:  # the fast CPU backend; without OpenCV the batched torch backend does the same ops
+try:  # the fastest CPU backend: every photometric op of a crop kind in one compiled call
+    from raydino.augment import fused as _fused
+
+    _FUSED_ERROR = ""
+except ImportError as _e:  # pragma: no cover - depends on the environment
+    _fused, _FUSED_ERROR = None, f"{type(_e).__name__}: {_e}"
+
+try:  # the OpenCV backend; without either, the batched torch backend does the same ops
     from raydino.augment import opencv as _cv
 
     _CV_ERROR = ""
 except ImportError as _e:  # pragma: no cover - depends on the environment
     _cv, _CV_ERROR = None, f"{type(_e).__name__}: {_e}"
 
-BACKENDS = ("auto", "opencv", "torch")
+BACKENDS = ("auto", "fused", "opencv", "torch")
+_RESIZE_AA = {"bicubic": torch._C._nn._upsample_bicubic2d_aa, "bilinear": torch._C._nn._upsample_bilinear2d_aa}
+
+
+def available_backends() -> list[str]:
+    """The CPU backends this environment can run, fastest first ("auto" picks the first)."""
+    return [name for name, module in (("fused", _fused), ("opencv", _cv), ("torch", torch)) if module is not None]
 
 
 def crop_shapes(cfg: AugmentConfig) -> dict[str, tuple[int, int, int]]:
@@ -80,11 +97,14 @@ class MultiCropAugment:
             raise ValueError(f"chunk_images={chunk_images}: must be >= 1")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: allowed {list(BACKENDS)}")
+        if backend == "fused" and _fused is None:
+            raise ValueError(f"backend='fused': Numba is not importable ({_FUSED_ERROR}); pip install numba, or use backend='opencv' or 'torch'")
         if backend == "opencv" and _cv is None:
             raise ValueError(f"backend='opencv': OpenCV is not importable ({_CV_ERROR}); pip install opencv-python-headless, or use backend='torch'")
-        # "opencv": per-crop SIMD kernels (raydino.augment.opencv), the fast CPU path; "torch": the
-        # batched ops of raydino.augment.ops (the device pipeline's, and the fallback without OpenCV).
-        self.backend = ("opencv" if _cv is not None else "torch") if backend == "auto" else backend
+        # "fused": one compiled call per crop kind and image (raydino.augment.fused), the fastest CPU
+        # path; "opencv": per-crop SIMD library calls (raydino.augment.opencv); "torch": the batched
+        # ops of raydino.augment.ops (the device pipeline's, and the fallback without either).
+        self.backend = available_backends()[0] if backend == "auto" else backend
         # The torch backend runs photometric ops on the crops of `chunk_images` images at a time
         # (~2 MB of float crops per image): per-call overhead, not memory, limits small batches.
         self.chunk_images = chunk_images
@@ -141,7 +161,59 @@ class MultiCropAugment:
     # -- internals
 
     def _run(self, images: list, p: CropParams) -> dict[str, torch.Tensor]:
-        return self._run_per_crop(images, p) if self.backend == "opencv" else self._run_batched(images, p)
+        run = {"fused": self._run_fused, "opencv": self._run_per_crop, "torch": self._run_batched}[self.backend]
+        return run(images, p)
+
+    def _run_fused(self, images: list, p: CropParams) -> dict[str, torch.Tensor]:
+        """Numba backend: image by image, each crop resized into a reused HWC buffer, then one
+        compiled call per crop kind does every photometric op and writes the uint8 CHW output.
+
+        At 512 px the Python between kernels was a fifth of the time, so the per-crop loop only
+        reads Python lists and reuses views made once per batch.
+        """
+        cfg, B, K = self.cfg, len(images), 2 + self.cfg.n_local_crops
+        out = {name: np.empty((len(crops), B, 3, size, size), dtype=np.uint8) for name, size, crops in self.kinds}
+        order = JITTER_ORDERS[p.jitter_order]  # [B, K, 4]
+        factors = np.stack([p.brightness, p.contrast, p.saturation, p.hue], axis=-1)
+        solarize = p.solarize & (np.arange(K) == 1)  # DINO solarizes global crop 2 only
+        flags = [
+            np.ascontiguousarray(a)
+            for a in (p.flip, p.jitter, order, factors, p.grayscale, p.blur, p.blur_sigma, solarize, p.med_blur, p.noise, p.bias_field)
+        ]
+        no_noise, no_bias = np.zeros((K, 1, 1, 3), np.float32), np.zeros((K, 1, 1), np.float32)
+        scalars = (float(cfg.solarize_threshold), float(cfg.med_blur_sigma), 255.0 * float(cfg.noise_std), cfg.jitter_hue == 0)
+        boxes = np.stack([p.top, p.left, p.height, p.width], axis=-1).tolist()  # [B][K][4] Python ints
+        medical = p.noise.any() or p.bias_field.any()
+        resize = _RESIZE_AA[self.mode]
+        kinds = []
+        for name, size, crops in self.kinds:  # the HWC crop buffer, its numpy view, a [1, 3, S, S] view per crop
+            hwc = self._buffer(f"{name}_hwc", (len(crops), size, size, 3), torch.uint8)
+            kinds.append((name, size, crops, hwc.numpy(), [hwc[i].permute(2, 0, 1).unsqueeze(0) for i in range(len(crops))]))
+        for b in range(B):
+            img, sy, sx = self._decoded(images[b], p, b)
+            full = sy == 1.0 and sx == 1.0 and img.stride(0) == 1  # boxes index img directly
+            if full:
+                _, sh, sw = img.stride()
+                base, bstride = img.storage_offset(), sh * img.shape[1]
+            for _, size, crops, _, dsts in kinds:  # every resize first, while the image is in cache
+                for i, k in enumerate(crops):
+                    t, left, h, w = boxes[b][k]
+                    if full:  # _box_view inlined: this loop runs ten times per image
+                        box = torch.as_strided(img, (1, 3, h, w), (bstride, 1, sh, sw), base + t * sh + left * sw)
+                    else:
+                        box = self._box_view(img, (t, left, h, w), sy, sx)
+                    resize(box, (size, size), False, out=dsts[i])
+            for name, size, crops, hwc, _ in kinds:
+                noise_maps, bias_maps = no_noise, no_bias
+                if medical and p.noise[b, crops].any():  # the OpenCV backend's streams: one per (image, crop)
+                    noise_maps = np.stack(
+                        [np.random.default_rng((p.noise_seed[b], k)).standard_normal((size, size, 3), dtype=np.float32) for k in crops]
+                    )
+                if medical and p.bias_field[b, crops].any():
+                    bias_maps = bias_field_maps(p.bias_coeffs[b, crops], size, size, torch.device("cpu"))[:, 0].numpy()
+                _fused.photometric_kind(hwc, out[name], b, crops[0], *flags, noise_maps, bias_maps, *scalars)
+        names = {"global": [f"global_{i}" for i in range(2)], "local": [f"local_{i}" for i in range(self.cfg.n_local_crops)]}
+        return {key: torch.from_numpy(out[name][i]) for name, _, _ in self.kinds for i, key in enumerate(names[name])}
 
     def _run_per_crop(self, images: list, p: CropParams) -> dict[str, torch.Tensor]:
         """OpenCV backend: image by image, crop by crop, every op of a crop while it sits in cache."""
@@ -155,7 +227,7 @@ class MultiCropAugment:
             img, sy, sx = self._decoded(images[b], p, b)
             for name, size, k, i in slots:
                 box = (q.top[b][k], q.left[b][k], q.height[b][k], q.width[b][k])
-                crop = self._resize_box(img, box, size, sy, sx, channels_last=True)[0].permute(1, 2, 0).numpy()
+                crop = self._resize_box(img, box, size, sy, sx)[0].permute(1, 2, 0).numpy()
                 self._photometric_crop(crop, q, b, k, list(out[name][i, b]))
         names = {"global": [f"global_{i}" for i in range(2)], "local": [f"local_{i}" for i in range(self.cfg.n_local_crops)]}
         return {key: torch.from_numpy(out[name][i]) for name, _, _ in self.kinds for i, key in enumerate(names[name])}
@@ -261,22 +333,20 @@ class MultiCropAugment:
         crop = self._resize_box(img, box, size, sy, sx)[0]
         return crop.flip(-1) if p.flip[b, k] else crop
 
-    def _resize_box(
-        self, img: torch.Tensor, box: tuple[int, int, int, int], size: int, sy: float, sx: float, channels_last: bool = False
-    ) -> torch.Tensor:
-        """The crop box (top, left, height, width) of the full-size image as a view of img (decoded at
-        sy, sx of full size), resized to size x size: uint8 [1, 3, S, S].
+    def _resize_box(self, img: torch.Tensor, box: tuple[int, int, int, int], size: int, sy: float, sx: float) -> torch.Tensor:
+        """The crop box resized to size x size: uint8 [1, 3, S, S], channels-last (HWC memory) when img
+        is, as decoded images are: the layout the uint8 kernel computes in (25-30 % faster)."""
+        return TF.interpolate(self._box_view(img, box, sy, sx), size=(size, size), mode=self.mode, antialias=True, align_corners=False)
 
-        channels_last: give the box a 4-D channels-last view, so that the resize kernel sees the
-        layout it computes in (25-30 % faster) and returns an HWC-contiguous crop.
-        """
+    @staticmethod
+    def _box_view(img: torch.Tensor, box: tuple[int, int, int, int], sy: float, sx: float) -> torch.Tensor:
+        """The crop box (top, left, height, width) of the full-size image as a [1, 3, h, w] view of
+        img (decoded at sy, sx of full size); channels-last strides when img has them."""
         t, left, h, w = box
         if sy != 1.0 or sx != 1.0:  # draft-decoded: the box in reduced coordinates (sub-pixel rounding)
             t, left = min(round(t * sy), img.shape[1] - 1), min(round(left * sx), img.shape[2] - 1)
             h, w = max(1, min(round(h * sy), img.shape[1] - t)), max(1, min(round(w * sx), img.shape[2] - left))
-        if channels_last and img.stride(0) == 1:
+        if img.stride(0) == 1:  # HWC memory: a batch stride of a whole image, or torch takes the box for NCHW
             sc, sh, sw = img.stride()
-            box = torch.as_strided(img, (1, 3, h, w), (sh * img.shape[1], sc, sh, sw), img.storage_offset() + t * sh + left * sw)
-        else:
-            box = img[:, t : t + h, left : left + w].unsqueeze(0)
-        return TF.interpolate(box, size=(size, size), mode=self.mode, antialias=True, align_corners=False)
+            return torch.as_strided(img, (1, 3, h, w), (sh * img.shape[1], sc, sh, sw), img.storage_offset() + t * sh + left * sw)
+        return img[:, t : t + h, left : left + w].unsqueeze(0)

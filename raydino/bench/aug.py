@@ -214,14 +214,13 @@ def _pipelines(cfg: Any, data: bytes, n: int, batch: int, notes: list[str]) -> d
     from PIL import Image
     from torchvision.io import decode_jpeg
 
-    from raydino.augment.cpu import MultiCropAugment
+    from raydino.augment.cpu import MultiCropAugment, available_backends
     from raydino.augment.device import DeviceMultiCropAugment
 
     items = [data] * n
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     ref = ReferenceDINOAugment(cfg)
     ours = MultiCropAugment(cfg, seed=0)
-    batched = MultiCropAugment(cfg, seed=0, backend="torch")
     out: dict[str, Callable[[], Any]] = {
         "decode only (PIL)": lambda: [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in items],
         "decode only (torchvision)": lambda: [decode_jpeg(raw) for _ in items],
@@ -232,12 +231,11 @@ def _pipelines(cfg: Any, data: bytes, n: int, batch: int, notes: list[str]) -> d
     if lightly_fn is not None:
         out["lightly DINOTransform"] = lambda: [lightly_fn(d) for d in items]
     out["raydino, one image per call"] = lambda: [ours(d) for d in items]
-    out[f"raydino augment_batch, {ours.backend} backend (batch {batch})"] = lambda: [
-        ours.augment_batch(items[i : i + batch]) for i in range(0, n, batch)
-    ]
-    if ours.backend != "torch":
-        out[f"raydino augment_batch, torch backend (batch {batch})"] = lambda: [
-            batched.augment_batch(items[i : i + batch]) for i in range(0, n, batch)
+    # the default backend (what Ray Data runs) first, then every other one installed, same draws
+    others = [MultiCropAugment(cfg, seed=0, backend=b) for b in available_backends() if b != ours.backend]
+    for aug in [ours, *others]:
+        out[f"raydino augment_batch, {aug.backend} backend (batch {batch})"] = lambda aug=aug: [
+            aug.augment_batch(items[i : i + batch]) for i in range(0, n, batch)
         ]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

@@ -45,7 +45,9 @@ PRICE_TABLE: dict[str, Any] = {
     "gpus": {"p4d.24xlarge": "A100 40GB", "a2-highgpu-8g": "A100 40GB"},
 }
 
-AUG_PIPELINE = "raydino augment_batch, opencv backend"  # the row of `bench aug` that Ray Data runs
+# The rows of `bench aug` that Ray Data runs: the default backend ("fused" with Numba installed;
+# "opencv" in bench files written before it existed), the first found in this order.
+AUG_PIPELINES = ("raydino augment_batch, fused backend", "raydino augment_batch, opencv backend")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BENCH = REPO / "docs" / "gpu"
 DEFAULT_CLUSTERS = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml", REPO / "cluster" / "kuberay" / "raycluster.yaml"]
@@ -143,17 +145,21 @@ def train_rate(
 
 def aug_rates(files: list[tuple[Path, dict[str, Any]]], crops: str) -> list[AugRate]:
     """Multi-crop images/s per CPU core at each measured source size, for these crops: `bench aug`
-    results (row "raydino augment_batch, opencv backend", what Ray Data runs), then the `bench gpu`
+    results (the row of the default backend, what Ray Data runs: `AUG_PIPELINES`), then the `bench gpu`
     result's own CPU measurement (the config's augmentation, on a 512 px JPEG)."""
     out = []
     for path, d in files:
         if d["bench"] == "aug" and d.get("crops") == crops:
             # `--size 512,1024,...` writes one result per size under by_size; one size, the result itself
             for prefix, one in [(f"by_size[{j}].", r) for j, r in enumerate(d["by_size"])] if "by_size" in d else [("", d)]:
-                for i, row in enumerate(one.get("results") or []):
-                    if str(row.get("pipeline", "")).startswith(AUG_PIPELINE) and _positive(row.get("images_per_s_per_core")):
+                rows = list(enumerate(one.get("results") or []))
+                for pipeline in AUG_PIPELINES:
+                    found = [(i, row) for i, row in rows if str(row.get("pipeline", "")).startswith(pipeline) and _positive(row.get("images_per_s_per_core"))]
+                    for i, row in found:
                         key = f'{prefix}results[{i}].images_per_s_per_core ("{row["pipeline"]}")'
                         out.append(AugRate(float(row["images_per_s_per_core"]), int(one.get("size", 0)), f"{display_path(path)}: {key}", d.get("preset")))
+                    if found:
+                        break
     for path, d in files:
         a = d.get("augmentation") or {}
         if d["bench"] == "gpu" and d.get("crops") == crops and _positive(a.get("raydino_cpu_images_per_s_per_core")):
