@@ -7,10 +7,9 @@ at 512 px a fifth of its time was Python between the calls (cProfile), and its f
 on interleaved HWC crops.  Here the whole chain (flip, the four jitter ops in the crop's own
 order, grayscale, blur, solarize, medical blur, noise, bias field, the rounding to uint8 CHW
 planes) is one Numba function per crop kind and image; each op is a branch-free loop over a
-plane that LLVM vectorises (`fastmath`), and nothing returns to Python between them.  With the
-leaner crop loop of `MultiCropAugment._run_fused` this made augment_batch 1.4-1.5x faster than
-the OpenCV backend at 512 px (`python -m raydino.bench aug`, docs/performance.md).  What is
-left is mostly the JPEG decode and torch's antialiased resize (~80 % of the time at 512 px).
+plane that LLVM vectorises (`fastmath`), and nothing returns to Python between them.  The
+gain, and where the remaining time goes (mostly JPEG decode and torch's antialiased resize), is
+measured by `python -m raydino.bench aug` and written in docs/performance.md.
 
 The maths are those of `raydino.augment.opencv` and `raydino.augment.ops` (tests/test_augment.py
 checks the three backends agree to +-1 grey level on the same draws):
@@ -21,8 +20,8 @@ checks the three backends agree to +-1 grey level on the same draws):
     blur        Gaussian, radius ceil(3 sigma) (>= 1, < crop side), reflect-101 border, separable
     solarize    v >= threshold -> 255 - v   (global crop 2 only; the caller passes the mask)
 
-Values are float32 on [0, 255] between ops, clamped after a blend whose factor is > 1, as
-torchvision does.  The first call compiles (a few seconds); `cache=True` keeps the machine code
+Values are float32 on [0, 255] between ops; every blend clamps to [0, 255] in its own pass (the
+same as torchvision's clamp after a factor > 1, see `_blend_`).  The first call compiles (a few seconds); `cache=True` keeps the machine code
 beside this file (or in Numba's per-user cache when that folder is read-only).
 """
 

@@ -7,8 +7,8 @@ real fundus photograph, at --size px), interleaved over --rounds rounds (best ro
   2. a reference pipeline written here from DINO's published recipe (DataAugmentationDINO:
      PIL + torchvision transforms, PIL GaussianBlur, ToTensor + Normalize);
   3. lightly's DINOTransform with the same parameters, when `lightly` is importable;
-  4. raydino's CPU pipeline: one image per call, and `augment_batch` (what Ray Data runs) with the
-     OpenCV backend and with the batched torch backend;
+  4. raydino's CPU pipeline: one image per call, and `augment_batch` with every installed backend
+     (`raydino.augment.cpu.available_backends`: the default, what Ray Data runs, first);
   5. raydino's batched device pipeline on CPU, and on CUDA when a GPU is visible.
 
 "Per core" = images / CPU seconds of this process (`time.process_time`), so a busy machine
