@@ -12,7 +12,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from raydino.augment.cpu import MultiCropAugment, crop_shapes
-from raydino.augment.decode import draft_scale
+from raydino.augment.decode import draft_scales, image_size
 from raydino.augment.device import DeviceMultiCropAugment, build_augment
 from raydino.augment.ops import adjust_hue_, bias_field_maps, blend_, gaussian_blur_, luma, normalize
 from raydino.augment.params import JITTER_ORDERS
@@ -334,13 +334,40 @@ def test_jpeg_draft_decode_keeps_the_crops():
     )
     aug = MultiCropAugment(cfg)
     p = aug.sample_params([(1600, 1600)] * 4, generator=0)
-    assert all(draft_scale(p, b, aug.out_size) >= 4 for b in range(4))  # 1600 px, >= 0.5 area -> 1/4 or 1/8
+    assert (draft_scales(p, aug.out_size) >= 4).all()  # 1600 px, >= 0.5 area -> 1/4 or 1/8
     fast = aug.augment_tensors([big] * 4, params=p)
     full = torch.from_numpy(np.array(Image.open(io.BytesIO(big)).convert("RGB"))).permute(2, 0, 1)
     slow = aug.augment_tensors([full] * 4, params=p)
     for k in fast:
         mse = ((fast[k].float() - slow[k].float()) ** 2).mean()
         assert 10 * math.log10(255**2 / mse) > 30, k  # PSNR > 30 dB: the same crops
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}, {"restart_marker_blocks": 1}])
+def test_image_size_reads_the_jpeg_frame_header(mode, options):
+    """`image_size` parses a JPEG's frame header itself (Pillow's open cost ~20 us an image); it
+    must agree with Pillow on every kind of JPEG, with or without EXIF, and for other formats."""
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    for exif in (b"", _exif(6)):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80, exif=exif, **options)
+        data = buf.getvalue()
+        with Image.open(io.BytesIO(data)) as ref:
+            want = (ref.width, ref.height) if exif else (ref.height, ref.width)  # orientation 6 turns it by 90 degrees
+        assert image_size(data) == want == ((53, 37) if exif else (37, 53))
+    png = io.BytesIO()
+    im.convert("RGB").save(png, "PNG")
+    assert image_size(png.getvalue()) == (37, 53)
+    truncated = data[: data.index(b"\xff\xc0") if b"\xff\xc0" in data else data.index(b"\xff\xc2")]  # cut before the frame header
+    with pytest.raises(OSError):  # no frame header: Pillow is asked, and says it cannot read it
+        image_size(truncated)
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
 
 
 def _agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -381,13 +408,17 @@ def test_fused_backend_matches_opencv_and_torch(jpeg256, preset):
     assert p.flip.any() and p.blur.any() and (p.blur_sigma[p.blur] > 1.7).any()
     a = fused.augment_tensors(inputs, params=p)
     _agree(a, cv.augment_tensors(inputs, params=p))
+    one_by_one = MultiCropAugment(cfg, backend="fused")
+    one_by_one.group_bytes = 1  # groups of one image: the phases must not change a pixel
+    b = one_by_one.augment_tensors(inputs[:11], params=p.select(np.arange(11), slice(None)))
+    assert all(torch.equal(a[k][:11], b[k]) for k in a)
     if preset != "weak_med":
         _agree(a, MultiCropAugment(cfg, backend="torch").augment_tensors(inputs, params=p))
     big = jpeg_bytes(_fundus(1024, seed=4), quality=90)
     small = AugmentConfig(preset=preset, global_crop_size=48, local_crop_size=24, n_local_crops=2, global_crop_scale=(0.5, 1.0))
     f2, c2 = MultiCropAugment(small, backend="fused"), MultiCropAugment(small, backend="opencv")
     p = f2.sample_params([(1024, 1024)] * 4, generator=6)
-    assert all(draft_scale(p, b, f2.out_size) >= 2 for b in range(4))
+    assert (draft_scales(p, f2.out_size) >= 2).all()
     _agree(f2.augment_tensors([big] * 4, params=p), c2.augment_tensors([big] * 4, params=p))
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
-from raydino.augment.decode import ImageInput, as_bytes, decode, draft_scale, image_size, to_chw_uint8
+from raydino.augment.decode import ImageInput, as_bytes, decode, draft_scales, image_size, to_chw_uint8
 from raydino.augment.ops import bias_field_maps, jitter_blocks, photometric_
 from raydino.augment.params import JITTER_ORDERS, CropParams, sample_params
 from raydino.config import AugmentConfig
@@ -109,6 +109,7 @@ class MultiCropAugment:
         # (~2 MB of float crops per image): per-call overhead, not memory, limits small batches.
         self.chunk_images = chunk_images
         self._buffers: dict[str, torch.Tensor] = {}
+        self.group_bytes = 8 << 20  # the fused backend's decoded pixels per phase (`_group_size`)
         self._workspace = _cv.CropWorkspace() if _cv is not None else None
         self.rng = np.random.default_rng(seed)
         self.mode = self.cfg.interpolation
@@ -165,12 +166,15 @@ class MultiCropAugment:
         return run(images, p)
 
     def _run_fused(self, images: list, p: CropParams) -> dict[str, torch.Tensor]:
-        """Numba backend: image by image, each crop resized into a reused HWC buffer, then one
-        compiled call per crop kind does every photometric op and writes the uint8 CHW output.
+        """Numba backend: images in groups; per group every image is decoded, then every crop of
+        every image resized into reused HWC buffers, then one compiled call per crop kind and image
+        does every photometric op and writes the uint8 CHW output.
 
-        At 512 px a fifth of the OpenCV backend's time was Python between its calls, so this
-        per-crop loop only reads Python lists and reuses views made once per batch; all ten resizes
-        of an image run first, while the decoded image is still in cache.
+        Why phases: decoding a few images back to back, then resizing them, then the photometric
+        calls, keeps each stage's code and tables in cache (libjpeg's, torch's resize kernel's,
+        Numba's); interleaving them image by image measured 5-10 % slower at 512 px (docs/performance.md).
+        At 512 px a fifth of the OpenCV backend's time was Python between its calls, so the loop
+        only reads Python lists and reuses views made once per batch.
         """
         cfg, B, K = self.cfg, len(images), 2 + self.cfg.n_local_crops
         out = {name: np.empty((len(crops), B, 3, size, size), dtype=np.uint8) for name, size, crops in self.kinds}
@@ -186,35 +190,50 @@ class MultiCropAugment:
         boxes = np.stack([p.top, p.left, p.height, p.width], axis=-1).tolist()  # [B][K][4] Python ints
         medical = p.noise.any() or p.bias_field.any()
         resize = _RESIZE_AA[self.mode]
+        drafts = draft_scales(p, self.out_size).tolist()
+        group = self._group_size(p, drafts)
         kinds = []
-        for name, size, crops in self.kinds:  # the HWC crop buffer, its numpy view, a [1, 3, S, S] view per crop
-            hwc = self._buffer(f"{name}_hwc", (len(crops), size, size, 3), torch.uint8)
-            kinds.append((name, size, crops, hwc.numpy(), [hwc[i].permute(2, 0, 1).unsqueeze(0) for i in range(len(crops))]))
-        for b in range(B):
-            img, sy, sx = self._decoded(images[b], p, b)
-            full = sy == 1.0 and sx == 1.0 and img.stride(0) == 1  # boxes index img directly
-            if full:
-                _, sh, sw = img.stride()
-                base, bstride = img.storage_offset(), sh * img.shape[1]
-            for _, size, crops, _, dsts in kinds:  # every resize first, while the image is in cache
-                for i, k in enumerate(crops):
-                    t, left, h, w = boxes[b][k]
-                    if full:  # _box_view inlined: this loop runs ten times per image
-                        box = torch.as_strided(img, (1, 3, h, w), (bstride, 1, sh, sw), base + t * sh + left * sw)
-                    else:
-                        box = self._box_view(img, (t, left, h, w), sy, sx)
-                    resize(box, (size, size), False, out=dsts[i])
-            for name, size, crops, hwc, _ in kinds:
-                noise_maps, bias_maps = no_noise, no_bias
-                if medical and p.noise[b, crops].any():  # the OpenCV backend's streams: one per (image, crop)
-                    noise_maps = np.stack(
-                        [np.random.default_rng((p.noise_seed[b], k)).standard_normal((size, size, 3), dtype=np.float32) for k in crops]
-                    )
-                if medical and p.bias_field[b, crops].any():
-                    bias_maps = bias_field_maps(p.bias_coeffs[b, crops], size, size, torch.device("cpu"))[:, 0].numpy()
-                _fused.photometric_kind(hwc, out[name], b, crops[0], *flags, noise_maps, bias_maps, *scalars)
+        for name, size, crops in self.kinds:  # HWC crop buffers of a group, numpy views, a [1, 3, S, S] view per crop
+            hwc = self._buffer(f"{name}_hwc", (group, len(crops), size, size, 3), torch.uint8)
+            views = [[hwc[g, i].permute(2, 0, 1).unsqueeze(0) for i in range(len(crops))] for g in range(group)]
+            kinds.append((name, size, crops, hwc.numpy(), views))
+        for start in range(0, B, group):
+            decoded = [self._decoded(images[b], p, b, drafts) for b in range(start, min(B, start + group))]
+            for g, (img, sy, sx) in enumerate(decoded):  # every resize of the group
+                b = start + g
+                full = sy == 1.0 and sx == 1.0 and img.stride(0) == 1  # boxes index img directly
+                if full:
+                    _, sh, sw = img.stride()
+                    base, bstride = img.storage_offset(), sh * img.shape[1]
+                for _, size, crops, _, views in kinds:
+                    for i, k in enumerate(crops):
+                        t, left, h, w = boxes[b][k]
+                        if full:  # _box_view inlined: this loop runs ten times per image
+                            box = torch.as_strided(img, (1, 3, h, w), (bstride, 1, sh, sw), base + t * sh + left * sw)
+                        else:
+                            box = self._box_view(img, (t, left, h, w), sy, sx)
+                        resize(box, (size, size), False, out=views[g][i])
+            decoded = None  # the decoded images are no longer needed: free them before the float work
+            for g in range(min(group, B - start)):
+                b = start + g
+                for name, size, crops, hwc, _ in kinds:
+                    noise_maps, bias_maps = no_noise, no_bias
+                    if medical and p.noise[b, crops].any():  # the OpenCV backend's streams: one per (image, crop)
+                        noise_maps = np.stack(
+                            [np.random.default_rng((p.noise_seed[b], k)).standard_normal((size, size, 3), dtype=np.float32) for k in crops]
+                        )
+                    if medical and p.bias_field[b, crops].any():
+                        bias_maps = bias_field_maps(p.bias_coeffs[b, crops], size, size, torch.device("cpu"))[:, 0].numpy()
+                    _fused.photometric_kind(hwc[g], out[name], b, crops[0], *flags, noise_maps, bias_maps, *scalars)
         names = {"global": [f"global_{i}" for i in range(2)], "local": [f"local_{i}" for i in range(self.cfg.n_local_crops)]}
         return {key: torch.from_numpy(out[name][i]) for name, _, _ in self.kinds for i, key in enumerate(names[name])}
+
+    def _group_size(self, p: CropParams, drafts: list[int]) -> int:
+        """Images per decode/resize/photometric phase of the fused backend: up to 8, fewer when the
+        decoded images are large, so that a group's decoded pixels stay under ~8 MB (camera-size
+        photographs decode to 10-36 MB each; one at a time is then as fast)."""
+        largest = max(3 * (int(h) // d) * (int(w) // d) for h, w, d in zip(p.image_height, p.image_width, drafts))  # draft-decoded size
+        return max(1, min(8, self.group_bytes // max(largest, 1)))
 
     def _run_per_crop(self, images: list, p: CropParams) -> dict[str, torch.Tensor]:
         """OpenCV backend: image by image, crop by crop, every op of a crop while it sits in cache."""
@@ -224,8 +243,9 @@ class MultiCropAugment:
         # Every draw as nested Python lists: per-crop reads are then list lookups, not numpy scalar
         # boxing (~40 reads per crop; Python overhead is a tenth of the per-crop cost here).
         q = SimpleNamespace(**{f.name: getattr(p, f.name).tolist() for f in fields(p)}, order=JITTER_ORDERS[p.jitter_order].tolist())
+        drafts = draft_scales(p, self.out_size).tolist()
         for b in range(B):
-            img, sy, sx = self._decoded(images[b], p, b)
+            img, sy, sx = self._decoded(images[b], p, b, drafts)
             for name, size, k, i in slots:
                 box = (q.top[b][k], q.left[b][k], q.height[b][k], q.width[b][k])
                 crop = self._resize_box(img, box, size, sy, sx)[0].permute(1, 2, 0).numpy()
@@ -287,11 +307,12 @@ class MultiCropAugment:
         """torch backend: crops stacked per kind, photometric ops batched over chunks of images."""
         B = len(images)
         out = {name: torch.empty((len(crops), B, 3, size, size), dtype=torch.uint8) for name, size, crops in self.kinds}
+        drafts = draft_scales(p, self.out_size).tolist()
         for start in range(0, B, self.chunk_images):
             chunk = range(start, min(B, start + self.chunk_images))
             layouts = [self._layout(p, chunk, name, crops, size) for name, size, crops in self.kinds]
             for b in chunk:
-                img, sy, sx = self._decoded(images[b], p, b)
+                img, sy, sx = self._decoded(images[b], p, b, drafts)
                 for (_, _, slot, x), (_, size, crops) in zip(layouts, self.kinds):
                     for k in crops:  # uint8 crop -> its float slot (the conversion is this copy)
                         x[slot[b - start, k]].copy_(self._crop(img, p, b, k, size, sy, sx))
@@ -323,9 +344,10 @@ class MultiCropAugment:
             buf = self._buffers[name] = torch.empty(n, dtype=dtype)
         return buf[:n].view(shape)
 
-    def _decoded(self, item: ImageInput, p: CropParams, b: int) -> tuple[torch.Tensor, float, float]:
+    def _decoded(self, item: ImageInput, p: CropParams, b: int, drafts: list[int]) -> tuple[torch.Tensor, float, float]:
+        """Image b as uint8 [3, H', W'] (encoded: decoded at 1/drafts[b], see `draft_scales`) and its scale of full size."""
         data = as_bytes(item)
-        img = decode(data, draft_scale(p, b, self.out_size)) if data is not None else to_chw_uint8(item)
+        img = decode(data, drafts[b]) if data is not None else to_chw_uint8(item)
         return img, img.shape[1] / int(p.image_height[b]), img.shape[2] / int(p.image_width[b])
 
     def _crop(self, img: torch.Tensor, p: CropParams, b: int, k: int, size: int, sy: float, sx: float) -> torch.Tensor:

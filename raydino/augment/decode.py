@@ -2,7 +2,7 @@
 
 Encoded images are measured from their header alone (the crop boxes are drawn before any pixel
 is decoded) and then decoded once, JPEG in draft mode (a DCT-domain downscale) when every crop of
-the image is a downsample anyway (`draft_scale`).
+the image is a downsample anyway (`draft_scales`).
 
 EXIF orientation is applied: shards keep a JPEG's Orientation tag (as a minimal EXIF block, see
 `raydino.data.imagebytes.strip_jpeg_metadata`), and a camera that stores its sensor's pixels with
@@ -91,6 +91,32 @@ def exif_orientation(data: bytes) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header (the marker walk of `exif_orientation`), or None
+    when the bytes are not a JPEG or the header is unusual (Pillow then reads it)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, n = 2, len(data)
+    while pos + 9 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):  # scan before any frame header: malformed
+            return None
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # stand-alone markers
+            pos += 2
+            continue
+        if marker in _SOF:  # length (2), precision (1), height (2), width (2)
+            h, w = int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return (h, w) if h > 0 and w > 0 else None  # height 0: defined later by a DNL marker
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
 # EXIF orientation -> the Pillow transpose that shows the photograph upright (as ImageOps.exif_transpose).
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -111,6 +137,9 @@ def image_size(item: ImageInput) -> tuple[int, int]:
     """(height, width) without decoding pixels (image header only for encoded input)."""
     data = as_bytes(item)
     if data is not None:
+        size = _jpeg_size(data)
+        if size is not None:  # the frame header, ~20x faster than Pillow's open (it ran once per image)
+            return (size[1], size[0]) if exif_orientation(data) >= 5 else size
         with Image.open(io.BytesIO(data)) as im:
             h, w = im.height, im.width
         return (w, h) if exif_orientation(data) >= 5 else (h, w)  # 5-8 turn the image by 90 degrees
@@ -175,14 +204,15 @@ def decode(data: bytes, draft: int) -> torch.Tensor:
     return to_chw_uint8(np.asarray(rgb))
 
 
-def draft_scale(p: CropParams, b: int, sizes: np.ndarray) -> int:
-    """Largest JPEG draft factor (8, 4, 2, 1) at which every crop of image b is still downscaled.
+def draft_scales(p: CropParams, sizes: np.ndarray) -> np.ndarray:
+    """Per image, the largest JPEG draft factor (8, 4, 2, 1) at which every crop is still downscaled.
 
     Decoding at 1/s keeps the output distribution when each crop box, s times smaller, still has
     at least as many pixels per side as its output: the crop is then a downsample either way.
+    Vectorised over the batch: one numpy pass, not one per image.
     """
-    short = np.minimum(p.height[b], p.width[b]) / sizes
-    for s in (8, 4, 2):
-        if (short >= s).all():
-            return s
-    return 1
+    short = (np.minimum(p.height, p.width) / sizes).min(axis=1)  # [B]: the tightest crop of each image
+    scales = np.ones(len(short), dtype=np.int64)
+    for s in (2, 4, 8):
+        scales[short >= s] = s
+    return scales

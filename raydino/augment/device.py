@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from raydino.augment.cpu import MultiCropAugment
-from raydino.augment.decode import ImageInput
+from raydino.augment.decode import ImageInput, draft_scales
 from raydino.augment.ops import normalize, photometric_
 from raydino.augment.params import CropParams
 from raydino.config import AugmentConfig
@@ -59,8 +59,9 @@ class DeviceMultiCropAugment(MultiCropAugment):
         # The whole batch is one chunk: a GPU wants big kernels; its memory holds B * ~2 MB easily.
         layouts = [self._layout(p, chunk, name, crops, size) for name, size, crops in self.kinds]
         layouts = [(bb, kk, slot, torch.empty(x.shape, dtype=torch.float32, device=self.device)) for bb, kk, slot, x in layouts]
+        drafts = draft_scales(p, self.out_size).tolist()
         for b in range(B):
-            img, sy, sx = self._decoded(images[b], p, b)
+            img, sy, sx = self._decoded(images[b], p, b, drafts)
             img = img.to(self.device, non_blocking=True)
             if self.device.type != "cpu":
                 img = img.float()  # CUDA's antialiased bicubic resize takes float input
