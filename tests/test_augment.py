@@ -210,6 +210,12 @@ def test_hue_matches_torchvision(crops_float):
         hsv = np.empty((48, 48, 3), np.float32)
         y = _per_crop(lambda x, s: augment_cv.hue_(x, float(s), hsv), crops_float, shift)
         assert (y - ref).abs().max() < 0.01
+    if augment_fused is not None:  # every third of a turn (a channel permutation) and its rest
+        for s in (-0.5, -0.45, -0.3, -1 / 6, -0.1, 0.0, 0.05, 0.17, 0.2, 1 / 3, 0.4, 0.5):
+            x = crops_float[3].reshape(3, -1).numpy().copy()
+            augment_fused._hue_(x, s)
+            want = F.adjust_hue(crops_float[3] / 255, s) * 255
+            assert (torch.from_numpy(x).reshape(3, 48, 48) - want).abs().max() < 0.01, s
 
 
 def test_blends_match_torchvision_brightness_contrast_saturation(crops_float):

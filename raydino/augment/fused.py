@@ -15,7 +15,7 @@ The maths are those of `raydino.augment.opencv` and `raydino.augment.ops` (tests
 checks the three backends agree to +-1 grey level on the same draws):
 
     brightness  x * f                       contrast    f * x + (1 - f) * mean(luma(x))
-    saturation  f * x + (1 - f) * luma(x)   hue         the branch-free HSV rotation of `ops.adjust_hue_`
+    saturation  f * x + (1 - f) * luma(x)   hue         `ops.adjust_hue_`'s HSV rotation, without its division
     grayscale   luma(x) = 0.299 R + 0.587 G + 0.114 B   (ITU-R 601-2, PIL's convert("L"))
     blur        Gaussian, radius ceil(3 sigma) (>= 1, < crop side), reflect-101 border, separable
     solarize    v >= threshold -> 255 - v   (global crop 2 only; the caller passes the mask)
@@ -79,28 +79,45 @@ def _blend_(x: np.ndarray, f: float, op: int) -> None:
             b[i] = min(max(b[i] * fw + lk, lo), hi)
 
 
+@numba.njit(**_JIT, inline="always")
+def _rotate_hue(ri: float, gi: float, bi: float, s6: float) -> tuple:
+    """One pixel's HSV hue turned by s6 / 6 turns, |s6| <= 1: the branch-free formula of
+    `raydino.augment.ops.adjust_hue_` multiplied through by the chroma, so it has no division (a
+    vector division is a quarter of the op's time); the sextant folding is exact for |s6| <= 1."""
+    vmax = max(ri, max(gi, bi))
+    vmin = min(ri, min(gi, bi))
+    c = max(vmax - vmin, np.float32(1e-6))  # chroma
+    sgn = np.float32(1.0) if gi >= bi else np.float32(-1.0)
+    psi = sgn * (gi + bi - ri + vmin - vmax - vmax) + s6 * c  # the hue in sextants, times the chroma
+    c2 = c + c
+    c3 = c2 + c
+    top = vmin + c2
+    tr = min(max(abs(abs(psi) - c3), c), c2)
+    tg = min(max(abs(abs(psi - c2) - c3), c), c2)
+    tb = min(max(abs(abs(psi + c2) - c3), c), c2)
+    return top - tr, top - tg, top - tb
+
+
 @numba.njit(**_JIT)
 def _hue_(x: np.ndarray, shift: float) -> None:
-    """Rotate the HSV hue by `shift` turns; the branch-free formula of `raydino.augment.ops.adjust_hue_`."""
+    """Rotate the HSV hue of planar x [3, n] by `shift` turns (|shift| <= 0.5).
+
+    A third of a turn is a cyclic permutation of R, G, B, so the shift is split into whole thirds
+    (which channel each output reads) and a rest of at most a sixth (`_rotate_hue`): no wrap-around
+    in the per-pixel maths, and one vectorised loop per permutation.
+    """
+    m = int(np.floor(shift * 3.0 + 0.5))
+    s6 = np.float32(6.0 * (shift - m / 3.0))
     r, g, b = x[0], x[1], x[2]
-    s6 = np.float32(6.0 * shift)
-    wrap = abs(shift) > 1.0 / 6.0  # keep |phi + o| <= 7, where the folded wrap below is exact
-    for i in range(r.shape[0]):
-        ri, gi, bi = r[i], g[i], b[i]
-        vmax = max(ri, max(gi, bi))
-        vmin = min(ri, min(gi, bi))
-        chroma = max(vmax - vmin, np.float32(1e-6))
-        sgn = np.float32(1.0) if gi >= bi else np.float32(-1.0)
-        phi = sgn * (gi + bi - ri + vmin - vmax - vmax) / chroma + s6
-        if wrap:
-            phi -= np.float32(6.0) * np.float32(math.floor(phi / np.float32(6.0) + np.float32(0.5)))
-        tr = min(max(abs(abs(phi) - np.float32(3.0)), np.float32(1.0)), np.float32(2.0))
-        tg = min(max(abs(abs(phi - np.float32(2.0)) - np.float32(3.0)), np.float32(1.0)), np.float32(2.0))
-        tb = min(max(abs(abs(phi + np.float32(2.0)) - np.float32(3.0)), np.float32(1.0)), np.float32(2.0))
-        top = vmin + chroma + chroma
-        r[i] = top - chroma * tr
-        g[i] = top - chroma * tg
-        b[i] = top - chroma * tb
+    if m % 3 == 0:
+        for i in range(r.shape[0]):
+            r[i], g[i], b[i] = _rotate_hue(r[i], g[i], b[i], s6)
+    elif m % 3 == 1:  # + 1/3 turn: red takes blue's place, green red's, blue green's
+        for i in range(r.shape[0]):
+            r[i], g[i], b[i] = _rotate_hue(b[i], r[i], g[i], s6)
+    else:
+        for i in range(r.shape[0]):
+            r[i], g[i], b[i] = _rotate_hue(g[i], b[i], r[i], s6)
 
 
 @numba.njit(**_JIT)
