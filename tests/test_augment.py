@@ -11,6 +11,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
+from raydino.augment import decode as decode_module
 from raydino.augment.cpu import MultiCropAugment, crop_shapes
 from raydino.augment.decode import draft_scales, image_size
 from raydino.augment.device import DeviceMultiCropAugment, build_augment
@@ -368,6 +369,32 @@ def test_image_size_reads_the_jpeg_frame_header(mode, options):
     truncated = data[: data.index(b"\xff\xc0") if b"\xff\xc0" in data else data.index(b"\xff\xc2")]  # cut before the frame header
     with pytest.raises(OSError):  # no frame header: Pillow is asked, and says it cannot read it
         image_size(truncated)
+
+
+@pytest.mark.parametrize("draft", [1, 2, 4, 8])
+def test_jpeg_decoders_give_pillows_pixels(draft, monkeypatch):
+    """`decode` (simplejpeg when installed, else torchvision or Pillow) gives Pillow's pixels at full
+    size and in draft mode, on every kind of JPEG, sizes that are no multiple of the factor included;
+    a JPEG simplejpeg refuses (CMYK) falls back to the other decoders."""
+    rgb = _fundus(300, seed=5)[:, :269]  # 300 x 269
+    for mode, options in [("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})]:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, "JPEG", quality=85, **options)
+        data = buf.getvalue()
+        with Image.open(io.BytesIO(data)) as im:
+            if draft > 1:
+                im.draft("RGB", (im.width // draft, im.height // draft))
+            want = np.asarray(im.convert("RGB"))
+        assert want.shape[:2] == (-(-300 // draft), -(-269 // draft))
+        for fast in (True, False):
+            if not fast:
+                monkeypatch.setattr(decode_module, "simplejpeg", None)
+            got = decode_module.decode(data, draft).permute(1, 2, 0).numpy()
+            if mode == "CMYK" and draft == 1:  # torchvision's CMYK conversion, not Pillow's: the same image within a few levels
+                assert got.shape == want.shape and np.abs(got.astype(int) - want).mean() < 3, (mode, options, fast)
+            else:
+                assert np.array_equal(got, want), (mode, options, fast)
+            monkeypatch.undo()
 
 
 def _exif(orientation: int) -> bytes:
