@@ -3,7 +3,8 @@
 `aug` measures images/s per core, all on the same input (a JPEG of scikit-image's `retina`, a
 real fundus photograph, at --size px), interleaved over --rounds rounds (best round kept):
 
-  1. decode only (PIL and torchvision.io) -- the ceiling for any pipeline that decodes once;
+  1. decode only (PIL, torchvision.io, and raydino's `decode`: simplejpeg when installed) -- the
+     ceiling for any pipeline that decodes once;
   2. a reference pipeline written here from DINO's published recipe (DataAugmentationDINO:
      PIL + torchvision transforms, PIL GaussianBlur, ToTensor + Normalize);
   3. lightly's DINOTransform with the same parameters, when `lightly` is importable;
@@ -215,6 +216,7 @@ def _pipelines(cfg: Any, data: bytes, n: int, batch: int, notes: list[str]) -> d
     from torchvision.io import decode_jpeg
 
     from raydino.augment.cpu import MultiCropAugment, available_backends
+    from raydino.augment.decode import decode
     from raydino.augment.device import DeviceMultiCropAugment
 
     items = [data] * n
@@ -224,6 +226,7 @@ def _pipelines(cfg: Any, data: bytes, n: int, batch: int, notes: list[str]) -> d
     out: dict[str, Callable[[], Any]] = {
         "decode only (PIL)": lambda: [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in items],
         "decode only (torchvision)": lambda: [decode_jpeg(raw) for _ in items],
+        "decode only (raydino.augment.decode)": lambda: [decode(d, 1) for d in items],
         "reference DINO (PIL + torchvision)": lambda: [ref(d) for d in items],
     }
     lightly_fn, note = lightly_transform(cfg)
