@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -65,21 +66,9 @@ def exif_orientation(data: bytes) -> int:
     (Pillow reads it only there too).  Other formats (kept with ``--keep-metadata``): Pillow's header.
     """
     if data[:2] == b"\xff\xd8":
-        pos, n = 2, len(data)
-        while pos + 4 <= n and data[pos] == 0xFF:
-            marker = data[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in (0xDA, 0xD9):  # start of scan / end of image: no EXIF comes later
-                break
-            if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # stand-alone markers
-                pos += 2
-                continue
-            end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        for marker, pos, end in _jpeg_segments(data):
             if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
                 return _orientation_of_exif(data[pos + 4 : end])
-            pos = end
         return 1
     if data[:8] == _PNG_SIGNATURE:
         pos, n = 8, len(data)
@@ -99,30 +88,39 @@ def exif_orientation(data: bytes) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
-
-
-def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
-    """(height, width, components) from a JPEG's frame header (the marker walk of
-    `exif_orientation`), or None when the bytes are not a JPEG or the header is unusual (Pillow then
-    reads it)."""
-    if data[:2] != b"\xff\xd8":
-        return None
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, end) of each marker segment of a JPEG before its first scan (SOI, APP0, maybe
+    APP1, tables, frame: a handful); the one walk `exif_orientation` and `_jpeg_frame` share."""
     pos, n = 2, len(data)
-    while pos + 10 <= n and data[pos] == 0xFF:
+    while pos + 4 <= n and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in (0xDA, 0xD9):  # scan before any frame header: malformed
-            return None
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no header segment comes later
+            return
         if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # stand-alone markers
             pos += 2
             continue
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        yield marker, pos, end
+        pos = end
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG's frame header, or None when the bytes are not a
+    JPEG or the header is unusual (Pillow then reads it)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    for marker, pos, _ in _jpeg_segments(data):
         if marker in _SOF:  # length (2), precision (1), height (2), width (2), components (1)
+            if pos + 10 > len(data):
+                return None
             h, w = int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(data[pos + 7 : pos + 9], "big")
             return (h, w, data[pos + 9]) if h > 0 and w > 0 else None  # height 0: defined later by a DNL marker
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return None
 
 
@@ -146,12 +144,12 @@ def image_size(item: ImageInput) -> tuple[int, int]:
     """(height, width) without decoding pixels (image header only for encoded input)."""
     data = as_bytes(item)
     if data is not None:
-        frame = _jpeg_frame(data)
-        if frame is not None:  # the frame header, ~20x faster than Pillow's open (it ran once per image)
+        frame = _jpeg_frame(data)  # the frame header: ~20x faster than Pillow's open (it ran once per image)
+        if frame is not None:
             h, w, _ = frame
-            return (w, h) if exif_orientation(data) >= 5 else (h, w)
-        with Image.open(io.BytesIO(data)) as im:
-            h, w = im.height, im.width
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                h, w = im.height, im.width
         return (w, h) if exif_orientation(data) >= 5 else (h, w)  # 5-8 turn the image by 90 degrees
     if isinstance(item, torch.Tensor):
         return int(item.shape[-2]), int(item.shape[-1])
