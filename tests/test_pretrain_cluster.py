@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "raydino-pretrain"
 PLANNED_STEPS = 8  # smoke: 67 training rows // (2 workers × batch 8) = 4 steps/epoch × 2 epochs
+KILL_RUN_EPOCHS, KILL_RUN_STEPS = 5, 20  # the killed-worker run: 4 steps/epoch as above
 CKPT = re.compile(r"checkpoint_(\d{8})$")
 
 
@@ -166,9 +167,10 @@ def test_killed_worker_is_replaced_and_run_completes(head, shards, tmp_path):
     killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
     killer.start()
     try:
-        done = subprocess.run(
-            pretrain_cmd(shards, str(tmp_path / "runs"), "fault"), env=driver_env(head), capture_output=True, text=True, timeout=280, cwd=tmp_path
-        )
+        # Five epochs, not the smoke's two: with two, rank 1 could finish its last steps before the first
+        # checkpoint was registered (asynchronously) and the kill landed on a finished worker.
+        cmd = pretrain_cmd(shards, str(tmp_path / "runs"), "fault", "--set", f"train.epochs={KILL_RUN_EPOCHS}")
+        done = subprocess.run(cmd, env=driver_env(head), capture_output=True, text=True, timeout=280, cwd=tmp_path)
     finally:
         stop.set()
         killer.join()
@@ -176,16 +178,16 @@ def test_killed_worker_is_replaced_and_run_completes(head, shards, tmp_path):
     assert done.returncode == 0, out[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert killed, "the first checkpoint never appeared"
-    assert summary["final_metrics"]["step"] == PLANNED_STEPS
-    # Nothing lost: checkpoints at 4 (epoch end), 5 (every 5 steps), 8 (end); all kept (keep_checkpoints=3).
-    assert checkpoint_steps(run_dir) == [4, 5, 8]
-    assert _load_ckpt(run_dir / "checkpoint_00000008")["step"] == PLANNED_STEPS
+    assert summary["final_metrics"]["step"] == KILL_RUN_STEPS
+    # Checkpoints at every epoch end (4, 8, ...) and every 5 steps; the newest three kept (keep_checkpoints=3).
+    assert checkpoint_steps(run_dir) == [15, 16, 20]
+    assert _load_ckpt(run_dir / "checkpoint_00000020")["step"] == KILL_RUN_STEPS
     # A new rank-1 process took over from the checkpoint registered before the kill (or a later one).
     ranks1 = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank1-pid*.json")]
     replacement = [w for w in ranks1 if w["pid"] != killed["pid"]]
     assert len(replacement) == 1
     assert replacement[0]["start_step"] >= int(CKPT.match(killed["after"]).group(1))
-    assert replacement[0]["end_step"] == PLANNED_STEPS
+    assert replacement[0]["end_step"] == KILL_RUN_STEPS
     assert "end_step" not in next(w for w in ranks1 if w["pid"] == killed["pid"])
 
 
