@@ -173,7 +173,7 @@ def train_worker(conf: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build state, restore, stream crops, fit, report."""
     import ray.train
 
-    from raydino.core.loop import LoopHooks, fit
+    from raydino.core.loop import LoopHooks, checkpoint_follows, fit
     from raydino.core.step import NonFiniteLossError
     from raydino.distributed.streaming import worker_epoch_batches
     from raydino.runs.tracking import RunTracker
@@ -204,16 +204,20 @@ def train_worker(conf: dict[str, Any]) -> None:
             tracker.log(state.step, state.epoch, metrics)
         # A spot node announced its reclaim (Ray's drain with a preemption reason): save a checkpoint now,
         # once, so the restart loses at most the steps since this log line.  A barrier across workers,
-        # which is why it runs at log steps only; every rank reaches it at the same steps.
+        # which is why it runs at log steps only; every rank reaches it at the same steps.  When the
+        # loop checkpoints after this step anyway, that checkpoint is the one: a second save under the
+        # same checkpoint_{step} name made Ray Train fail deleting it.
         info = None if preempted["saved"] or state.done else ray.train.get_preemption_info()
         if info is not None:
             preempted["saved"] = True
+            regular = checkpoint_follows(state)
             if rank == 0:
-                say(f"[raydino] a node is being preempted: checkpoint at step {state.step}")
-                record = {"step": state.step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "info": repr(info)}
+                say(f"[raydino] a node is being preempted: checkpoint at step {state.step}" + (" (its regular one)" if regular else ""))
+                record = {"step": state.step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "regular": regular, "info": repr(info)}
                 old = storage.read_text(cfg.run.name, PREEMPTIONS_FILE) or ""
                 storage.write_text(cfg.run.name, PREEMPTIONS_FILE, old + json.dumps(record) + "\n")
-            on_checkpoint(state, {"loss": metrics.get("loss"), "step": state.step, "epoch": state.epoch, "preemption": True}, False)
+            if not regular:
+                on_checkpoint(state, {"loss": metrics.get("loss"), "step": state.step, "epoch": state.epoch, "preemption": True}, False)
 
     def probe_teacher(state) -> dict[str, Any]:
         value, seconds = monitor.val_auroc(state.teacher.backbone)

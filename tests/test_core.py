@@ -428,6 +428,21 @@ def test_fit_stops_at_the_next_check_with_the_first_non_finite_step_and_saves_no
     assert state.step == 6
 
 
+def test_checkpoint_follows_names_exactly_the_steps_fit_checkpoints_after():
+    """The preemption hook saves its own checkpoint only where `fit` will not save one at the same step."""
+    from raydino.core.loop import LoopHooks, checkpoint_follows, fit
+
+    # 7 steps/epoch, 2 epochs: checkpoints every 3 steps (3, 6, 9, 12) and at the epoch ends (7, 14).
+    cfg = tiny_cfg("train.log_every=1", "train.checkpoint_every=3", "train.epochs=2")
+    state = build_train_state(cfg, steps_per_epoch=7)
+    follows, saved = [], []
+    hooks = LoopHooks(
+        on_log=lambda s, m: follows.append(s.step) if checkpoint_follows(s) else None, on_checkpoint=lambda s, m, end: saved.append(s.step)
+    )
+    fit(state, lambda epoch: (random_crops(cfg, 2, seed=epoch * 7 + i) for i in range(7)), hooks)
+    assert saved == follows == [3, 6, 7, 9, 12, 14]
+
+
 def test_clip_gradients_reads_nothing_on_the_host_and_returns_the_norms():
     from raydino.core.step import clip_gradients
 

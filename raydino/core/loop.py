@@ -47,6 +47,19 @@ class LoopSummary:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def epoch_end_step(state: TrainState) -> int:
+    """The step that ends the epoch `state` is in (the schedule's last step for a short last epoch)."""
+    return min((state.epoch + 1) * state.schedules.steps_per_epoch, state.schedules.total_steps)
+
+
+def checkpoint_follows(state: TrainState) -> bool:
+    """Whether `fit` calls `on_checkpoint` after the step just trained (every `checkpoint_every` steps
+    and at each epoch's end).  A hook that would save a checkpoint of its own at this step (the
+    pretraining recipe's just-in-time save on a preemption notice) asks this first: a second save
+    under the same step's name would clash with the first."""
+    return state.step % state.cfg.train.checkpoint_every == 0 or state.step == epoch_end_step(state)
+
+
 def fit(
     state: TrainState,
     epoch_batches: Callable[[int], Iterable[Batch]],
@@ -70,7 +83,7 @@ def fit(
     state.teacher.train()
 
     while not state.done:
-        epoch_end_step = min((state.epoch + 1) * spe, state.schedules.total_steps)
+        end_step = epoch_end_step(state)
         # After a mid-epoch resume the epoch's first batches were trained before the checkpoint: pass
         # over them (the epoch's order is seeded by seed, epoch and rank) and train its tail, instead of
         # training its head twice and never its tail.
@@ -80,7 +93,7 @@ def fit(
             if skip:
                 skip -= 1
                 continue
-            if state.step >= epoch_end_step:
+            if state.step >= end_step:
                 # Drain instead of break: a Ray Data streaming split expects every rank to finish
                 # its epoch (this happens when rows don't divide evenly into global batches).
                 continue
@@ -94,8 +107,8 @@ def fit(
             summary.data_wait_seconds += wait
             if first_loss is None:
                 first_loss = metrics["loss"]
-            log_step = state.step % cfg.train.log_every == 0 or state.step == epoch_end_step
-            checkpoint_step = state.step % cfg.train.checkpoint_every == 0 and state.step < epoch_end_step
+            log_step = state.step % cfg.train.log_every == 0 or state.step == end_step
+            checkpoint_step = state.step % cfg.train.checkpoint_every == 0 and state.step < end_step
             if log_step or checkpoint_step:
                 check_finite(state)  # raises NonFiniteLossError naming the first non-finite step
                 metrics = materialize(metrics)
@@ -121,9 +134,9 @@ def fit(
             if checkpoint_step:
                 hooks.on_checkpoint(state, {"loss": metrics["loss"], "step": state.step, "epoch": state.epoch}, False)
             t_wait = time.perf_counter()
-        if state.step < epoch_end_step:
+        if state.step < end_step:
             raise RuntimeError(
-                f"epoch {state.epoch} ended after step {state.step} but {epoch_end_step} was planned: the data "
+                f"epoch {state.epoch} ended after step {state.step} but {end_step} was planned: the data "
                 f"stream gave fewer batches than steps_per_epoch={spe} (too few rows for the global batch?)"
             )
         state.epoch += 1
