@@ -368,6 +368,12 @@ class ProbeConfig(_Strict):
     def _probe_data_uri(cls, v: str | None, info: Any) -> str | None:
         return _check_storage_uri(info.field_name, v)
 
+    @field_validator("monitor", mode="before")
+    @classmethod
+    def _monitor_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (in a file or `--set probe.monitor=off`) as false: that is "off".
+        return "off" if v is False else v
+
     @field_validator("seeds")
     @classmethod
     def _seeds_given(cls, v: list[int] | None) -> list[int] | None:
@@ -519,6 +525,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {msg}")
         elif isinstance(value, (dict, list)) and e["type"] != "literal_error":
             lines.append(f"  {loc}: {msg}")
+        elif isinstance(value, bool) and e["type"] == "literal_error":
+            lines.append(f"  {loc}={value!r}: {msg} (YAML reads a bare on/off/yes/no as a boolean: quote the word)")
         else:
             lines.append(f"  {loc}={value!r}: {msg}")
     return "\n".join(lines)

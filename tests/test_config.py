@@ -75,6 +75,7 @@ def test_config_file_can_extend_a_preset(tmp_path):
         ("augment.n_local_crop=4", ["augment.n_local_crop", "unknown", "augment.n_local_crops"]),
         ("train.epoch=3", ["train.epoch", "unknown", "train.epochs"]),
         ("optim.optimizer=lamb", ["optim.optimizer", "lamb", "'adamw' or 'sgd'"]),
+        ("probe.monitor=on", ["probe.monitor=True", "'fast', 'knn' or 'off'", "quote the word"]),
     ],
 )
 def test_bad_input_names_field_value_and_what_is_allowed(override, expected):
@@ -82,6 +83,15 @@ def test_bad_input_names_field_value_and_what_is_allowed(override, expected):
         load_config("demo", [override])
     for fragment in expected:
         assert fragment in str(err.value), f"{fragment!r} missing from: {err.value}"
+
+
+def test_a_bare_off_turns_the_monitor_off_from_the_command_line_and_a_file(tmp_path):
+    """YAML 1.1 reads `off` as false; for `probe.monitor` that can only mean "off"."""
+    assert load_config("smoke", ["probe.monitor=off"]).probe.monitor == "off"
+    f = tmp_path / "quiet.yaml"
+    f.write_text("base: smoke\nprobe:\n  monitor: off\n")
+    assert load_config(str(f)).probe.monitor == "off"
+    assert load_config("smoke", ["probe.monitor=knn"]).probe.monitor == "knn"
 
 
 def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
