@@ -150,6 +150,25 @@ def test_random_features_interval_covers_chance():
     assert ci["auroc"]["n_valid"] == 200
 
 
+def test_fast_probe_in_the_training_rows_span_is_the_same_classifier():
+    """More features than training images (raw pixels): fitting on the row-space coordinates gives the
+    full fit's validation path, chosen C and test scores (the representer theorem), not an approximation."""
+    rng = np.random.default_rng(1)
+    labels = {s: rng.integers(0, 3, n) for s, n in (("train", 40), ("val", 30), ("test", 30))}
+    signal = rng.normal(size=(3, 300))
+    feats = {s: signal[y] * 0.12 + rng.normal(size=(len(y), 300)) for s, y in labels.items()}
+    feats["train"][:, 7] = 2.0  # a constant column: standardised to zero, no direction of its own
+    full = probe.fast_probe(feats, labels, 3, row_space=False)
+    span = probe.fast_probe(feats, labels, 3)
+    assert span.selected == full.selected
+    assert [h["val_auroc"] for h in span.history] == pytest.approx([h["val_auroc"] for h in full.history], abs=1e-3)
+    assert span.selected["C"] != min(probe.C_GRID)  # a path that chose, not the first C by default
+    assert np.abs(span.test_scores - full.test_scores).max() < 1e-3
+    assert span.test["auroc"] > 0.7  # a classifier that learned the signal, not two equal chance ones
+    basis = probe._row_space_basis(np.vstack([np.eye(3, 5), np.eye(3, 5)]))  # rank 3 from 6 rows
+    assert basis.shape == (3, 5) and np.allclose(basis @ basis.T, np.eye(3))
+
+
 def test_knn_scores_are_weighted_votes():
     train = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
     ytr = np.array([0, 1, 1])

@@ -106,19 +106,48 @@ class SeedRun:
 
 
 def fast_probe(
-    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, c_grid: Sequence[float] = C_GRID, ordinal: bool = False
+    feats: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    n_classes: int,
+    c_grid: Sequence[float] = C_GRID,
+    ordinal: bool = False,
+    row_space: bool = True,
 ) -> SeedRun:
-    """Logistic regression on standardised features; C chosen on validation macro AUROC."""
+    """Logistic regression on standardised features; C chosen on validation macro AUROC.
+
+    With more features than training images (raw pixels: 49,152 per 128 px image), `row_space`
+    fits in the training rows' span instead, the same classifier at a fraction of the cost
+    (`_row_space_basis`)."""
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     # One BLAS thread: L-BFGS makes many small matrix products, and multi-threaded BLAS spins
     # while waiting; on a busy 2-core machine that took 56 s instead of 0.6 s (420 × 768 features).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _logistic_path(feats, labels, n_classes, c_grid, ordinal)
+        return _logistic_path(feats, labels, n_classes, c_grid, ordinal, row_space)
+
+
+def _row_space_basis(x_train: np.ndarray) -> np.ndarray:
+    """Orthonormal rows spanning the training rows (rank x d), from a thin SVD.
+
+    Why this loses nothing: with an L2 penalty and an unpenalised intercept, the gradient of the
+    logistic loss is a combination of training rows, so the optimal weights lie in their span
+    (the representer theorem), W = A B for the basis B.  Then ||W|| = ||A||, and W x = A (B x) on
+    any split: the fit on the coordinates B x is the same problem in rank (<= n) instead of d
+    dimensions.  Computed from the n x n Gram matrix (one matrix product, 4-5x cheaper than a thin
+    SVD of n x d); directions of a tiny eigenvalue (below 1e-10 of the largest) are dropped."""
+    x = np.asarray(x_train, dtype=np.float64)
+    eigval, eigvec = np.linalg.eigh(x @ x.T)  # X X^T = U diag(s^2) U^T
+    keep = eigval > eigval.max(initial=0.0) * 1e-10
+    return (eigvec[:, keep] / np.sqrt(eigval[keep])).T @ x  # rows: V^T = diag(1/s) U^T X
 
 
 def _logistic_path(
-    feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int, c_grid: Sequence[float], ordinal: bool = False
+    feats: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    n_classes: int,
+    c_grid: Sequence[float],
+    ordinal: bool = False,
+    row_space: bool = True,
 ) -> SeedRun:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -126,6 +155,9 @@ def _logistic_path(
 
     scaler = StandardScaler().fit(feats["train"])
     x = {s: scaler.transform(feats[s]) for s in SPLITS}
+    if row_space and x["train"].shape[1] > x["train"].shape[0]:
+        basis = _row_space_basis(x["train"])
+        x = {s: v @ basis.T for s, v in x.items()}
     best: tuple[float, float, Any, dict] | None = None
     history = []
     # The regularisation path from strong to weak, each fit starting at the previous solution
