@@ -25,7 +25,8 @@ import torch
 from torchvision.transforms import v2
 
 from raydino.augment.ops import normalize
-from raydino.cli import USER_ERRORS, user_error
+from raydino.cli import USER_ERRORS, add_storage_arguments, user_error
+from raydino.cli import storage_options as cli_storage_options
 from raydino.config import AUGMENT_PRESETS, AugmentConfig, ConfigError
 from raydino.data.labelled import IMAGE_SUFFIXES, DataError, decode_image, load_labelled
 from raydino.eval.backbones import add_backbone_arguments, load_teacher_backbone, resolve_device
@@ -52,10 +53,10 @@ def view_maker(aug: AugmentConfig, seed: int = 0) -> tuple[Callable[[torch.Tenso
     return (lambda img: [crop(img), crop(img)]), "torchvision RandomResizedCrop + flip (fallback)"
 
 
-def list_images(data: str, split: str, n_images: int, seed: int) -> list[str | bytes]:
+def list_images(data: str, split: str, n_images: int, seed: int, storage_options: Any = None) -> list[str | bytes]:
     """Up to n images: a split of a labelled set, or any images in a folder (recursively)."""
     try:
-        items = load_labelled(data).splits[split].items
+        items = load_labelled(data, storage_options=storage_options).splits[split].items
     except DataError:
         root = Path(data)
         if not root.is_dir():
@@ -105,9 +106,10 @@ def analyze(
     arch: str | None = None,
     device: str | None = None,
     seed: int = 0,
+    storage_options: Any = None,
     progress: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    loaded = load_teacher_backbone(checkpoint, arch=arch)
+    loaded = load_teacher_backbone(checkpoint, arch=arch, storage_options=storage_options)
     size = loaded.image_size or 224
     base_aug = (loaded.config or {}).get("augment", {})
     presets = presets or [base_aug.get("preset", "strong")]
@@ -120,7 +122,7 @@ def analyze(
         raise ConfigError(f"--n-images {n_images}: need at least 2 images for negative pairs")
     dev = resolve_device(device)
     backbone = loaded.backbone.to(dev)
-    items = list_images(data, split, n_images, seed)
+    items = list_images(data, split, n_images, seed, storage_options)
     images = [decode_image(x) for x in items]
     out_dir = Path(out) if out else Path("analysis") / Path(loaded.source).name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=4, help="augmented views per image (default 4)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of a labelled set (default test)")
     p.add_argument("--seed", type=int, default=0)
+    add_storage_arguments(p)
     return p
 
 
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             arch=args.arch,
             device=args.device,
             seed=args.seed,
+            storage_options=cli_storage_options(args),
         )
     except USER_ERRORS as e:
         return user_error("raydino.analyze", e)

@@ -7,9 +7,11 @@ The recipes catch `USER_ERRORS` around their work and hand them to `user_error`.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from raydino.data.storage import StorageError, redact
+from raydino.config import check_endpoint
+from raydino.data.storage import StorageError, StorageOptions, redact
 
 EXIT_OK = 0
 EXIT_TRAINING_FAILED = 1  # the work failed (Ray Train gave up after run.max_failures, every trial of a search failed)
@@ -24,3 +26,36 @@ def user_error(prog: str, error: BaseException | str, code: int = EXIT_BAD_INPUT
     """Print `PROG: error: MESSAGE` (credentials redacted) to stderr; return the exit status."""
     print(f"{prog}: error: {redact(str(error))}", file=sys.stderr)
     return code
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser, retries: bool = False) -> None:
+    """`--s3-endpoint`, `--s3-region`, `--gcs-endpoint` (and `--retries`): how a command reaches
+    object storage, the same flags on every command that reads s3:// or gs:// URIs."""
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3-compatible endpoint, http(s)://host[:port] (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)"
+    )
+    parser.add_argument("--s3-region", metavar="REGION", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    parser.add_argument(
+        "--gcs-endpoint", metavar="URL", help="GCS emulator or private endpoint, http(s)://host[:port] (default: STORAGE_EMULATOR_HOST, else Google)"
+    )
+    if retries:
+        parser.add_argument("--retries", type=int, default=5, metavar="N", help="attempts per storage operation (default 5)")
+
+
+def storage_options(args: argparse.Namespace) -> StorageOptions:
+    """The `add_storage_arguments` flags as `StorageOptions`; a malformed endpoint raises a ValueError
+    naming the flag (credentials never belong in an endpoint, and are never echoed)."""
+    for flag in ("s3_endpoint", "gcs_endpoint"):
+        try:
+            check_endpoint(flag, getattr(args, flag))
+        except ValueError as e:
+            raise ValueError(f"--{flag.replace('_', '-')}: {e}") from None
+    kw = {"max_attempts": args.retries} if getattr(args, "retries", None) is not None else {}
+    return StorageOptions(endpoint=args.s3_endpoint, region=args.s3_region, gcs_endpoint=args.gcs_endpoint, **kw)
+
+
+def storage_overrides(args: argparse.Namespace) -> list[str]:
+    """The `add_storage_arguments` flags given, as config overrides (`data.s3_endpoint=URL`, ...) for
+    the commands whose config holds them (pretrain, tune); the config then validates them."""
+    keys = {"s3_endpoint": "data.s3_endpoint", "s3_region": "data.s3_region", "gcs_endpoint": "data.gcs_endpoint"}
+    return [f"{key}={getattr(args, flag)}" for flag, key in keys.items() if getattr(args, flag, None) is not None]

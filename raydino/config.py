@@ -84,7 +84,7 @@ def _check_storage_uri(name: str, value: str | None) -> str | None:
     return value  # e.g. runs:2024, a folder name
 
 
-def _check_endpoint(name: str, value: str | None) -> str | None:
+def check_endpoint(name: str, value: str | None) -> str | None:
     """http(s)://host[:port] or host[:port] (https), nothing else: no path, no user info, no query."""
     if value is None:
         return value
@@ -283,7 +283,7 @@ class DataConfig(_Strict):
     @field_validator("s3_endpoint", "gcs_endpoint")
     @classmethod
     def _endpoint(cls, v: str | None, info: Any) -> str | None:
-        return _check_endpoint(info.field_name, v)
+        return check_endpoint(info.field_name, v)
 
     @field_validator("uri")
     @classmethod

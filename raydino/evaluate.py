@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from raydino.cli import USER_ERRORS, user_error
+from raydino.cli import USER_ERRORS, add_storage_arguments, user_error
+from raydino.cli import storage_options as cli_storage_options
 from raydino.config import ConfigError, ProbeConfig
 from raydino.data.labelled import CROP_PCT, load_labelled
 from raydino.data.overlap import run_overlap_warning
@@ -98,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knn-k", type=int, help="kNN neighbours (default: probe.knn_k = 20)")
     p.add_argument("--knn-temperature", type=float, help="kNN temperature (default: probe.knn_temperature = 0.07)")
     p.add_argument("--crop-pct", type=float, default=CROP_PCT, help="evaluation view: resize to size/crop_pct, centre-crop (default 0.875)")
+    add_storage_arguments(p)
     args = p.parse_args(argv)
     if not 0 < args.crop_pct <= 1:
         p.error(f"--crop-pct {args.crop_pct}: must lie in (0, 1]")
@@ -159,6 +161,7 @@ def evaluate(
     knn_temperature: float | None = None,
     crop_pct: float = CROP_PCT,
     ordinal: bool | None = None,
+    storage_options: Any = None,
     progress: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Probe a checkpoint (and optionally a random baseline) on a labelled set; writes the report files.
@@ -182,10 +185,10 @@ def evaluate(
     # The probe options are ProbeConfig fields, checked by its rules before anything is loaded.
     probe_overrides(**given)
     dev = resolve_device(device)
-    loaded = load_teacher_backbone(checkpoint, arch=arch)
+    loaded = load_teacher_backbone(checkpoint, arch=arch, storage_options=storage_options)
     pcfg = probe_overrides(_probe_config(loaded, progress), **given)
     size = pcfg.image_size or loaded.image_size or 224
-    data = load_labelled(data_uri, dataset, ordinal=ordinal)
+    data = load_labelled(data_uri, dataset, storage_options=storage_options, ordinal=ordinal)
     name = data.name
     out_dir = Path(out) if out else Path("eval") / f"{Path(loaded.source).name}-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             knn_k=args.knn_k,
             knn_temperature=args.knn_temperature,
             crop_pct=args.crop_pct,
+            storage_options=cli_storage_options(args),
         )
     except USER_ERRORS as e:
         return user_error("raydino.evaluate", e)

@@ -28,7 +28,8 @@ from typing import Any
 import timm
 import torch
 
-from raydino.cli import USER_ERRORS, user_error
+from raydino.cli import USER_ERRORS, add_storage_arguments, user_error
+from raydino.cli import storage_options as cli_storage_options
 from raydino.config import ConfigError
 from raydino.core.model import is_vit
 from raydino.eval.backbones import LoadedBackbone, add_backbone_arguments, load_teacher_backbone
@@ -74,14 +75,14 @@ def verify_export(loaded: LoadedBackbone, path: Path, atol: float = 1e-5) -> flo
     return diff
 
 
-def export_backbone(source: str, out: str | Path, arch: str | None = None, verify: bool = True) -> dict[str, Any]:
+def export_backbone(source: str, out: str | Path, arch: str | None = None, verify: bool = True, storage_options: Any = None) -> dict[str, Any]:
     """Write `out` (.safetensors) and its `.json` sidecar; returns the sidecar's content."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: the file name must end in .safetensors")
-    loaded = load_teacher_backbone(source, arch=arch)
+    loaded = load_teacher_backbone(source, arch=arch, storage_options=storage_options)
     # clone + contiguous: safetensors refuses tensors that share storage or are views.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in loaded.backbone.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_arguments(p, positional=True, device=False)
     p.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors (a .json sidecar goes beside it)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading through timm and comparing features")
+    add_storage_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        info = export_backbone(args.checkpoint, args.out, arch=args.arch, verify=not args.no_verify)
+        info = export_backbone(args.checkpoint, args.out, arch=args.arch, verify=not args.no_verify, storage_options=cli_storage_options(args))
     except (*USER_ERRORS, ExportCheckFailed) as e:
         return user_error("raydino.export", e)
     print(f"[raydino.export] {info['arch']} teacher backbone (step {info['step']}) → {args.out} (+ .json sidecar)")

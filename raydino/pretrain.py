@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from raydino.cli import EXIT_NON_FINITE, EXIT_TRAINING_FAILED, USER_ERRORS, user_error
+from raydino.cli import EXIT_NON_FINITE, EXIT_TRAINING_FAILED, USER_ERRORS, add_storage_arguments, storage_overrides, user_error
 from raydino.config import Config, ConfigError, build_config, load_config, preset_names, resume_changes
 from raydino.data import storage as st
 from raydino.distributed.capacity import (
@@ -131,11 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the synthetic demo data set is generated once and reused (default: ./.raydino)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_storage_arguments(p)  # the same as --set data.s3_endpoint=URL, data.s3_region=R, data.gcs_endpoint=URL
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.set)
+    overrides = list(args.set) + storage_overrides(args)
     flag_map = {"data": "data.uri", "storage": "run.storage", "workers": "run.workers", "gpus_per_worker": "run.gpus_per_worker", "name": "run.name"}
     for attr, key in flag_map.items():
         value = getattr(args, attr)

@@ -21,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from raydino.cli import user_error
+from raydino.cli import add_storage_arguments, user_error
+from raydino.cli import storage_options as cli_storage_options
 from raydino.data import catalog
 from raydino.data.fov import DEFAULT_QUALITY, MIN_MAX_SIDE
 from raydino.data.overlap import overlap
@@ -59,12 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-shuffle", action="store_true", help="store rows in source order (split, then path) instead")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores for jobs big enough to pay for them; 1: no pool)")
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    p.add_argument("--s3-region", metavar="REGION", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    p.add_argument(
-        "--gcs-endpoint", metavar="URL", help="GCS emulator or private endpoint, http(s)://host[:port] (default: STORAGE_EMULATOR_HOST, else Google)"
-    )
-    p.add_argument("--retries", type=int, default=5, metavar="N", help="attempts per storage operation (default 5)")
+    add_storage_arguments(p, retries=True)
     p.add_argument("--verify", action="store_true", help="only verify the dataset at DEST against its manifest")
     p.add_argument("--shallow", action="store_true", help="with --verify: shard checksums only, not every image's")
     p.add_argument("--overlap", action="store_true", help="PRETRAIN LABELLED: count labelled images (per split) that are also in "
@@ -112,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--quality {args.quality}: must be from 1 to 100 (JPEG quality)")
     if args.keep_metadata and (args.fov_crop or args.max_side is not None):
         parser.error("--keep-metadata stores files exactly as found; it cannot be combined with --fov-crop or --max-side, which re-encode")
-    storage_options = StorageOptions(endpoint=args.s3_endpoint, region=args.s3_region, gcs_endpoint=args.gcs_endpoint, max_attempts=args.retries)
     try:
+        storage_options = cli_storage_options(args)
         if args.overlap:
             return _overlap(parser, args, storage_options)
         if args.verify:

@@ -29,7 +29,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from raydino.cli import EXIT_TRAINING_FAILED, USER_ERRORS, user_error
+from raydino.cli import EXIT_TRAINING_FAILED, USER_ERRORS, add_storage_arguments, storage_overrides, user_error
 from raydino.config import Config, ConfigError
 from raydino.data import storage as st
 from raydino.data.overlap import run_overlap_warning
@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="local cache for the synthetic data set (default .raydino)")
     p.add_argument("--print-spec", action="store_true", help="print the validated spec and the base trial config, then exit")
+    add_storage_arguments(p)  # the same as --set data.s3_endpoint=URL, data.s3_region=R, data.gcs_endpoint=URL
     return p.parse_args(argv)
 
 
@@ -445,7 +446,7 @@ def write_report(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        sets = list(args.set) + ([f"storage={args.storage}"] if args.storage else [])
+        sets = list(args.set) + storage_overrides(args) + ([f"storage={args.storage}"] if args.storage else [])
         spec = load_spec(args.spec, sets)
         if args.print_spec:
             print(json.dumps(spec.model_dump(mode="json"), indent=2))

@@ -155,12 +155,15 @@ def test_bad_inputs_get_clear_messages(tmp_path, run_dir, capsys):
         (["--checkpoint", str(run_dir), "--knn-temperature", "-1"], "--knn-temperature -1.0"),
         (["--checkpoint", str(run_dir), "--train-batch-size", "0"], "--train-batch-size 0: Input should be greater"),
         (["--checkpoint", str(run_dir), "--train-crop-scale", "0.9,0.1"], "--train-crop-scale"),
+        (["--checkpoint", str(run_dir), "--s3-endpoint", "http://key:hunter2@127.0.0.1:9000"], "--s3-endpoint: expected http(s)://host[:port]"),
+        (["--checkpoint", str(run_dir), "--gcs-endpoint", "ftp://127.0.0.1"], "--gcs-endpoint: expected http(s)://host[:port]"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--checkpoint", str(run_dir), "--device", "cuda"], "no CUDA device"))
     for extra, message in cases:
         assert evaluate.main(extra + base) == 2, extra
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and "hunter2" not in err
     broken = sorted((tree / "test").rglob("*.png"))[0]
     broken.write_bytes(broken.read_bytes()[:40])  # a truncated file in the tree
     assert evaluate.main(["--checkpoint", str(run_dir)] + base) == 2
@@ -226,6 +229,16 @@ def test_checkpoint_from_s3(tmp_path, run_dir, monkeypatch, capsys):
         assert Path(meta["checkpoint"]).is_relative_to(tmp_path / "cache")
         captured = capsys.readouterr()
         assert SECRET not in captured.out + captured.err + (out / "metrics.json").read_text()
+
+        # Without the environment variable the flag says where S3 is: evaluate and export, a fresh cache.
+        del os.environ["AWS_ENDPOINT_URL"]
+        monkeypatch.setenv("RAYDINO_CACHE", str(tmp_path / "cache2"))
+        flagged = ["--checkpoint", "s3://ckpts/runs/r1", "--data", str(tree), "--out", str(tmp_path / "eval2"), "--bootstrap", "0"]
+        assert evaluate.main([*flagged, "--s3-endpoint", server.endpoint]) == 0
+        assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["meta"]["step"] == 4
+        exported = tmp_path / "backbone.safetensors"
+        assert export.main(["s3://ckpts/runs/r1", "--out", str(exported), "--no-verify", "--s3-endpoint", server.endpoint]) == 0
+        assert exported.exists() and json.loads(exported.with_suffix(".json").read_text())["step"] == 4
 
 
 def test_evaluate_warns_when_labelled_images_are_in_the_checkpoints_pretraining_data(tmp_path, capsys):

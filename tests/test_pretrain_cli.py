@@ -57,6 +57,9 @@ def test_help_explains_every_option(capsys):
         "--resume",
         "--no-probe",
         "--print-config",
+        "--s3-endpoint",
+        "--s3-region",
+        "--gcs-endpoint",
     ):
         assert option in out
     assert "smoke" in out and "s3://" in out and "exit status" in out
@@ -68,6 +71,15 @@ def test_print_config_applies_flags_and_overrides(capsys):
     printed = build_config(yaml.safe_load(capsys.readouterr().out))
     assert printed == load_config("smoke", ["train.epochs=3", "run.workers=3", "run.gpus_per_worker=0.5", "run.name=x1"])
     assert (printed.train.epochs, printed.run.workers, printed.run.gpus_per_worker) == (3, 3, 0.5)
+
+
+def test_storage_flags_are_the_data_sections_endpoints(capsys):
+    flags = ["--s3-endpoint", "http://127.0.0.1:9000", "--s3-region", "eu-west-2", "--gcs-endpoint", "http://127.0.0.1:9023"]
+    assert main(["--config", "smoke", *flags, "--print-config"]) == 0
+    data = build_config(yaml.safe_load(capsys.readouterr().out)).data
+    assert (data.s3_endpoint, data.s3_region, data.gcs_endpoint) == ("http://127.0.0.1:9000", "eu-west-2", "http://127.0.0.1:9023")
+    err = fails_before_training(["--config", "smoke", "--s3-endpoint", "http://key:hunter2@127.0.0.1:9000/x"], capsys)
+    assert "data.s3_endpoint" in err and "expected http(s)://host[:port]" in err and "hunter2" not in err
 
 
 def test_bad_override_names_the_key(capsys):

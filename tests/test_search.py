@@ -96,6 +96,16 @@ def test_set_assigns_spec_fields_and_config_overrides():
         parse_spec(MINIMAL, sets=["num_sample=3"])
 
 
+def test_storage_flags_of_a_search_reach_every_trials_config():
+    from raydino.cli import storage_overrides
+    from raydino.tune import parse_args
+
+    args = parse_args(["tuning/smoke.yaml", "--s3-endpoint", "http://127.0.0.1:9000", "--gcs-endpoint", "http://127.0.0.1:9023"])
+    spec = parse_spec(MINIMAL, sets=storage_overrides(args))
+    cfg = trial_config(spec, {"augment.global_crop_scale.min": 0.3})
+    assert (cfg.data.s3_endpoint, cfg.data.s3_region, cfg.data.gcs_endpoint) == ("http://127.0.0.1:9000", None, "http://127.0.0.1:9023")
+
+
 def test_trial_config_sets_range_ends_presets_and_jitter_strength():
     spec = spec_with(
         space={

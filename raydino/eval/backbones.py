@@ -136,9 +136,12 @@ def new_backbone(arch: str, image_size: int | None = None) -> nn.Module:
     return build_backbone(model_cfg, img_size=image_size)
 
 
-def load_teacher_backbone(source: str | os.PathLike, arch: str | None = None, image_size: int | None = None, seed: int = 0) -> LoadedBackbone:
+def load_teacher_backbone(
+    source: str | os.PathLike, arch: str | None = None, image_size: int | None = None, seed: int = 0, storage_options: Any = None
+) -> LoadedBackbone:
     """The frozen teacher backbone of a run / checkpoint / exported safetensors / DINO file, or
-    `source="random"` for a randomly initialised `arch` (the baseline); always on the CPU, eval mode."""
+    `source="random"` for a randomly initialised `arch` (the baseline); always on the CPU, eval mode.
+    `storage_options` (`raydino.data.storage.StorageOptions`) reach an s3:// or gs:// source."""
     if str(source) == "random":
         if not arch:
             raise ConfigError("--checkpoint random needs --arch NAME (the architecture to initialise)")
@@ -147,7 +150,7 @@ def load_teacher_backbone(source: str | os.PathLike, arch: str | None = None, im
             backbone = new_backbone(arch, image_size)
         return LoadedBackbone(backbone.eval(), arch, image_size, "random")
     remote = "://" in str(source) and not str(source).startswith("file://")
-    path = fetch_checkpoint(str(source)) if remote else find_latest_checkpoint(str(source).removeprefix("file://"))
+    path = fetch_checkpoint(str(source), storage_options) if remote else find_latest_checkpoint(str(source).removeprefix("file://"))
     if path.is_dir():
         ckpt = load_checkpoint(path)
         cfg = checkpoint_config(ckpt)
