@@ -200,7 +200,7 @@ def evaluate(
     )
     for w in data.warnings:
         progress(f"[raydino.evaluate] warning: {w}")
-    leak = run_overlap_warning(loaded.config, str(data_uri))  # labelled images in the pretraining data (stored hashes only)
+    leak = run_overlap_warning(loaded.config, str(data_uri), storage_options)  # labelled images in the pretraining data (stored hashes only)
     if leak:
         progress(f"[raydino.evaluate] {leak}")
     backbones: dict[str, LoadedBackbone] = {"": loaded}

@@ -180,6 +180,17 @@ def test_warning_of_evaluate_and_tune_from_a_run_config(datasets, tmp_path):
     assert not (no_hashes / ov.HASHES_NAME).exists()  # the warning never hashes
 
 
+def test_the_commands_storage_flags_win_over_the_runs_for_the_overlap_check():
+    from raydino.data.storage import StorageOptions
+
+    run = {"uri": "s3://b/pre", "s3_endpoint": "http://10.0.0.5:9000", "s3_region": "eu-west-2", "gcs_endpoint": None}
+    assert ov.overlap_storage_options(run, None) == StorageOptions.from_config(run)
+    flags = StorageOptions(endpoint="http://127.0.0.1:9000", max_attempts=2)
+    merged = ov.overlap_storage_options(run, flags)
+    assert (merged.endpoint, merged.region, merged.gcs_endpoint, merged.max_attempts) == ("http://127.0.0.1:9000", "eu-west-2", None, 2)
+    assert ov.overlap_storage_options(run, StorageOptions()).endpoint == "http://10.0.0.5:9000"  # no flag: the run's
+
+
 def test_pretrain_splits_match_the_loader():
     from raydino.data.loader import PRETRAIN_SPLITS
 

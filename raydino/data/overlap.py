@@ -43,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -571,9 +571,25 @@ def _tree_hashes(loc: Location) -> pa.Table | None:
     return pa.table(rows, schema=HASH_SCHEMA)
 
 
-def run_overlap_warning(run_config: Any, labelled_uri: str | None) -> str | None:
+def run_overlap_warning(run_config: Any, labelled_uri: str | None, options: StorageOptions | None = None) -> str | None:
     """`overlap_warning` for a run's config (a `raydino.config.Config` or the dict a checkpoint saved):
-    its ``data.uri`` (None: the synthetic default, not checked) against ``labelled_uri``."""
+    its ``data.uri`` (None: the synthetic default, not checked) against ``labelled_uri``.  `options`
+    are the calling command's (its `--s3-endpoint` etc.): where they set an endpoint or region, it wins
+    over the one the run was trained with (`overlap_storage_options`)."""
     cfg = run_config.model_dump() if hasattr(run_config, "model_dump") else dict(run_config or {})
     data = cfg.get("data") or {}
-    return overlap_warning(data.get("uri"), labelled_uri, StorageOptions.from_config(data))
+    return overlap_warning(data.get("uri"), labelled_uri, overlap_storage_options(data, options))
+
+
+def overlap_storage_options(run_data: dict[str, Any], options: StorageOptions | None) -> StorageOptions:
+    """The run's `data` section's storage settings, overridden by those `options` sets: a run trained
+    against one endpoint may be evaluated from a machine that reaches the same bucket by another."""
+    run = StorageOptions.from_config(run_data)
+    if options is None:
+        return run
+    return replace(
+        options,
+        endpoint=options.endpoint or run.endpoint,
+        region=options.region or run.region,
+        gcs_endpoint=options.gcs_endpoint or run.gcs_endpoint,
+    )
