@@ -85,3 +85,18 @@ def test_preemptions_have_their_own_budget_in_ray_trains_failure_config(monkeypa
     failure = trainer.run_config.failure_config
     assert (failure.max_failures, failure.max_preemption_failures, failure.controller_failure_limit) == (0, 5, 0)
     assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"  # Ray hands it to Train's controller
+
+
+def test_train_controller_polls_every_half_second_unless_the_user_sets_it(monkeypatch):
+    """Ray Train's controller registers at most one report per worker per poll: at Ray's 2 s a run that
+    checkpoints often ended long after its last step (raydino.distributed.trainer.TRAIN_POLL_ENV)."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    cfg = load_config("smoke")
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    torch_trainer(lambda conf: None, {}, cfg.run, name="t", storage_path="/tmp/x")
+    # What Ray Train hands from the driver to its controller actor at fit().
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    torch_trainer(lambda conf: None, {}, cfg.run, name="t", storage_path="/tmp/x")
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"

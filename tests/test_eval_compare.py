@@ -30,6 +30,20 @@ def test_macro_auroc_is_compute_metrics_auroc(n_classes):
         assert metrics.macro_auroc(y, s, n_classes) == pytest.approx(metrics.compute_metrics(y, s, n_classes)["auroc"], abs=1e-12)
 
 
+@pytest.mark.parametrize("n_classes", [2, 3, 5])
+def test_all_resamples_at_once_score_as_each_resample_alone(n_classes):
+    """The paired bootstrap scores its resamples in one batch (`resampled_macro_auroc`): the same numbers as
+    `macro_auroc` on each resample, ties included (scores rounded to 1 decimal)."""
+    rng = np.random.default_rng(n_classes)
+    y = rng.integers(0, n_classes, 120)
+    s = np.round(_scores(rng, y, n_classes, 0.3), 1)
+    idx = np.stack([metrics.stratified_resample(y, rng) for _ in range(50)])
+    expected = [metrics.macro_auroc(y[i], s[i], n_classes) for i in idx]
+    np.testing.assert_allclose(metrics.resampled_macro_auroc(y, s, idx, n_classes, chunk_cells=7 * 120), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="stratified"):  # plain resamples mix the labels' order
+        metrics.resampled_macro_auroc(y, s, rng.integers(0, len(y), (5, len(y))), n_classes)
+
+
 def test_paired_difference_finds_a_real_gap_and_none_where_there_is_none():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)
@@ -39,6 +53,12 @@ def test_paired_difference_finds_a_real_gap_and_none_where_there_is_none():
     assert d["difference"] == pytest.approx(expected) and d["low"] > 0 and d["low"] < d["difference"] < d["high"]
     same = metrics.paired_bootstrap_difference(y, good, good, 3, n_resamples=200)
     assert same["difference"] == 0 and same["low"] == 0 and same["high"] == 0  # paired: identical models never differ
+    loop = []  # the same resamples scored one at a time
+    rng_loop = np.random.default_rng(0)
+    for _ in range(500):
+        i = metrics.stratified_resample(y, rng_loop)
+        loop.append(metrics.macro_auroc(y[i], good[i], 3) - metrics.macro_auroc(y[i], chance[i], 3))
+    assert (d["low"], d["high"]) == pytest.approx((np.quantile(loop, 0.025), np.quantile(loop, 0.975)), abs=1e-12)
     flipped = metrics.paired_bootstrap_difference(y, chance, good, 3, n_resamples=500)
     assert flipped["high"] < 0
     # Per-seed scores: each side is the mean over its seeds, as reported
