@@ -169,11 +169,22 @@ class RayHead:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the Ray head exited ({self.proc.returncode}) while waiting for {what}:\n{self.log_tail()}")
             if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"waited {timeout_s:.0f}s for {what}:\n{self.log_tail()}")
+                raise TimeoutError(f"waited {timeout_s:.0f}s for {what}:\n{self.log_tail()}{self.nodes_report()}")
             time.sleep(self.poll_s)
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def nodes_report(self, chars: int = 1500) -> str:
+        """Each added node: running or its exit status, and its log's tail (a node that never joined, e.g. a
+        port taken between free_port() and its start, says why here)."""
+        out = []
+        for i, node in enumerate(self.added_nodes):
+            code = node.poll()
+            log = Path(self.temp_dir, f"node-{i}.log")
+            tail = log.read_text(errors="replace")[-chars:] if log.exists() else ""
+            out.append(f"\n--- node {i} (pid {node.pid}): {'running' if code is None else f'exited {code}'}\n{tail}")
+        return "".join(out)
 
     # ---------------------------------------------------------------- teardown
 
