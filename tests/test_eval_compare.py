@@ -30,18 +30,46 @@ def test_macro_auroc_is_compute_metrics_auroc(n_classes):
         assert metrics.macro_auroc(y, s, n_classes) == pytest.approx(metrics.compute_metrics(y, s, n_classes)["auroc"], abs=1e-12)
 
 
-@pytest.mark.parametrize("n_classes", [2, 3, 5])
-def test_all_resamples_at_once_score_as_each_resample_alone(n_classes):
-    """The paired bootstrap scores its resamples in one batch (`resampled_macro_auroc`): the same numbers as
-    `macro_auroc` on each resample, ties included (scores rounded to 1 decimal)."""
+@pytest.mark.parametrize(("n_classes", "ordinal", "stratified"), [(2, False, True), (3, False, False), (5, True, True), (5, False, False)])
+def test_all_resamples_at_once_score_as_compute_metrics_on_each(n_classes, ordinal, stratified):
+    """The bootstrap scores its resamples in blocks (`raydino.eval.resampled`): every metric the same as
+    scikit-learn's through compute_metrics on each resample alone, ties included (scores rounded to 1
+    decimal), undefined ones (a class drawn zero times in a plain resample, kappa of one class) NaN."""
+    from raydino.eval import resampled
+
     rng = np.random.default_rng(n_classes)
-    y = rng.integers(0, n_classes, 120)
+    y = rng.integers(0, n_classes, 60)
+    y[:3] = n_classes - 1  # a rare class: plain resamples sometimes miss it
+    y[3:] = np.where(y[3:] == n_classes - 1, 0, y[3:])
     s = np.round(_scores(rng, y, n_classes, 0.3), 1)
-    idx = np.stack([metrics.stratified_resample(y, rng) for _ in range(50)])
-    expected = [metrics.macro_auroc(y[i], s[i], n_classes) for i in idx]
-    np.testing.assert_allclose(metrics.resampled_macro_auroc(y, s, idx, n_classes, chunk_cells=7 * 120), expected, atol=1e-12)
-    with pytest.raises(ValueError, match="stratified"):  # plain resamples mix the labels' order
-        metrics.resampled_macro_auroc(y, s, rng.integers(0, len(y), (5, len(y))), n_classes)
+    idx = np.stack([metrics.stratified_resample(y, rng) if stratified else rng.integers(0, len(y), len(y)) for _ in range(40)])
+    idx[0] = 0  # one resample of a single case: most metrics undefined
+    got = resampled.resampled_metrics(y, s, resampled.resample_counts(idx, len(y)), n_classes, metrics.kappa_weighting(ordinal))
+    for r, i in enumerate(idx):
+        want = metrics.compute_metrics(y[i], s[i], n_classes, ordinal)
+        for m in metrics.METRICS:
+            expected = np.nan if want[m] is None else want[m]
+            np.testing.assert_allclose(got[m][r], expected, atol=1e-12, err_msg=f"{m}, resample {r}")
+    macro = resampled.resampled_macro_auroc(y, s, idx, n_classes)
+    np.testing.assert_allclose(macro, [np.nan if (v := metrics.macro_auroc(y[i], s[i], n_classes)) is None else v for i in idx], atol=1e-12)
+
+
+def test_bootstrap_intervals_are_those_of_the_resamples_scored_one_by_one():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 80)
+    seeds = [_scores(rng, y, 4, 0.4), _scores(rng, y, 4, 0.2)]
+    ci = metrics.bootstrap_intervals(y, seeds, 4, n_resamples=60, ordinal=True)
+    draw = np.random.default_rng(0)  # bootstrap_intervals' default seed: the same resamples
+    loop = {m: [] for m in metrics.METRICS}
+    for _ in range(60):
+        i = metrics.stratified_resample(y, draw)
+        mean, _ = metrics.mean_metrics([metrics.compute_metrics(y[i], sc[i], 4, True) for sc in seeds])
+        for m in metrics.METRICS:
+            if mean[m] is not None:
+                loop[m].append(mean[m])
+    for m in metrics.METRICS:
+        assert ci[m]["n_valid"] == len(loop[m])
+        assert (ci[m]["low"], ci[m]["high"]) == pytest.approx((np.quantile(loop[m], 0.025), np.quantile(loop[m], 0.975)), abs=1e-12), m
 
 
 def test_paired_difference_finds_a_real_gap_and_none_where_there_is_none():
