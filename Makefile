@@ -23,7 +23,7 @@ demo: $(VENV)/.stamp-install
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The inner loop: no Ray, no servers, no subprocess clusters (under 2 minutes on 2 cores).
+# The inner loop: no Ray, no servers, no subprocess clusters (about 2 minutes on 2 cores).
 test-fast: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
