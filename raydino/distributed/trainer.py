@@ -20,7 +20,9 @@ from raydino.distributed.cluster import hide_report_dumps
 # checkpoint and epoch end) built a queue: the smoke run with a checkpoint every 2 steps had its checkpoints
 # registered up to 16 s after training ended, the driver waited for them, and a restart after a lost node
 # resumed from an older checkpoint than the newest written.  At 0.5 s that run ends 2.7 s after its last step
-# (71 s instead of 93 s, 2 cores).  A poll is one small actor call per worker.  A value the user exported wins.
+# (71 s instead of 93 s, 2 cores).  A poll is one small actor call per worker; one that takes longer than the
+# interval carries over to the next (Ray declares a worker dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S,
+# 10 min), so a busy worker is not failed sooner.  A value the user exported wins.
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
