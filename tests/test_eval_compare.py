@@ -67,6 +67,10 @@ def test_bootstrap_intervals_are_those_of_the_resamples_scored_one_by_one():
         for m in metrics.METRICS:
             if mean[m] is not None:
                 loop[m].append(mean[m])
+    bad = seeds[1].copy()
+    bad[5, 2] = np.nan  # a diverged probe: refused by name, as compute_metrics does, not scored as NaN intervals
+    with pytest.raises(ValueError, match="1 non-finite scores"):
+        metrics.bootstrap_intervals(y, [seeds[0], bad], 4, n_resamples=10)
     for m in metrics.METRICS:
         assert ci[m]["n_valid"] == len(loop[m])
         assert (ci[m]["low"], ci[m]["high"]) == pytest.approx((np.quantile(loop[m], 0.025), np.quantile(loop[m], 0.975)), abs=1e-12), m

@@ -11,10 +11,11 @@ operations over all rows:
   precision at each threshold (`average_precision_score`).  Counting a case twice is the same as
   weighting it 2, so these are exactly the figures of the duplicated cases.
 * sensitivity, specificity, accuracy, F1 and kappa depend only on each case's predicted class, so
-  one confusion matrix per row (counts x one-hot of true/predicted pairs) gives them all.
+  one confusion matrix per row (each case's count added to its true/predicted bin) gives them all.
 
 Written by hand, not with scikit-learn, because scikit-learn scores one resample per call; the
 numbers are the same to ~1e-12 (tests/test_eval_compare.py compares every metric, ties included).
+Inputs are not checked here: `metrics.bootstrap_intervals` checks them with `compute_metrics` first.
 Pure numpy, no torch, no Ray.
 """
 
