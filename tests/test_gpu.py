@@ -335,3 +335,37 @@ def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path
     assert r["rows"]["batch_x2"]["batch_size"] == 4 and r["rows"]["reference"]["precision"] == "fp32"  # fp16 only on CUDA
     assert {"best_over_baseline", "best_over_reference", "batch_x2_over_reference"} <= set(r["ratios"])
     assert r["numerics"]["rel_diff_bf16"] < 0.02 and "augmentation" not in r
+
+
+def test_bench_gpu_runs_a_row_at_twice_the_batch_on_its_own(tmp_path):
+    """`tools/gpu_check.sh` times `--rows batch_x2` alone: the numerics still need the config's batch."""
+    import json
+
+    from raydino.bench import __main__ as bench
+
+    args = ["gpu", "--device", "cpu", "--config", "smoke", "--steps", "1", "--warmup", "1", "--rows", "batch_x2"]
+    for kv in ("model.out_dim=256", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "augment.n_local_crops=2", "train.batch_size=2"):
+        args += ["--set", kv]
+    assert bench.main([*args, "--json", str(tmp_path / "gpu.json")]) == 0
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert list(r["rows"]) == ["batch_x2"] and r["rows"]["batch_x2"]["batch_size"] == 4 and r["rows"]["batch_x2"]["all_finite"]
+    assert r["numerics"]["rel_diff_bf16"] < 0.02
+
+
+@pytest.mark.slow  # ~15 s: a subprocess builds and steps the smoke model
+def test_gpu_profile_tool_reports_host_and_wall_time_per_step():
+    """`tools/gpu_profile.py` on the CPU: there every op runs as it is called, so the host time is the wall time."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "tools/gpu_profile.py", "--device", "cpu", "--config", "smoke", "--batch", "2", "--steps", "3"]
+    out = subprocess.run([*cmd, "--set", "model.out_dim=256"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = re.search(r"host ([\d.]+) ms per step, wall ([\d.]+) ms \((\d+) images/s\); host/wall ([\d.]+)", out.stdout)
+    assert m, out.stdout[-2000:]
+    host, wall, ratio = float(m.group(1)), float(m.group(2)), float(m.group(4))
+    assert 0 < host <= wall * 1.01 and ratio > 0.9
+    assert re.search(r"per step: \d+ kernel launches", out.stdout) and "aten::" in out.stdout  # the profiler's table

@@ -1,58 +1,144 @@
 #!/usr/bin/env bash
 # The GPU checks (bf16, NCCL, throughput), on one CUDA node with raydino's dependencies installed.
+# Every mode writes at most 8 flat files into OUT_DIR (what a borrowed GPU machine hands back):
+#   gpu-check.log       the console of every step
+#   eager.json + .png   `bench gpu`: the eager rows (baseline, + fused AdamW, + deferred check, fp32 head
+#                       logits, fp32), the official DINO recipe's step, FLOPs / TFLOP/s / MFU, numerics,
+#                       GPU vs CPU augmentation                                              (timeout 130 s)
+#   compiled.json + .png  + torch.compile beside the eager deferred row, compile time measured (timeout 115 s)
+#   batch-x2.json + .png  compiled at twice the batch (128 per GPU)                          (timeout 115 s)
+#   e2e.txt             the pretraining runs under Ray Train (their logs, rank 0's summary, nvidia-smi's
+#                       utilisation and vmstat's CPU use sampled through each run) and the GPU tests
 #
-#   tools/gpu_check.sh OUT_DIR perf   `bench gpu` only, in <= 6 minutes on an H200 (three runs, each under a timeout):
-#       1. the eager rows (baseline, + fused AdamW, + deferred check, fp32 head logits, fp32) and the
-#          official DINO recipe's step, FLOPs / TFLOP/s / MFU, numerics, GPU vs CPU augmentation
-#          -> OUT_DIR/eager/gpu.json + .png            (timeout 130 s)
-#       2. + torch.compile (beside the eager deferred row), compile time measured
-#          -> OUT_DIR/compiled/gpu.json + .png         (timeout 115 s)
-#       3. compiled at twice the batch (128 per GPU) -> OUT_DIR/batch-x2/gpu.json + .png (timeout 115 s)
-#   tools/gpu_check.sh OUT_DIR [all]  everything (about 15 minutes):
-#       1. tests/test_gpu.py (bf16, NCCL + DDP, device augmentation, no host sync in a deferred step,
-#          torch.compile, the recipe's fp16 step) and tests/test_streaming.py on the GPU;
-#       2. `python -m raydino.pretrain` of the paper's ViT-S/16 (224 px, batch 64, bf16, NCCL) under Ray Train
-#          on one GPU, with the crops made by Ray Data's CPU tasks and then on the GPU (augment.device);
-#       3. the two `bench gpu` runs of `perf`.
-# What it measured lands in OUT_DIR; docs/performance.md quotes it.
+#   tools/gpu_check.sh OUT_DIR perf            `bench gpu` only, <= 6 minutes on an H200 (three runs)
+#   tools/gpu_check.sh OUT_DIR lease [BUDGET]  one short loan of a GPU (BUDGET seconds in all, default 540):
+#       1. perf;
+#       2. `python -m raydino.pretrain` of the paper's ViT-S/16 (224 px, batch 64, bf16, NCCL) under Ray
+#          Train on one GPU, crops made by Ray Data's CPU tasks on the node's other cores, compiled if the
+#          compiled row was the faster: the GPU's busy share in steady state and the cores it took;
+#       3. tests/test_gpu.py in what is left.
+#   tools/gpu_check.sh OUT_DIR [all]           everything (about 15 minutes): tests/test_gpu.py and
+#       tests/test_streaming.py, pretraining with the crops made on the CPU and on the GPU, then perf.
+# GPU_CHECK_DRY=1 runs the same steps on the CPU with the smoke config (to test this script, not a GPU).
+# docs/performance.md quotes what it measured.
 set -u
 OUT=${1:-gpu-check}
 MODE=${2:-all}
+BUDGET=${3:-540}
+START=$SECONDS
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-nproc
+exec > >(tee -a "$OUT/gpu-check.log") 2>&1
+E2E="$OUT/e2e.txt"
+RUNS=$(mktemp -d)  # checkpoints of ViT-S with a 65536-way head: large, and not brought back
 
-bench_gpu() {  # three runs, so that a slow compile costs its own rows only: 130 + 115 + 115 s at most
-  timeout 130 python3 -m raydino.bench gpu --rows baseline fused_adamw deferred_check fp32_head_logits fp32 reference \
-    --out "$OUT/eager" > "$OUT/bench-gpu-eager.txt" 2>&1
-  echo "exit status $?" >> "$OUT/bench-gpu-eager.txt"
-  tail -18 "$OUT/bench-gpu-eager.txt"
-  timeout 115 python3 -m raydino.bench gpu --rows deferred_check compile --no-augment \
-    --out "$OUT/compiled" > "$OUT/bench-gpu-compiled.txt" 2>&1
-  echo "exit status $?" >> "$OUT/bench-gpu-compiled.txt"
-  tail -10 "$OUT/bench-gpu-compiled.txt"
-  timeout 115 python3 -m raydino.bench gpu --rows batch_x2 --set train.compile=true --no-augment \
-    --out "$OUT/batch-x2" > "$OUT/bench-gpu-batch-x2.txt" 2>&1
-  echo "exit status $?" >> "$OUT/bench-gpu-batch-x2.txt"
-  tail -8 "$OUT/bench-gpu-batch-x2.txt"
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
+  BENCH=(--device cpu --config smoke --steps 1 --warmup 1)
+  PRETRAIN=(--config smoke --set train.epochs=1)
+  GPU_FLAGS=()
+else
+  BENCH=()
+  PRETRAIN=(--config vits16-paper --set data.synthetic_n=8000 --set data.synthetic_size=256 --set train.epochs=2
+    --set optim.warmup_epochs=1 --set train.log_every=20 --set probe.monitor=off)  # the monitor's probe: ~40 s an epoch
+  GPU_FLAGS=(--set run.cpus_per_worker=4)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+fi
+echo "cores: $(nproc)"
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+bench() {  # NAME TIMEOUT ARGS...: one `bench gpu` run into OUT/NAME.json (+ .png)
+  local name=$1 limit=$2
+  shift 2
+  echo "== bench gpu $name ($(date +%T), timeout ${limit} s)"
+  timeout "$limit" python3 -m raydino.bench gpu "${BENCH[@]}" "$@" --json "$OUT/$name.json"
+  echo "== bench gpu $name: exit status $?"
 }
 
-if [ "$MODE" = perf ]; then
-  bench_gpu
-  exit 0
-fi
-timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_streaming.py 2>&1 \
-  | tail -25 > "$OUT/pytest.txt"
-tail -3 "$OUT/pytest.txt"
-for aug in cpu cuda; do
-  timeout 300 python3 -m raydino.pretrain --config vits16-paper --name "gpu-$aug" --storage "$OUT/runs" --no-probe \
-    --workers 1 --set run.cpus_per_worker=4 --set data.node_labels=null --set "augment.device=$aug" \
-    --set data.synthetic_n=4000 --set data.synthetic_size=256 --set train.epochs=2 --set optim.warmup_epochs=1 \
-    --set train.log_every=20 --set train.checkpoint_every=1000000 > "$OUT/pretrain-$aug.txt" 2>&1
-  echo "exit status $?" >> "$OUT/pretrain-$aug.txt"
-  cat "$OUT"/runs/gpu-$aug/workers/rank0-*.json >> "$OUT/pretrain-$aug.txt" 2>/dev/null
-  grep -E "^\[raydino\]|exit status|rank|Error|error" "$OUT/pretrain-$aug.txt" | tail -12
-done
-rm -rf "$OUT/runs"  # checkpoints of ViT-S with a 65536-way head: large, and not needed afterwards
-bench_gpu
+perf() {  # three runs, so that a slow compile costs its own rows only: 130 + 115 + 115 s at most
+  bench eager 130 --rows baseline fused_adamw deferred_check fp32_head_logits fp32 reference
+  bench compiled 115 --rows deferred_check compile --no-augment
+  bench batch-x2 115 --rows batch_x2 --set train.compile=true --no-augment
+}
+
+compile_won() {  # "true" when the compiled row ran finite and beat the eager deferred row
+  python3 - "$OUT/compiled.json" <<'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+    c, e = rows["compile"], rows["deferred_check"]
+    print("true" if c["all_finite"] and c["images_per_s"] > e["images_per_s"] else "false")
+except Exception:
+    print("false")
+EOF
+}
+
+pretrain() {  # NAME TIMEOUT ARGS...: a pretraining run under Ray Train, sampled by nvidia-smi and vmstat
+  local name=$1 limit=$2 smi=""
+  shift 2
+  {
+    echo "== pretrain $name ($(date +%T), timeout ${limit} s): $*"
+    if command -v nvidia-smi > /dev/null && [ "${GPU_CHECK_DRY:-0}" != 1 ]; then
+      nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 250 > "$RUNS/smi-$name.csv" &
+      smi=$!
+    fi
+    vmstat -t 1 > "$RUNS/vmstat-$name.txt" 2>&1 &
+    local vm=$!
+    timeout "$limit" python3 -m raydino.pretrain "${PRETRAIN[@]}" --name "$name" --storage "$RUNS" --no-probe --workers 1 \
+      --set data.node_labels=null --set train.checkpoint_every=1000000 "${GPU_FLAGS[@]}" "$@" 2>&1
+    echo "== pretrain $name: exit status $? ($(date +%T))"
+    [ -n "$smi" ] && kill "$smi"
+    kill "$vm"
+    echo "-- rank 0's summary"
+    cat "$RUNS/$name"/workers/rank0-*.json 2> /dev/null
+    echo
+    echo "-- nvidia-smi every 250 ms: timestamp, utilization.gpu, memory.used"
+    cat "$RUNS/smi-$name.csv" 2> /dev/null
+    echo "-- vmstat every second"
+    cat "$RUNS/vmstat-$name.txt"
+  } >> "$E2E"
+  grep -E "^\[raydino\]|exit status|Error" "$E2E" | tail -8
+}
+
+gpu_tests() {  # TIMEOUT FILES...
+  local limit=$1
+  shift
+  echo "== pytest $* ($(date +%T), timeout ${limit} s)" | tee -a "$E2E"
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE "$@" >> "$E2E" 2>&1
+  echo "== pytest: exit status $?" | tee -a "$E2E"
+  grep -E "^(FAILED|ERROR)| passed| failed" "$E2E" | tail -6
+}
+
+case "$MODE" in
+  perf)
+    perf
+    ;;
+  lease)
+    perf
+    compile=$(compile_won)
+    echo "compiled row faster: $compile; $(left) s of $BUDGET left"
+    limit=$(($(left) - 60))
+    [ "$limit" -gt 200 ] && limit=200
+    if [ "$limit" -ge 60 ]; then
+      pretrain e2e-cpu-crops "$limit" --set augment.device=cpu --set "train.compile=$compile"
+    fi
+    limit=$(($(left) - 10))
+    if [ "$limit" -ge 30 ]; then
+      gpu_tests "$limit" tests/test_gpu.py
+    fi
+    ;;
+  all)
+    gpu_tests 300 tests/test_gpu.py tests/test_streaming.py
+    for aug in cpu cuda; do
+      pretrain "e2e-$aug-crops" 300 --set "augment.device=$aug"
+    done
+    perf
+    ;;
+  *)
+    echo "usage: tools/gpu_check.sh OUT_DIR [perf|lease [BUDGET_S]|all]" >&2
+    exit 2
+    ;;
+esac
+rm -rf "$RUNS"
+echo "done in $((SECONDS - START)) s"
+sleep 1  # lets tee write the last lines before the caller collects OUT_DIR

@@ -355,7 +355,8 @@ def bench_gpu(args: Any) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     configured = None  # the row that trains `--config` + `--set` as `raydino.pretrain` would
     try:
-        crops_by_batch = {}
+        # The config's batch always: the numerics use it, also when every row runs at another batch.
+        crops_by_batch = {cfg.train.batch_size: make_crops(cfg, cfg.train.batch_size, device)}
         for _, _, factor in plan.values():
             b = cfg.train.batch_size * factor
             if b not in crops_by_batch:
