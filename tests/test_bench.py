@@ -167,6 +167,35 @@ def test_bad_arguments_name_the_option(capsys):
     assert "--sizes" in capsys.readouterr().err
 
 
+def test_bootstrap_bench_scores_the_same_intervals_both_ways(tmp_path, capsys):
+    out = tmp_path / "bootstrap.json"
+    args = ["bootstrap", "--cases", "40", "--classes", "3", "--seeds", "2", "--resamples", "40", "--reference-resamples", "10", "--rounds", "1"]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["max_interval_difference"] < 1e-9 and _finite(r["ratio_reference_over_raydino"])
+    assert {len(v) for v in r["seconds_per_1000_resamples"].values()} == {1}
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "ratio reference / raydino" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["bootstrap", "--classes", "1"])
+    assert "--classes=1" in capsys.readouterr().err
+
+
+def test_the_bootstrap_benchs_reference_is_the_loop_bootstrap_intervals_replaced():
+    """Its one-by-one loop gives bootstrap_intervals' intervals (a wrong reference would make the ratio meaningless)."""
+    from raydino.bench.bootstrap import reference_intervals, synthetic_scores
+    from raydino.eval import metrics
+
+    y, seeds = synthetic_scores(30, 4, 2, seed=3)
+    assert sorted(set(y.tolist())) == [0, 1, 2, 3] and seeds[0].shape == (30, 4)
+    ours = metrics.bootstrap_intervals(y, seeds, 4, n_resamples=20, ordinal=True)
+    ref = reference_intervals(y, seeds, 4, 20)
+    for m in metrics.METRICS:
+        assert (ours[m]["low"], ours[m]["high"]) == pytest.approx(ref[m], abs=1e-12), m
+    other = reference_intervals(y, seeds, 4, 20, seed=1)  # other draws: other intervals
+    assert any(other[m] != pytest.approx(ref[m]) for m in metrics.METRICS)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_gpu_bench_without_cuda_says_so(capsys):
     with pytest.raises(SystemExit) as exit_:

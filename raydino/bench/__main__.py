@@ -7,6 +7,7 @@
     python -m raydino.bench gpu   [--config vits16-paper] [--steps 20] [--warmup 5] [--rows ...] [--device cpu]   (CUDA, not Ray)
     python -m raydino.bench ckpt  [--config demo] [--workers 1] [--checkpoints 5] [--gap 2] [--rounds 2] [--storage URI]
     python -m raydino.bench shardsize [--images 16] [--size 3000x2000] [--max-side 1024] [--quality 95] [--rounds 2]
+    python -m raydino.bench bootstrap [--cases 200] [--classes 5] [--seeds 5] [--resamples 1000] [--reference-resamples 50]
 
 Every subcommand prints progress with an ETA and ends with its ratio line; `--out DIR` writes
 DIR/<bench>.json and a PNG beside it (`--json FILE` for one subcommand: FILE and FILE's .png).
@@ -107,6 +108,15 @@ def _add_ckpt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="where checkpoints go: a directory, s3:// or gs://bucket/prefix (default a temporary directory)")
 
 
+def _add_bootstrap_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cases", type=int, default=200, help="test cases (default 200)")
+    p.add_argument("--classes", type=int, default=5, help="graded classes, >= 2 (default 5, as DR grades)")
+    p.add_argument("--seeds", type=int, default=5, help="probe seeds scored per resample (default 5, the paper probe's)")
+    p.add_argument("--resamples", type=int, default=1000, help="resamples of raydino's bootstrap_intervals (default 1000)")
+    p.add_argument("--reference-resamples", type=int, default=50, help="resamples of the one-by-one loop (default 50: it is slow)")
+    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds; the fastest of each side is kept (default 2)")
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(v) for v in text.split(",") if v.strip()]
@@ -163,7 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "gpu": sub.add_parser("gpu", help="one CUDA GPU: bf16 vs fp32 DINO steps under DDP/NCCL, GPU augmentation"),
         "ckpt": sub.add_parser("ckpt", help="how long a checkpoint holds training back: synchronous vs asynchronous upload"),
         "shardsize": sub.add_parser("shardsize", help="raydino.shard --fov-crop --max-side vs as found: shard bytes, augmentation images/s"),
+        "bootstrap": sub.add_parser("bootstrap", help="95 %% bootstrap intervals in blocks vs scored one resample at a time"),
     }
+    _add_bootstrap_args(parsers["bootstrap"])
     _add_shardsize_args(parsers["shardsize"])
     _add_ckpt_args(parsers["ckpt"])
     _add_gpu_args(parsers["gpu"])
@@ -178,7 +190,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--json", type=Path, default=None, help="write results to this file and a PNG beside it")
         p.add_argument("--cache", default=".raydino", help="cache of synthetic datasets (default .raydino)")
     args = parser.parse_args(argv)
-    positive = ("images", "size", "threads", "batch", "rounds", "workers", "steps", "shard_mb", "interval", "checkpoints")
+    positive = (
+        "images",
+        "size",
+        "threads",
+        "batch",
+        "rounds",
+        "workers",
+        "steps",
+        "shard_mb",
+        "interval",
+        "checkpoints",
+        "cases",
+        "seeds",
+        "resamples",
+    )
     for name, value in vars(args).items():
         option = f"--{name.replace('_', '-')}={value}"
         if name.endswith("sizes") and min(value) < 1:
@@ -189,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{option}: must be > 0")
         if value < 0:
             parser.error(f"{option}: must be >= 0")
+    if args.cmd == "bootstrap" and not 2 <= args.classes <= args.cases:
+        parser.error(f"--classes={args.classes}: must be from 2 to --cases ({args.cases})")
     if args.cmd == "shardsize" and args.max_side < 64:
         parser.error(f"--max-side={args.max_side}: must be >= 64")
     if args.cmd == "shardsize" and not 1 <= args.quality <= 100:
@@ -198,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from raydino.bench.aug import bench_aug, bench_shardsize, plot_aug, plot_shardsize
+    from raydino.bench.bootstrap import bench_bootstrap, plot_bootstrap
     from raydino.bench.checkpoint import bench_checkpoint, plot_checkpoint
     from raydino.bench.data import bench_data, plot_data
     from raydino.bench.gpu import bench_gpu, plot_gpu
@@ -219,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": (lambda: bench_gpu(args), plot_gpu),
         "ckpt": (lambda: bench_checkpoint(args), plot_checkpoint),
         "shardsize": (lambda: bench_shardsize(args), plot_shardsize),
+        "bootstrap": (lambda: bench_bootstrap(args), plot_bootstrap),
     }
     for bench in ["aug", "train", "data"] if args.cmd == "all" else [args.cmd]:
         run, plot = runs[bench]
