@@ -256,6 +256,10 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker
     # torch.compile the student's and teacher's backbone and head (first steps pay the compile time).
     compile: bool = False
+    # torch.compile's mode when `compile` is on.  "reduce-overhead" replays the compiled graphs as CUDA
+    # graphs: one launch instead of hundreds, for a step the host cannot launch fast enough (the paper's
+    # batch-64 ViT-S/16 on an H200 is one, docs/performance.md); not yet measured on a GPU.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Under bf16 autocast, the head's last layer (out_dim logits) in fp32; see docs/core.md.
     fp32_head_logits: bool = False
 

@@ -508,6 +508,36 @@ def test_compiled_networks_keep_their_state_dict_and_give_the_eager_loss():
         assert train_step(compiled, crops)["loss"] == pytest.approx(train_step(eager, crops)["loss"], rel=1e-5)
 
 
+def test_a_cuda_graph_compile_mode_starts_a_graph_iteration_every_step(monkeypatch):
+    """`train.compile_mode=reduce-overhead` (CUDA graphs): each step tells torch a new iteration begins, so
+    the graphs may reuse last step's output memory; other modes never call it.  The mode itself reaches
+    torch.compile (inductor on CUDA; on this CPU the eager backend runs the same wiring)."""
+    import torch
+
+    import raydino.core.step as step
+
+    with pytest.raises(ValueError, match="compile_mode"):
+        tiny_cfg("train.compile_mode=fast")
+    calls = []
+    real = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1) or real())
+    crops = random_crops(tiny_cfg(), 2)
+    seen = []  # what build_train_state asks torch.compile for (compiling for real takes minutes here)
+    monkeypatch.setattr(step, "compile_networks", lambda student, teacher, **options: seen.append(options))
+    for mode, expected in (("default", 0), ("max-autotune-no-cudagraphs", 0), ("reduce-overhead", 2)):
+        seen.clear()
+        state = build_train_state(tiny_cfg("train.compile=true", f"train.compile_mode={mode}"), steps_per_epoch=10)
+        assert seen == [{"mode": mode}]
+        calls.clear()
+        for _ in range(2):
+            train_step(state, crops)
+        assert len(calls) == expected, mode
+    eager = build_train_state(tiny_cfg("train.compile_mode=reduce-overhead"), steps_per_epoch=10)  # compile off: no graphs
+    calls.clear()
+    train_step(eager, crops)
+    assert calls == []
+
+
 def _analytic_vit_forward_flops(backbone, size: int, batch: int) -> float:
     """2 FLOPs per multiply-add: patch embedding, per block qkv + proj + MLP (24 N D^2) and attention (4 N^2 D)."""
     d, p = backbone.embed_dim, backbone.patch_embed.patch_size[0]

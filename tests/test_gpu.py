@@ -198,14 +198,16 @@ def test_a_non_finite_deferred_step_is_skipped_on_the_gpu():
 
 
 @needs_cuda
-def test_compiled_bf16_steps_match_eager_steps_on_cuda():
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs, not yet run on a GPU
+def test_compiled_bf16_steps_match_eager_steps_on_cuda(mode):
     cfg = cfg_for()
     losses = {}
     for compiled in ("false", "true"):
-        conf = cfg_for(f"train.compile={compiled}")
+        conf = cfg_for(f"train.compile={compiled}", f"train.compile_mode={mode}")
         torch.manual_seed(0)
         state = build_train_state(conf, steps_per_epoch=10, device="cuda")
-        losses[compiled] = [train_step(state, crops_for(cfg))["loss"] for _ in range(3)]
+        # deferred, as loop.fit runs it: the step a CUDA graph can replay has no host sync
+        losses[compiled] = [float(train_step(state, crops_for(cfg, seed=i), defer=True)["loss"]) for i in range(3)]
     assert losses["true"] == pytest.approx(losses["false"], rel=0.02)
 
 
@@ -301,6 +303,8 @@ def test_bench_gpu_rows_add_one_change_each():
     assert plan["batch_x2"] == ({**plan["compile"][0]}, True, 2)
     assert plan["fp32"][0]["train.precision"] == "fp32" and plan["fp32"][0]["train.compile"] is False
     assert plan["fp32_head_logits"][0]["train.fp32_head_logits"] is True
+    graphs = row_overrides(["compile_cudagraphs"])["compile_cudagraphs"]  # beside the eager deferred step
+    assert graphs == ({"optim.fused": True, "train.compile": True, "train.fp32_head_logits": False, "train.compile_mode": "reduce-overhead"}, True, 1)
     # a row builds only on the rows chosen above it
     assert row_overrides(["baseline", "batch_x2"])["batch_x2"] == (plan["baseline"][0], True, 2)
 

@@ -5,17 +5,18 @@
 #   eager.json + .png   `bench gpu`: the eager rows (baseline, + fused AdamW, + deferred check, fp32 head
 #                       logits, fp32), the official DINO recipe's step, FLOPs / TFLOP/s / MFU, numerics,
 #                       GPU vs CPU augmentation                                              (timeout 130 s)
-#   compiled.json + .png  + torch.compile beside the eager deferred row, compile time measured (timeout 115 s)
+#   compiled.json + .png  torch.compile, and compiled as CUDA graphs, beside the eager deferred row; compile
+#                       times measured                                                      (timeout 200 s)
 #   batch-x2.json + .png  compiled at twice the batch (128 per GPU)                          (timeout 115 s)
 #   e2e.txt             the pretraining runs under Ray Train (their logs, rank 0's summary, nvidia-smi's
 #                       utilisation and vmstat's CPU use sampled through each run) and the GPU tests
 #
-#   tools/gpu_check.sh OUT_DIR perf            `bench gpu` only, <= 6 minutes on an H200 (three runs)
+#   tools/gpu_check.sh OUT_DIR perf            `bench gpu` only, <= 7.5 minutes on an H200 (three runs)
 #   tools/gpu_check.sh OUT_DIR lease [BUDGET]  one short loan of a GPU (BUDGET seconds in all, default 540):
-#       1. perf;
+#       1. the eager and compiled runs of perf (batch-x2 was measured on 2026-12-04: docs/performance.md);
 #       2. `python -m raydino.pretrain` of the paper's ViT-S/16 (224 px, batch 64, bf16, NCCL) under Ray
-#          Train on one GPU, crops made by Ray Data's CPU tasks on the node's other cores, compiled if the
-#          compiled row was the faster: the GPU's busy share in steady state and the cores it took;
+#          Train on one GPU, crops made by Ray Data's CPU tasks on the node's other cores, with the fastest
+#          of the eager, compiled and CUDA-graph steps: the GPU's busy share in steady state and the cores it took;
 #       3. tests/test_gpu.py in what is left.
 #   tools/gpu_check.sh OUT_DIR [all]           everything (about 15 minutes): tests/test_gpu.py and
 #       tests/test_streaming.py, pretraining with the crops made on the CPU and on the GPU, then perf.
@@ -55,21 +56,23 @@ bench() {  # NAME TIMEOUT ARGS...: one `bench gpu` run into OUT/NAME.json (+ .pn
   echo "== bench gpu $name: exit status $?"
 }
 
-perf() {  # three runs, so that a slow compile costs its own rows only: 130 + 115 + 115 s at most
+perf() {  # separate runs, so that a slow compile costs its own rows only: 130 + 200 (+ 115) s at most
   bench eager 130 --rows baseline fused_adamw deferred_check fp32_head_logits fp32 reference
-  bench compiled 115 --rows deferred_check compile --no-augment
-  bench batch-x2 115 --rows batch_x2 --set train.compile=true --no-augment
+  bench compiled 200 --rows deferred_check compile compile_cudagraphs --no-augment
+  [ "${1:-}" = no-x2 ] || bench batch-x2 115 --rows batch_x2 --set train.compile=true --no-augment
 }
 
-compile_won() {  # "true" when the compiled row ran finite and beat the eager deferred row
+fastest_step() {  # the --set flags of the fastest finite row of the compiled run (eager if none)
   python3 - "$OUT/compiled.json" <<'EOF'
 import json, sys
+flags = {"deferred_check": "train.compile=false", "compile": "train.compile=true",
+         "compile_cudagraphs": "train.compile=true train.compile_mode=reduce-overhead"}
 try:
     rows = json.load(open(sys.argv[1]))["rows"]
-    c, e = rows["compile"], rows["deferred_check"]
-    print("true" if c["all_finite"] and c["images_per_s"] > e["images_per_s"] else "false")
+    best = max((r for r in flags if r in rows and rows[r]["all_finite"]), key=lambda r: rows[r]["images_per_s"])
 except Exception:
-    print("false")
+    best = "deferred_check"
+print(" ".join(f"--set {f}" for f in flags[best].split()))
 EOF
 }
 
@@ -114,13 +117,14 @@ case "$MODE" in
     perf
     ;;
   lease)
-    perf
-    compile=$(compile_won)
-    echo "compiled row faster: $compile; $(left) s of $BUDGET left"
+    perf no-x2
+    step=$(fastest_step)
+    echo "fastest step: $step; $(left) s of $BUDGET left"
     limit=$(($(left) - 60))
     [ "$limit" -gt 200 ] && limit=200
     if [ "$limit" -ge 60 ]; then
-      pretrain e2e-cpu-crops "$limit" --set augment.device=cpu --set "train.compile=$compile"
+      # shellcheck disable=SC2086  # $step is a list of flags
+      pretrain e2e-cpu-crops "$limit" --set augment.device=cpu $step
     fi
     limit=$(($(left) - 10))
     if [ "$limit" -ge 30 ]; then

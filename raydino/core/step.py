@@ -105,6 +105,11 @@ def compile_networks(student: nn.Module, teacher: nn.Module, **options: Any) -> 
         network.head.compile(**options)
 
 
+def uses_cuda_graphs(cfg: Config) -> bool:
+    """Whether `train.compile_mode` replays the compiled graphs as CUDA graphs (on CUDA devices)."""
+    return cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def build_train_state(cfg: Config, steps_per_epoch: int, world_size: int = 1, device: torch.device | str = "cpu") -> TrainState:
     """Fresh student/teacher/loss/optimizer for `cfg`.  The recipe wraps `student` in DDP afterwards."""
     device = torch.device(device)
@@ -126,7 +131,7 @@ def build_train_state(cfg: Config, steps_per_epoch: int, world_size: int = 1, de
     student.to(device)
     teacher.to(device)
     if cfg.train.compile:
-        compile_networks(student, teacher)
+        compile_networks(student, teacher, mode=cfg.train.compile_mode)
     schedules = build_schedules(cfg, steps_per_epoch, world_size)
     n_crops = 2 + cfg.augment.n_local_crops
     loss_fn = DINOLoss(cfg.model.out_dim, n_crops, schedules.teacher_temp, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
@@ -225,6 +230,9 @@ def train_step(state: TrainState, crops: list[torch.Tensor], defer: bool = False
     device (see the module's docstring); the caller must run `check_finite(state)` before it saves.
     """
     cfg = state.cfg
+    if cfg.train.compile and uses_cuda_graphs(cfg):
+        # A new iteration for CUDA-graph trees: last step's graph outputs (all consumed by now) may be overwritten.
+        torch.compiler.cudagraph_mark_step_begin()
     lr, wd, momentum = state.schedules.at(state.step)
     for i, group in enumerate(state.optimizer.param_groups):
         group["lr"] = lr
