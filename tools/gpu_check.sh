@@ -7,11 +7,11 @@
 #                       GPU vs CPU augmentation                                              (timeout 130 s)
 #   compiled.json + .png  torch.compile, and compiled as CUDA graphs, beside the eager deferred row; compile
 #                       times measured                                                      (timeout 200 s)
-#   batch-x2.json + .png  compiled at twice the batch (128 per GPU)                          (timeout 115 s)
+#   batch-x2.json + .png  compiled at twice the batch (128 per GPU), the recipe beside it    (timeout 130 s)
 #   e2e.txt             the pretraining runs under Ray Train (their logs, rank 0's summary, nvidia-smi's
 #                       utilisation and vmstat's CPU use sampled through each run) and the GPU tests
 #
-#   tools/gpu_check.sh OUT_DIR perf            `bench gpu` only, <= 7.5 minutes on an H200 (three runs)
+#   tools/gpu_check.sh OUT_DIR perf            `bench gpu` only, <= 8 minutes on an H200 (three runs)
 #   tools/gpu_check.sh OUT_DIR lease [BUDGET]  one short loan of a GPU (BUDGET seconds in all, default 540):
 #       1. the eager and compiled runs of perf (batch-x2 was measured on 2026-12-04: docs/performance.md);
 #       2. `python -m raydino.pretrain` of the paper's ViT-S/16 (224 px, batch 64, bf16, NCCL) under Ray
@@ -56,10 +56,11 @@ bench() {  # NAME TIMEOUT ARGS...: one `bench gpu` run into OUT/NAME.json (+ .pn
   echo "== bench gpu $name: exit status $?"
 }
 
-perf() {  # separate runs, so that a slow compile costs its own rows only: 130 + 200 (+ 115) s at most
+perf() {  # separate runs, so that a slow compile costs its own rows only: 130 + 200 (+ 130) s at most
   bench eager 130 --rows baseline fused_adamw deferred_check fp32_head_logits fp32 reference
   bench compiled 200 --rows deferred_check compile compile_cudagraphs --no-augment
-  [ "${1:-}" = no-x2 ] || bench batch-x2 115 --rows batch_x2 --set train.compile=true --no-augment
+  # the recipe beside it: batch_x2's ratio to it within one process (the recipe runs eager, at the config's batch)
+  [ "${1:-}" = no-x2 ] || bench batch-x2 130 --rows batch_x2 reference --set train.compile=true --no-augment
 }
 
 fastest_step() {  # the --set flags of the fastest finite row of the compiled run (eager if none)
