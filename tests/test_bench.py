@@ -181,21 +181,6 @@ def test_bootstrap_bench_scores_the_same_intervals_both_ways(tmp_path, capsys):
     assert "--classes=1" in capsys.readouterr().err
 
 
-def test_the_bootstrap_benchs_reference_is_the_loop_bootstrap_intervals_replaced():
-    """Its one-by-one loop gives bootstrap_intervals' intervals (a wrong reference would make the ratio meaningless)."""
-    from raydino.bench.bootstrap import reference_intervals, synthetic_scores
-    from raydino.eval import metrics
-
-    y, seeds = synthetic_scores(30, 4, 2, seed=3)
-    assert sorted(set(y.tolist())) == [0, 1, 2, 3] and seeds[0].shape == (30, 4)
-    ours = metrics.bootstrap_intervals(y, seeds, 4, n_resamples=20, ordinal=True)
-    ref = reference_intervals(y, seeds, 4, 20)
-    for m in metrics.METRICS:
-        assert (ours[m]["low"], ours[m]["high"]) == pytest.approx(ref[m], abs=1e-12), m
-    other = reference_intervals(y, seeds, 4, 20, seed=1)  # other draws: other intervals
-    assert any(other[m] != pytest.approx(ref[m]) for m in metrics.METRICS)
-
-
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_gpu_bench_without_cuda_says_so(capsys):
     with pytest.raises(SystemExit) as exit_:

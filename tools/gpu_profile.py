@@ -30,8 +30,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
+    for name in ("batch", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)}: must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False); run it on a GPU node or pass --device cpu")
 
-    from raydino.bench.gpu import _nccl_group, _state, make_crops
+    from raydino.bench.gpu import bench_state, init_nccl_group, make_crops
     from raydino.config import load_config
     from raydino.core.step import train_step
 
@@ -40,9 +45,9 @@ def main() -> None:
     sets = [*args.set, f"train.batch_size={args.batch}", f"train.compile={str(args.compile).lower()}", "optim.fused=true"]
     cfg = load_config(args.config, sets)
     if cuda:
-        _nccl_group()
+        init_nccl_group()
     crops = make_crops(cfg, args.batch, device)
-    state = _state(cfg, device, ddp=cuda, steps=1000)
+    state = bench_state(cfg, device, ddp=cuda, steps=1000)
 
     def sync() -> None:
         if cuda:

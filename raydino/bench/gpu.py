@@ -45,7 +45,8 @@ def _nccl_version() -> str:
     return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-def _nccl_group() -> None:
+def init_nccl_group() -> None:
+    """A one-rank NCCL process group on GPU 0 (what Ray Train sets up per GPU worker), its all-reduce checked."""
     import torch
     import torch.distributed as dist
 
@@ -144,7 +145,8 @@ def timed_loop(step: Any, device: Any, warmup: int, steps: int) -> dict[str, Any
     }
 
 
-def _state(cfg: Any, device: Any, ddp: bool, steps: int) -> Any:
+def bench_state(cfg: Any, device: Any, ddp: bool, steps: int) -> Any:
+    """A fresh DINO state of `cfg` on `device` (seed 0), the student in DDP when `ddp`: the timed step's state."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
@@ -163,7 +165,7 @@ def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, d
 
     from raydino.core.step import autocast_dtype, check_finite, train_step
 
-    state = _state(cfg, device, ddp, warmup + steps)
+    state = bench_state(cfg, device, ddp, warmup + steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -204,7 +206,7 @@ def time_reference(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: 
     from raydino.bench.reference_dino import ReferenceDINO, load_from_raydino
     from raydino.core.step import normalize_on_device
 
-    state = _state(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}), device, False, warmup + steps)
+    state = bench_state(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}), device, False, warmup + steps)
     precision = "fp16" if device.type == "cuda" else "fp32"
     ref = ReferenceDINO(cfg, device, precision=precision, teacher_temps=state.schedules.teacher_temp)
     load_from_raydino(ref, state.student, state.teacher)
@@ -248,7 +250,7 @@ def numerics(cfg: Any, crops: list[Any], device: Any) -> dict[str, Any]:
 
     from raydino.core.step import forward_loss
 
-    state = _state(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}), device, False, 10)
+    state = bench_state(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}), device, False, 10)
     heads = [state.student.head, state.teacher.head]
     out: dict[str, Any] = {"fp32": forward_loss(state, crops, None)}
     for fp32_logits in (False, True):
@@ -354,7 +356,7 @@ def bench_gpu(args: Any) -> dict[str, Any]:
     flops = step_flops(cfg)
     progress.step(f"FLOPs per step counted (torch FlopCounterMode, meta device): {flops['per_image'] / 1e9:.1f} GFLOP per image")
     if on_cuda:
-        _nccl_group()
+        init_nccl_group()
         progress.step(f"NCCL {_nccl_version()}: one-rank all_reduce correct")
     else:
         progress.step("no NCCL on cpu: rows run without DDP")
