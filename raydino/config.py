@@ -246,7 +246,7 @@ class TrainConfig(_Strict):
     steps_per_epoch: int | None = Field(None, ge=1)  # None: dataset rows // global batch
     max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs, tune budgets)
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16: bf16 autocast on any device
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1)  # steps; also at every epoch end
     keep_checkpoints: int = Field(3, ge=1)

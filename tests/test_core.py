@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydino.config import load_config
 from raydino.core.checkpoint import load_checkpoint, restore_state, save_checkpoint
+from raydino.core.droppath import BatchedDropPath, batch_drop_paths
 from raydino.core.loss import DINOLoss, collapse_stats, koleo_loss
 from raydino.core.model import DINOHead, build_student_teacher
 from raydino.core.schedule import build_schedules, cosine_schedule, param_groups, scaled_lr
@@ -29,6 +32,21 @@ def tiny_cfg(*extra: str):
             *extra,
         ],
     )
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach a kernel (below autograd and autocast), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, prefix: str) -> int:
+        return sum(name.startswith(prefix) for name in self.names)
 
 
 def random_crops(cfg, batch: int, seed: int = 0) -> list[torch.Tensor]:
@@ -75,6 +93,31 @@ def test_dino_loss_matches_hand_computation():
     # centre: c ← 0.9 c + 0.1 · mean(teacher outputs)
     expected_center = center0 * 0.9 + t.mean(0, keepdim=True) * 0.1
     assert torch.allclose(loss_fn.center, expected_center, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_crops", [2, 10])
+def test_dino_loss_and_its_gradient_equal_the_pair_by_pair_loop(n_crops):
+    # The loss sums every (teacher view, student view) pair in a few tensor ops; DINO's loop over the
+    # pairs, in float64, is the reference for the value and for the gradient the student receives
+    # (the loss computes in float32: hence the tolerances).
+    torch.manual_seed(1)
+    K, B = 64, 4
+    loss_fn = DINOLoss(K, n_crops, np.array([0.04]), student_temp=0.1).double()
+    loss_fn.center.copy_(torch.randn(1, K, dtype=torch.float64) * 0.1)
+    s = torch.randn(n_crops * B, K, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2 * B, K, dtype=torch.float64)
+
+    q = torch.softmax((t - loss_fn.center) / 0.04, dim=-1).chunk(2)
+    logp = torch.log_softmax(s / 0.1, dim=-1).chunk(n_crops)
+    pairs = [(-q[i] * logp[v]).sum(-1).mean() for i in range(2) for v in range(n_crops) if v != i]
+    expected = torch.stack(pairs).mean()
+    (expected_grad,) = torch.autograd.grad(expected, s)
+
+    got = loss_fn(s, t, epoch=0, update_center=False)
+    (got_grad,) = torch.autograd.grad(got, s)
+    assert len(pairs) == 2 * (n_crops - 1)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_koleo_is_minus_mean_log_nearest_neighbour_distance_and_spreads_features():
@@ -182,6 +225,55 @@ def test_teacher_has_no_stochastic_depth_student_keeps_it():
         torch.manual_seed(1)
         assert not torch.allclose(s1, student(x))
     assert student.state_dict().keys() == teacher.state_dict().keys()
+
+
+class _Branches(torch.nn.Module):
+    """Each output row is one stochastic-depth branch applied to ones: its per-sample multiplier."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.paths = torch.nn.ModuleList(DropPath(p) for p in probs)
+
+    def forward(self, x):
+        return torch.stack([dp(x) for dp in self.paths])
+
+
+def test_batched_drop_paths_keep_timms_distribution_with_one_draw_per_forward():
+    probs = [0.1, 0.5, 0.8]
+    net = _Branches(probs)
+    assert batch_drop_paths(net) == 3 and all(isinstance(m, BatchedDropPath) for m in net.paths)
+    torch.manual_seed(0)
+    n = 6000
+    with _OpCounter() as ops:
+        out = net(torch.ones(n, 1))[..., 0]
+    assert ops.count("bernoulli") == 1  # timm's DropPath: one bernoulli_ per branch
+    for i, p in enumerate(probs):
+        kept = out[i] != 0
+        assert torch.all(out[i][kept] == torch.tensor(1 / (1 - p)))  # kept samples scaled by 1/keep
+        assert abs((~kept).float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    # independent across branches (the 0.1 and 0.5 branches both drop ~5 % of samples) and forwards
+    both = ((out[0] == 0) & (out[1] == 0)).float().mean().item()
+    assert abs(both - 0.05) < 4 * math.sqrt(0.05 * 0.95 / n)
+    again = net(torch.ones(n, 1))[..., 0]
+    assert 0.4 < (again[1] != out[1]).float().mean().item() < 0.6
+    # the branch's dtype (bf16 under autocast), the batch size of each forward, identity in eval mode
+    assert net(torch.ones(5, 1, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert net(torch.ones(7, 2)).shape == (3, 7, 2)
+    net.eval()
+    assert torch.equal(net(torch.ones(9, 1)), torch.ones(3, 9, 1))
+
+
+def test_the_student_draws_its_stochastic_depth_once_per_forward_and_compiled_ones_keep_timms():
+    cfg = tiny_cfg("model.drop_path_rate=0.2")
+    student, teacher = build_student_teacher(cfg)
+    n_blocks = len(student.backbone.blocks)
+    assert sum(isinstance(m, BatchedDropPath) for m in student.modules()) == 2 * (n_blocks - 1)  # block 0: rate 0
+    assert all(m.drop_prob == 0 for m in teacher.modules() if isinstance(m, BatchedDropPath))
+    with _OpCounter() as ops, torch.no_grad():
+        student.train()([torch.randn(2, 3, 32, 32)])
+    assert ops.count("bernoulli") == 1
+    compiled_student, _ = build_student_teacher(tiny_cfg("model.drop_path_rate=0.2", "train.compile=true"))
+    assert not any(isinstance(m, BatchedDropPath) for m in compiled_student.modules())
 
 
 def test_step_budget_inside_first_epoch_still_trains_the_last_layer():
@@ -352,6 +444,7 @@ def test_optimizer_is_fused_on_cuda_and_foreach_on_cpu_unless_set():
     assert use_fused_optimizer(cfg, torch.device("cuda")) and not use_fused_optimizer(cfg, torch.device("cpu"))
     assert use_fused_optimizer(tiny_cfg("optim.fused=true"), torch.device("cpu"))
     assert not use_fused_optimizer(tiny_cfg("optim.fused=false"), torch.device("cuda"))
+    assert all(g["foreach"] and not g["fused"] for g in build_train_state(cfg, steps_per_epoch=10).optimizer.param_groups)
     state = build_train_state(tiny_cfg("optim.fused=true"), steps_per_epoch=10)
     assert all(g["fused"] for g in state.optimizer.param_groups)
     sgd = build_train_state(tiny_cfg("optim.fused=true", "optim.optimizer=sgd"), steps_per_epoch=10)
@@ -575,3 +668,86 @@ def test_step_flops_match_the_analytic_count_and_scale_with_the_batch():
     assert step_flops(cfg, batch, device="cpu")["total"] == pytest.approx(counted["total"], rel=0.01)
     assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("Some GPU") is None
+
+
+# ---------------------------------------------------------------- issue 14: fewer kernels per step (a host-bound GPU step)
+
+
+def test_kernel_op_counter_counts_what_runs_a_kernel_backward_and_casts_included():
+    from raydino.core.flops import KernelOpCounter
+
+    x = torch.randn(4, 3, requires_grad=True)
+    with KernelOpCounter() as ops:
+        y = x.view(3, 4).t().contiguous()  # two views (nothing runs), one copy (clone)
+        (y * 2).sum().backward()  # mul, sum; backward: ones_like, expand (a view), mul, clone
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.mm(x, x.t())  # autocast casts both arguments (the transpose is not a leaf: not cached)
+    assert ops.by_name == {"clone": 2, "mul": 2, "sum": 1, "ones_like": 1, "_to_copy": 2, "mm": 1}
+
+
+def test_the_dino_loss_launches_as_many_kernels_for_ten_crops_as_for_four():
+    # The pairs are summed in a few tensor ops: DINO's loop grew by ~10 ops (forward and backward)
+    # with every local crop, kernel launches a GPU waited for.
+    from raydino.core.flops import KernelOpCounter
+
+    totals = []
+    for n_crops in (4, 10):
+        loss_fn = DINOLoss(32, n_crops, np.array([0.04]))
+        s = torch.randn(n_crops * 3, 32, requires_grad=True)
+        with KernelOpCounter() as ops:
+            loss_fn(s, torch.randn(6, 32), epoch=0, update_center=False).backward()
+        totals.append(ops.total)
+    assert totals[0] == totals[1] < 60
+
+
+def test_the_teachers_bf16_weight_copy_gives_its_autocast_outputs_bit_for_bit_with_fewer_casts():
+    from raydino.core.castcopy import CastWeightsCopy
+    from raydino.core.flops import KernelOpCounter
+
+    _, teacher = build_student_teacher(tiny_cfg())
+    x = [torch.randn(3, 3, 32, 32)]
+    copy_ = CastWeightsCopy(teacher, torch.bfloat16)
+    for _ in range(2):  # the second time after the teacher's weights moved (an EMA step)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with KernelOpCounter() as direct:
+                expected = teacher(x)
+            module = copy_.refreshed()
+            with KernelOpCounter() as via_copy:
+                got = module(x)
+        assert torch.equal(got, expected)
+        assert via_copy.by_name["_to_copy"] < direct.by_name["_to_copy"] - 2 * len(teacher.backbone.blocks)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.mul_(0.9).add_(0.01)
+    # only Linear/Conv weights are copies; the rest (LayerNorm, position embedding) is the teacher's own
+    assert copy_.module.backbone.pos_embed is teacher.backbone.pos_embed
+    assert copy_.module.backbone.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert copy_.module.head.last_layer.parametrizations.weight.original1 is teacher.head.last_layer.parametrizations.weight.original1
+
+
+def test_the_bf16_weight_copy_shares_batchnorm_statistics_with_the_teacher():
+    from raydino.core.castcopy import CastWeightsCopy
+
+    _, teacher = build_student_teacher(tiny_cfg("model.arch=resnet18"))
+    teacher.train()
+    before = teacher.backbone.bn1.running_mean.clone()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        CastWeightsCopy(teacher, torch.bfloat16).refreshed()([torch.randn(4, 3, 32, 32) + 3])
+    assert not torch.equal(teacher.backbone.bn1.running_mean, before)  # the copy's forward updated the teacher's
+
+
+def test_a_bf16_step_through_the_teachers_weight_copy_trains_exactly_as_through_the_teacher(monkeypatch):
+    import raydino.core.step as step_mod
+
+    cfg = tiny_cfg("train.precision=bf16", "optim.fused=true")
+    batches = [random_crops(cfg, 4, seed=i) for i in range(2)]
+    results = []
+    for use_copy in (True, False):
+        if not use_copy:
+            monkeypatch.setattr(step_mod, "teacher_for_forward", lambda state, dtype: state.teacher)
+        state = build_train_state(cfg, steps_per_epoch=10)
+        losses = [train_step(state, b)["loss"] for b in batches]
+        assert (state.teacher_cast is not None) == use_copy
+        results.append((losses, [p.detach().clone() for p in state.teacher.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

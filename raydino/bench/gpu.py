@@ -179,6 +179,8 @@ def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, d
             check_finite(state)
         except Exception as e:
             result.update(all_finite=False, error=str(e))
+    # One more step, counted (not timed).  Not for a compiled step: dispatch modes and dynamo's graphs do not mix.
+    result["kernel_ops_per_step"] = None if cfg.train.compile or result["error"] else count_kernel_ops(step)
     dtype = autocast_dtype(cfg, device)
     result.update(
         precision=cfg.train.precision,
@@ -198,6 +200,15 @@ def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, d
     return result
 
 
+def count_kernel_ops(step: Any) -> int:
+    """Ops that run a kernel in one call of `step()` (`raydino.core.flops.KernelOpCounter`)."""
+    from raydino.core.flops import KernelOpCounter
+
+    with KernelOpCounter() as ops:
+        step()
+    return ops.total
+
+
 def time_reference(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, ddp: bool) -> dict[str, Any]:
     """The official recipe's step (raydino/bench/reference_dino.py) from raydino's initial weights, same crops."""
     import torch
@@ -207,7 +218,9 @@ def time_reference(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: 
     from raydino.core.step import normalize_on_device
 
     state = bench_state(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}), device, False, warmup + steps)
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    # The recipe's fp16 + GradScaler on CUDA, and on the CPU when raydino's rows autocast there too
+    # (train.precision=bf16: what counts the ops a GPU step would launch, on a CPU).
+    precision = "fp16" if device.type == "cuda" or cfg.train.precision == "bf16" else "fp32"
     ref = ReferenceDINO(cfg, device, precision=precision, teacher_temps=state.schedules.teacher_temp)
     load_from_raydino(ref, state.student, state.teacher)
     schedules = state.schedules
@@ -228,6 +241,8 @@ def time_reference(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: 
     torch.backends.cudnn.benchmark = True  # as main_dino.py sets it
     try:
         result = timed_loop(step, device, warmup, steps)
+        it = iter([warmup + steps - 1])  # the last step's schedules again, counted
+        result["kernel_ops_per_step"] = None if result["error"] else count_kernel_ops(step)
     finally:
         torch.backends.cudnn.benchmark = benchmark
     result.update(
@@ -284,6 +299,12 @@ def summarise(result: dict[str, Any], peak: float | None) -> None:
             ratios["best_over_baseline"] = runs[best]["images_per_s"] / base
         if ref:
             ratios["best_over_reference"] = runs[best]["images_per_s"] / ref
+    ref_ops = runs.get("reference", {}).get("kernel_ops_per_step")
+    ops_rows = [n for n in runs if n != "reference" and runs[n].get("kernel_ops_per_step")]
+    if ref_ops and ops_rows:
+        fewest = min(ops_rows, key=lambda n: runs[n]["kernel_ops_per_step"])
+        ratios["fewest_kernel_ops"] = fewest
+        ratios["reference_over_fewest_kernel_ops"] = ref_ops / runs[fewest]["kernel_ops_per_step"]
     if "batch_x2" in runs and ref:
         ratios["batch_x2_over_reference"] = runs["batch_x2"]["images_per_s"] / ref
     if base and "fp32" in runs:
@@ -499,9 +520,10 @@ def print_gpu(r: dict[str, Any]) -> None:
         comp = f"  compile {t['compile_s']:.0f} s" if t.get("compiled") else ""
         be = t.get("compile_break_even_steps")
         comp += f" (pays off after {be:.0f} steps)" if be else ""
+        ops = f"{t['kernel_ops_per_step']:5d}" if t.get("kernel_ops_per_step") else "  n/a"
         print(
             f"  {ROW_LABELS.get(name, name):58s} b{t['batch_size']:<4d} {1000 * t['median_step_s']:7.1f} ms  {t['images_per_s']:6.0f} img/s  "
-            f"{t['tflops']:6.1f} TFLOP/s  MFU {mfu}  finite {t['all_finite']}{comp}"
+            f"{t['tflops']:6.1f} TFLOP/s  MFU {mfu}  kernel ops {ops}  finite {t['all_finite']}{comp}"
         )
         if t.get("error"):
             print(f"      {name} stopped: {t['error'][:300]}")
@@ -515,6 +537,11 @@ def print_gpu(r: dict[str, Any]) -> None:
         print(f"  best at batch {r['batch_size']} ({ratios['best_at_config_batch']}) / baseline: {ratios['best_over_baseline']:.2f}x")
     if "best_over_reference" in ratios:
         print(f"  best at batch {r['batch_size']} / official DINO recipe: {ratios['best_over_reference']:.2f}x")
+    if "reference_over_fewest_kernel_ops" in ratios:
+        print(
+            f"  kernel ops per step: official DINO recipe / {ratios['fewest_kernel_ops']}: {ratios['reference_over_fewest_kernel_ops']:.2f}x "
+            "(each op is a launch from the host: what a host-bound step waits for)"
+        )
     if "batch_x2_over_reference" in ratios:
         print(f"  twice the batch / official DINO recipe: {ratios['batch_x2_over_reference']:.2f}x")
     if "baseline_over_fp32" in ratios:

@@ -4,7 +4,7 @@
 Written here from the recipe, not imported from it, with everything that decides its speed kept as
 published: its own ViT (explicit attention, softmax(q kᵀ · scale) v, no fused kernel), its DINOHead
 (weight-normalised last layer), its multi-crop wrapper (one backbone forward per resolution), its
-DINOLoss (centre update inside the loss), AdamW as torch builds it by default (not fused), fp16
+DINOLoss (centre update inside the loss), AdamW as torch builds it by default on CUDA (foreach, not fused), fp16
 autocast with a GradScaler, per-tensor clipping that reads every norm with `.item()`, `loss.item()`
 checked every step, and the EMA one parameter at a time.  Imports no Ray and nothing of raydino's
 step; `load_from_raydino` copies a raydino network's weights in (their names match: both follow
@@ -299,7 +299,8 @@ class ReferenceDINO:
         temps = teacher_temps if teacher_temps is not None else np.array([cfg.loss.teacher_temp])
         ncrops = 2 + cfg.augment.n_local_crops
         self.loss = DINOLoss(m.out_dim, ncrops, temps, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
-        self.optimizer = torch.optim.AdamW(params_groups(self.student))
+        # torch's default on CUDA (foreach), made explicit so that a CPU run counts the kernels a GPU would launch
+        self.optimizer = torch.optim.AdamW(params_groups(self.student), foreach=True)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.precision = precision
 

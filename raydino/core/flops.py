@@ -9,14 +9,21 @@ arithmetic, so the count of the paper's ViT-S/16 step takes a second on any mach
 
 `achieved / peak` is the model-FLOP utilisation (MFU); `peak_tflops` knows the dense bf16 tensor-core
 peaks of common data-centre GPUs.
+
+`KernelOpCounter` counts the other cost of a step, the one a fast GPU exposes: how many ops run a
+kernel.  Each is at least one launch from the host, and a step whose launches take longer than the
+GPU's work is host-bound (docs/performance.md).  The count does not depend on the device (a CPU
+counts what a GPU would launch, up to kernels an op splits into).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from raydino.config import Config
@@ -90,6 +97,32 @@ def step_flops(cfg: Config, batch_size: int | None = None, device: str | torch.d
         "student_backward": total - teacher_fwd - student_fwd,
         "counted_on": str(device),
     }
+
+
+# Ops that dispatch but launch nothing: allocation without initialisation and the profiler's markers.
+# (`_unsafe_view` is a view that autograd does not track as one.)
+NO_KERNEL_OPS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "lift_fresh", "_unsafe_view"})
+
+
+class KernelOpCounter(TorchDispatchMode):
+    """`with KernelOpCounter() as ops: step()` -> `ops.total`, `ops.by_name` (a Counter).
+
+    Counts the aten ops that reach a kernel, below autograd and autocast (so the backward's ops and
+    autocast's casts are in), leaving out views (`is_view`: no data moves) and `NO_KERNEL_OPS`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if not func.is_view and func.namespace != "profiler" and name not in NO_KERNEL_OPS:
+            self.by_name[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_name.values())
 
 
 def achieved_tflops(flops_per_step: float, seconds_per_step: float) -> float:

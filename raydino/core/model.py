@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from raydino.config import Config, ModelConfig
+from raydino.core.droppath import BatchedDropPath, batch_drop_paths
 from raydino.core.weights import load_backbone_weights
 
 
@@ -115,7 +116,9 @@ class MultiCropNetwork(nn.Module):
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            feats.append(self.backbone(torch.cat(list(crops[start:end]))))
+            # one tensor already holds its resolution's crops (`step.batch_views`): no copy
+            x = crops[start] if end - start == 1 else torch.cat(list(crops[start:end]))
+            feats.append(self.backbone(x))
             start = end
         features = torch.cat(feats)
         out = self.head(features)
@@ -136,6 +139,10 @@ def build_student_teacher(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwo
         m.norm_last_layer,
         fp32_last_layer=cfg.train.fp32_head_logits,
     )
+    if not cfg.train.compile:
+        # Eager steps launch a kernel per op and wait for the launches on a GPU: the stochastic-depth
+        # masks of a forward are drawn in one go (droppath.py).  Compiled graphs fuse timm's own.
+        batch_drop_paths(backbone)
     student = MultiCropNetwork(backbone, head)
     if m.pretrained_init:
         load_backbone_weights(student.backbone, m.pretrained_init)
@@ -163,7 +170,7 @@ def disable_stochastic_depth(network: nn.Module) -> None:
     student and teacher stay identical, and the EMA pairs parameters exactly as before.
     """
     for module in network.modules():
-        if isinstance(module, DropPath):
+        if isinstance(module, (DropPath, BatchedDropPath)):
             module.drop_prob = 0.0
 
 
