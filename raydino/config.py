@@ -262,6 +262,10 @@ class TrainConfig(_Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Under bf16 autocast, the head's last layer (out_dim logits) in fp32; see docs/core.md.
     fp32_head_logits: bool = False
+    # Fewer kernel launches per eager step, the same training: the stochastic-depth masks of a forward
+    # drawn in one op (core/droppath.py) and, under bf16, the teacher's matmul weights kept in bf16
+    # (core/castcopy.py, bit-exact).  A switch so that `bench gpu` measures it on its own.
+    fewer_launches: bool = True
 
 
 class DataConfig(_Strict):

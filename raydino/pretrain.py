@@ -123,7 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume", action="store_true", help="resume the run given by --name, or without --name the most recently written run in --storage"
     )
-    p.add_argument("--no-probe", action="store_true", help="skip the linear probe after training the demo")
+    p.add_argument(
+        "--no-probe", action="store_true", help="probe nothing: no epoch-end probe of the teacher (probe.monitor=off), no linear probe after the demo"
+    )
     p.add_argument(
         "--cache",
         default=str(DEFAULT_CACHE),
@@ -142,6 +144,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         value = getattr(args, attr)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "no_probe", False):
+        overrides.append("probe.monitor=off")  # the epoch-end probe is a probe too (it held a GPU worker 42 s an epoch)
     return load_config(args.config, overrides)
 
 

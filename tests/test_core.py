@@ -751,3 +751,24 @@ def test_a_bf16_step_through_the_teachers_weight_copy_trains_exactly_as_through_
         results.append((losses, [p.detach().clone() for p in state.teacher.parameters()]))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_fewer_launches_cuts_the_kernels_of_a_bf16_step():
+    from raydino.core.flops import KernelOpCounter
+
+    counts, losses = {}, {}
+    for flag in ("true", "false"):
+        cfg = tiny_cfg("train.precision=bf16", "optim.fused=true", "model.drop_path_rate=0.1", f"train.fewer_launches={flag}")
+        state = build_train_state(cfg, steps_per_epoch=10)
+        crops = random_crops(cfg, 2)
+        train_step(state, crops, defer=True)
+        with KernelOpCounter() as ops:
+            losses[flag] = train_step(state, crops, defer=True)["loss"]
+        counts[flag] = ops
+    blocks = len(build_student_teacher(tiny_cfg())[0].backbone.blocks)
+    # per student forward (2): 2 x (blocks - 1) bernoulli_ and div_ become one draw; per step the
+    # teacher's ~4 Linear weights and biases per block are no longer cast
+    assert counts["true"].by_name["bernoulli"] == 2 and counts["false"].by_name["bernoulli_"] == 4 * (blocks - 1)
+    assert counts["false"].by_name["_to_copy"] - counts["true"].by_name["_to_copy"] >= 8 * blocks
+    assert counts["false"].total - counts["true"].total >= 12 * blocks
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -296,10 +296,16 @@ def test_reference_dino_loss_equals_raydinos_on_the_same_logits():
 def test_bench_gpu_rows_add_one_change_each():
     from raydino.bench.gpu import row_overrides
 
-    plan = row_overrides(["baseline", "fused_adamw", "deferred_check", "compile", "batch_x2", "fp32", "fp32_head_logits"])
-    assert plan["baseline"] == ({"optim.fused": False, "train.compile": False, "train.fp32_head_logits": False}, False, 1)
+    plan = row_overrides(["baseline", "fused_adamw", "deferred_check", "fewer_launches", "compile", "batch_x2", "fp32", "fp32_head_logits"])
+    assert plan["baseline"] == (
+        {"optim.fused": False, "train.compile": False, "train.fp32_head_logits": False, "train.fewer_launches": False},
+        False,
+        1,
+    )
     assert plan["fused_adamw"][0]["optim.fused"] is True and plan["fused_adamw"][1] is False
-    assert plan["deferred_check"][1] is True and plan["compile"][0]["train.compile"] is True
+    assert plan["deferred_check"][1] is True and plan["deferred_check"][0]["train.fewer_launches"] is False
+    assert plan["fewer_launches"] == ({**plan["deferred_check"][0], "train.fewer_launches": True}, True, 1)
+    assert plan["compile"][0]["train.compile"] is True
     assert plan["batch_x2"] == ({**plan["compile"][0]}, True, 2)
     assert plan["fp32"][0]["train.precision"] == "fp32" and plan["fp32"][0]["train.compile"] is False
     assert plan["fp32_head_logits"][0]["train.fp32_head_logits"] is True
@@ -316,7 +322,7 @@ def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path
 
     from raydino.bench import __main__ as bench
 
-    rows = ["baseline", "fused_adamw", "deferred_check", "batch_x2", "fp32", "reference"]
+    rows = ["baseline", "fused_adamw", "deferred_check", "fewer_launches", "batch_x2", "fp32", "reference"]
     args = ["gpu", "--device", "cpu", "--config", "smoke", "--steps", "1", "--warmup", "1", "--rows", *rows, "--peak-tflops", "1"]
     for kv in (
         "model.out_dim=256",
@@ -325,6 +331,7 @@ def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path
         "augment.n_local_crops=2",
         "train.batch_size=2",
         "optim.fused=true",
+        "model.drop_path_rate=0.1",  # the paper's: the student's stochastic depth, what fewer_launches batches
     ):
         args += ["--set", kv]
     assert bench.main([*args, "--json", str(tmp_path / "gpu.json")]) == 0
@@ -332,12 +339,18 @@ def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path
     assert list(r["rows"]) == rows and (tmp_path / "gpu.png").exists()
     assert r["flops"]["per_image"] > 0 and r["fused_attention"] is True and r["peak_tflops"] == 1
     # raydino.plan reads training.bf16: the row that trains the config as given (fused, deferred, eager)
-    assert r["training"]["bf16"]["row"] == "deferred_check" and r["training"]["fp32"]["row"] == "fp32"
+    assert r["training"]["bf16"]["row"] == "fewer_launches" and r["training"]["fp32"]["row"] == "fp32"
     for name, t in r["rows"].items():
         assert t["all_finite"] and math.isfinite(t["images_per_s"]), name
         assert t["tflops"] == pytest.approx(r["flops"]["per_image"] * t["images_per_s"] / 1e12) and t["mfu"] == pytest.approx(t["tflops"])
     assert r["rows"]["batch_x2"]["batch_size"] == 4 and r["rows"]["reference"]["precision"] == "fp32"  # fp16 only on CUDA
     assert {"best_over_baseline", "best_over_reference", "batch_x2_over_reference"} <= set(r["ratios"])
+    # kernel ops per step, counted for every eager row and the recipe: fewer with fewer_launches
+    # (on the CPU nothing autocasts here, so only the batched stochastic depth counts)
+    ops = {name: t["kernel_ops_per_step"] for name, t in r["rows"].items()}
+    assert all(isinstance(n, int) and n > 0 for n in ops.values()), ops
+    assert ops["fewer_launches"] < ops["deferred_check"] and r["ratios"]["fewest_kernel_ops"] in ("fewer_launches", "batch_x2")
+    assert r["ratios"]["reference_over_fewest_kernel_ops"] > 1
     assert r["numerics"]["rel_diff_bf16"] < 0.02 and "augmentation" not in r
 
 

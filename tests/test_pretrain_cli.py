@@ -73,6 +73,13 @@ def test_print_config_applies_flags_and_overrides(capsys):
     assert (printed.train.epochs, printed.run.workers, printed.run.gpus_per_worker) == (3, 3, 0.5)
 
 
+def test_no_probe_turns_off_the_epoch_end_probe_too(capsys):
+    assert main(["--config", "smoke", "--print-config"]) == 0
+    assert build_config(yaml.safe_load(capsys.readouterr().out)).probe.monitor == "fast"
+    assert main(["--config", "smoke", "--no-probe", "--print-config"]) == 0
+    assert build_config(yaml.safe_load(capsys.readouterr().out)).probe.monitor == "off"
+
+
 def test_storage_flags_are_the_data_sections_endpoints(capsys):
     flags = ["--s3-endpoint", "http://127.0.0.1:9000", "--s3-region", "eu-west-2", "--gcs-endpoint", "http://127.0.0.1:9023"]
     assert main(["--config", "smoke", *flags, "--print-config"]) == 0

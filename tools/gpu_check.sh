@@ -2,9 +2,9 @@
 # The GPU checks (bf16, NCCL, throughput), on one CUDA node with raydino's dependencies installed.
 # Every mode writes at most 8 flat files into OUT_DIR (what a borrowed GPU machine hands back):
 #   gpu-check.log       the console of every step
-#   eager.json + .png   `bench gpu`: the eager rows (baseline, + fused AdamW, + deferred check, fp32 head
-#                       logits, fp32), the official DINO recipe's step, FLOPs / TFLOP/s / MFU, numerics,
-#                       GPU vs CPU augmentation                                              (timeout 130 s)
+#   eager.json + .png   `bench gpu`: the eager rows (baseline, + fused AdamW, + deferred check, + fewer
+#                       launches, fp32 head logits, fp32), the official DINO recipe's step, FLOPs / TFLOP/s /
+#                       MFU, kernel ops per step, numerics, GPU vs CPU augmentation          (timeout 130 s)
 #   compiled.json + .png  torch.compile, and compiled as CUDA graphs, beside the eager deferred row; compile
 #                       times measured                                                      (timeout 200 s)
 #   batch-x2.json + .png  compiled at twice the batch (128 per GPU), the recipe beside it    (timeout 130 s)
@@ -57,7 +57,7 @@ bench() {  # NAME TIMEOUT ARGS...: one `bench gpu` run into OUT/NAME.json (+ .pn
 }
 
 perf() {  # separate runs, so that a slow compile costs its own rows only: 130 + 200 (+ 130) s at most
-  bench eager 130 --rows baseline fused_adamw deferred_check fp32_head_logits fp32 reference
+  bench eager 130 --rows baseline fused_adamw deferred_check fewer_launches fp32_head_logits fp32 reference
   bench compiled 200 --rows deferred_check compile compile_cudagraphs --no-augment
   # the recipe beside it: batch_x2's ratio to it within one process (the recipe runs eager, at the config's batch)
   [ "${1:-}" = no-x2 ] || bench batch-x2 130 --rows batch_x2 reference --set train.compile=true --no-augment

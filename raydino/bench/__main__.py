@@ -91,7 +91,18 @@ def _add_gpu_args(p: argparse.ArgumentParser) -> None:
         "--rows",
         nargs="+",
         default=None,
-        choices=["baseline", "fused_adamw", "deferred_check", "fp32_head_logits", "compile", "compile_cudagraphs", "batch_x2", "fp32", "reference"],
+        choices=[
+            "baseline",
+            "fused_adamw",
+            "deferred_check",
+            "fewer_launches",
+            "fp32_head_logits",
+            "compile",
+            "compile_cudagraphs",
+            "batch_x2",
+            "fp32",
+            "reference",
+        ],
         help="timed rows (default all; each ablation row includes the changes of the rows above it)",
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak for MFU (default: dense bf16 by GPU name)")

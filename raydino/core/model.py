@@ -139,7 +139,7 @@ def build_student_teacher(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwo
         m.norm_last_layer,
         fp32_last_layer=cfg.train.fp32_head_logits,
     )
-    if not cfg.train.compile:
+    if cfg.train.fewer_launches and not cfg.train.compile:
         # Eager steps launch a kernel per op and wait for the launches on a GPU: the stochastic-depth
         # masks of a forward are drawn in one go (droppath.py).  Compiled graphs fuse timm's own.
         batch_drop_paths(backbone)

@@ -82,7 +82,7 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 def teacher_for_forward(state: TrainState, dtype: torch.dtype | None) -> nn.Module:
     """The teacher to call under autocast to `dtype`: in eager bf16 steps its copy with the matmul
     weights already in bf16 (`castcopy.py`: the same outputs, ~100 fewer kernels); else the teacher."""
-    if dtype is None or state.cfg.train.compile:
+    if dtype is None or state.cfg.train.compile or not state.cfg.train.fewer_launches:
         return state.teacher
     if state.teacher_cast is None or not state.teacher_cast.matches(state.teacher, dtype):
         state.teacher_cast = CastWeightsCopy(state.teacher, dtype)
