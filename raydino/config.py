@@ -266,6 +266,9 @@ class TrainConfig(_Strict):
     # drawn in one op (core/droppath.py) and, under bf16, the teacher's matmul weights kept in bf16
     # (core/castcopy.py, bit-exact).  A switch so that `bench gpu` measures it on its own.
     fewer_launches: bool = True
+    # The whole step captured as one CUDA graph and replayed (core/graphstep.py) from the first step
+    # after the head's last-layer freeze; on a CPU the same step runs uncaptured.  Not yet run on a GPU.
+    cuda_graph: bool = False
 
 
 class DataConfig(_Strict):
@@ -413,6 +416,21 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     probe: ProbeConfig = ProbeConfig()
+
+    @model_validator(mode="after")
+    def _cuda_graph_needs_a_plain_fused_step(self) -> Config:
+        if not self.train.cuda_graph:
+            return self
+        clashes = [
+            (self.train.compile, "train.compile=true (compiled networks bring their own graphs: train.compile_mode=reduce-overhead)"),
+            (self.optim.optimizer != "adamw", f"optim.optimizer={self.optim.optimizer!r} (only adamw)"),
+            (self.optim.fused is False, "optim.fused=false (the graph needs the fused AdamW)"),
+            (self.model.head_use_bn, "model.head_use_bn=true (BatchNorm statistics are broadcast outside the step)"),
+        ]
+        found = [why for clash, why in clashes if clash]
+        if found:
+            raise ValueError("train.cuda_graph=true cannot be combined with " + "; ".join(found))
+        return self
 
     @model_validator(mode="after")
     def _gpu_augmentation_needs_gpus(self) -> Config:

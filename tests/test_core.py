@@ -772,3 +772,148 @@ def test_fewer_launches_cuts_the_kernels_of_a_bf16_step():
     assert counts["false"].by_name["_to_copy"] - counts["true"].by_name["_to_copy"] >= 8 * blocks
     assert counts["false"].total - counts["true"].total >= 12 * blocks
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ---------------------------------------------------------------- issue 14: the whole step as one CUDA graph
+
+
+def _graph_cfg(*extra: str):
+    return tiny_cfg(
+        "optim.fused=true", "optim.freeze_last_layer_epochs=0", "model.drop_path_rate=0.1", "optim.clip_grad=0.3", "model.head_use_bn=false", *extra
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_graph_steps_body_trains_as_the_deferred_train_step(precision):
+    # The body a CUDA graph captures, run eagerly here: the schedules, the step number and the teacher
+    # temperature read from device memory, the weight decay applied outside the fused AdamW, the
+    # gradients in one flat buffer.  It must train as train_step(defer=True) does.
+    from raydino.core.graphstep import GraphedStep
+
+    cfg = _graph_cfg(f"train.precision={precision}", "optim.weight_decay=0.1", "optim.weight_decay_end=0.3")
+    batches = [random_crops(cfg, 4, seed=i) for i in range(4)]
+    plain, graphed = build_train_state(cfg, steps_per_epoch=4), build_train_state(cfg, steps_per_epoch=4)
+    step = GraphedStep(graphed, batches[0], capture=False)
+    for i, b in enumerate(batches):
+        torch.manual_seed(100 + i)  # the same stochastic-depth draws on both sides
+        a = train_step(plain, b, defer=True)
+        torch.manual_seed(100 + i)
+        g = step(b)
+        assert g["loss"].item() == pytest.approx(a["loss"].item(), rel=1e-5), i
+        assert g["lr"] == a["lr"] and g["weight_decay"] == a["weight_decay"] and g["momentum"] == a["momentum"]
+        assert g["grad_norm_max"].item() == pytest.approx(float(a["grad_norm_max"]), rel=1e-4)
+    assert graphed.step == plain.step == 4
+    for net in ("student", "teacher"):
+        for (name, p), q in zip(getattr(plain, net).named_parameters(), getattr(graphed, net).parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=f"{net}.{name}")
+    torch.testing.assert_close(graphed.loss_fn.center, plain.loss_fn.center)
+    # every gradient lives in the flat buffer the graph all-reduces
+    lo, size = step.flat_grad.data_ptr(), step.flat_grad.numel() * step.flat_grad.element_size()
+    assert all(lo <= p.grad.data_ptr() < lo + size for p in graphed.student.parameters() if p.requires_grad)
+
+
+def test_a_non_finite_graph_step_is_skipped_and_reported_like_the_deferred_step():
+    from raydino.core.graphstep import GraphedStep
+    from raydino.core.step import NonFiniteLossError, check_finite
+
+    cfg = _graph_cfg()
+    state = build_train_state(cfg, steps_per_epoch=10)
+    crops = random_crops(cfg, 4)
+    step = GraphedStep(state, crops, capture=False)
+    step(crops)
+    before = [p.detach().clone() for p in state.student.parameters()] + [state.loss_fn.center.clone()]
+    with torch.no_grad():
+        state.student.head.mlp[0].weight.fill_(float("nan"))  # the next loss is NaN
+        before[0] = state.student.backbone.cls_token.detach().clone()
+    step(crops)
+    assert torch.equal(state.student.backbone.cls_token, before[0]) and torch.equal(state.loss_fn.center, before[-1])
+    with pytest.raises(NonFiniteLossError) as e:
+        check_finite(state)
+    assert e.value.step == 1
+
+
+def test_a_graph_step_names_what_stands_in_its_way():
+    from raydino.core.graphstep import GraphedStep, GraphedStepError
+
+    cases = {
+        ("optim.fused=false",): "optim.fused=true",
+        ("train.compile=true",): "train.compile=true",
+        ("model.arch=resnet18",): "model.arch='resnet18' has BatchNorm",
+        ("model.head_use_bn=true",): "model.head_use_bn=true",
+        ("optim.freeze_last_layer_epochs=1",): "last-layer freeze",
+    }
+    for extra, expected in cases.items():
+        cfg = _graph_cfg(*extra)
+        state = build_train_state(cfg, steps_per_epoch=10)
+        with pytest.raises(GraphedStepError, match=expected):
+            GraphedStep(state, random_crops(cfg, 2), capture=False)
+    state = build_train_state(_graph_cfg(), steps_per_epoch=10)
+    step = GraphedStep(state, random_crops(_graph_cfg(), 2), capture=False)
+    with pytest.raises(GraphedStepError, match="differ from the captured"):
+        step(random_crops(_graph_cfg(), 3))
+
+
+def test_fit_with_cuda_graph_trains_the_freeze_eagerly_then_the_graphs_step_as_plain_fit_does(monkeypatch):
+    # On the CPU the graph step runs its body uncaptured: what fit hands it, when, and what comes out.
+    import raydino.core.graphstep as graphstep
+    from raydino.core.loop import LoopHooks, fit
+
+    made = []
+    monkeypatch.setattr(graphstep.GraphedStep, "__init__", _recording(graphstep.GraphedStep.__init__, made))
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = _graph_cfg("optim.freeze_last_layer_epochs=1", "train.epochs=2", "train.log_every=2", f"train.cuda_graph={flag}")
+        state = build_train_state(cfg, steps_per_epoch=3)
+        logged = []
+        hooks = LoopHooks(on_log=lambda s, m: logged.append(m))
+
+        def batches(epoch):
+            for i in range(3):
+                torch.manual_seed(1000 * epoch + i)  # the same stochastic depth in both runs
+                yield random_crops(cfg, 2, seed=epoch * 3 + i)
+
+        fit(state, batches, hooks)
+        runs[flag] = (state, logged)
+    assert made == [3]  # built once, at the first step after the one-epoch freeze
+    (plain, plain_logs), (graphed, graph_logs) = runs["false"], runs["true"]
+    assert [m["step"] for m in graph_logs] == [m["step"] for m in plain_logs] == [2, 3, 4, 6]
+    for a, b in zip(plain_logs, graph_logs):
+        assert set(a) == set(b) and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    for p, q in zip(plain.student.parameters(), graphed.student.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
+
+
+def _recording(init, made):
+    def record(self, state, crops, *args, **kwargs):
+        made.append(state.step)
+        init(self, state, crops, *args, **kwargs)
+
+    return record
+
+
+def test_cuda_graph_config_refuses_what_cannot_be_captured_before_any_work():
+    from raydino.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.cuda_graph=true cannot be combined with train.compile=true.*optim.fused=false"):
+        load_config("vits16-paper", ["train.cuda_graph=true", "train.compile=true", "optim.fused=false"])
+    with pytest.raises(ConfigError, match="model.head_use_bn=true"):
+        load_config("smoke", ["train.cuda_graph=true"])  # smoke's head has BatchNorm
+    assert load_config("vits16-paper", ["train.cuda_graph=true"]).train.cuda_graph
+
+
+def test_a_graph_steps_checkpoint_resumes_as_a_plain_step(tmp_path):
+    from raydino.core.graphstep import GraphedStep
+
+    cfg = _graph_cfg()
+    crops = random_crops(cfg, 2)
+    state = build_train_state(cfg, steps_per_epoch=10)
+    step = GraphedStep(state, crops, capture=False)
+    step(crops)
+    state.optimizer.param_groups[0]["capturable"] = True  # as on CUDA
+    save_checkpoint(state, tmp_path / "ckpt")
+    saved = load_checkpoint(tmp_path / "ckpt")["optimizer"]["param_groups"]
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in saved)
+    assert isinstance(state.optimizer.param_groups[0]["lr"], torch.Tensor)  # the live step keeps its device lr
+    resumed = build_train_state(cfg, steps_per_epoch=10)
+    restore_state(resumed, load_checkpoint(tmp_path / "ckpt"))
+    assert resumed.step == 1 and math.isfinite(train_step(resumed, crops)["loss"])

@@ -180,6 +180,36 @@ def test_a_deferred_step_never_waits_for_the_gpu():
 
 
 @needs_cuda
+def test_the_whole_step_replayed_as_a_cuda_graph_trains_as_its_eager_body_without_launching_it():
+    from raydino.core.flops import KernelOpCounter
+    from raydino.core.graphstep import GraphedStep
+    from raydino.core.step import check_finite
+
+    cfg = cfg_for("optim.freeze_last_layer_epochs=0", "model.head_use_bn=false")
+    batches = [crops_for(cfg, seed=i) for i in range(4)]
+    captured, eager = (build_train_state(cfg, steps_per_epoch=10, device="cuda") for _ in range(2))
+    graphed = GraphedStep(captured, batches[0], capture=True, warmup=2)
+    body = GraphedStep(eager, batches[0], capture=False)
+    for b in batches[:3]:  # two eager warm-up steps on a side stream, then the capture and its first replay
+        graphed(b), body(b)
+    assert graphed.captured and captured.step == eager.step == 3
+    torch.cuda.synchronize()
+    for b in batches[1:]:  # replays
+        with KernelOpCounter() as ops:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                g = graphed(b)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        e = body(b)
+        assert ops.total < 40, ops.by_name  # copies in, scalars, the outputs' clones: the step itself is one replay
+        assert g["loss"].item() == pytest.approx(e["loss"].item(), rel=1e-3)
+    for p, q in zip(captured.student.parameters(), eager.student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+    check_finite(captured)
+
+
+@needs_cuda
 def test_a_non_finite_deferred_step_is_skipped_on_the_gpu():
     from raydino.core.step import NonFiniteLossError, check_finite
 
@@ -322,7 +352,7 @@ def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path
 
     from raydino.bench import __main__ as bench
 
-    rows = ["baseline", "fused_adamw", "deferred_check", "fewer_launches", "batch_x2", "fp32", "reference"]
+    rows = ["baseline", "fused_adamw", "deferred_check", "fewer_launches", "batch_x2", "cuda_graph", "fp32", "reference"]
     args = ["gpu", "--device", "cpu", "--config", "smoke", "--steps", "1", "--warmup", "1", "--rows", *rows, "--peak-tflops", "1"]
     for kv in (
         "model.out_dim=256",
@@ -332,6 +362,7 @@ def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path
         "train.batch_size=2",
         "optim.fused=true",
         "model.drop_path_rate=0.1",  # the paper's: the student's stochastic depth, what fewer_launches batches
+        "model.head_use_bn=false",  # the paper's head; a BatchNorm head cannot run as one CUDA graph
     ):
         args += ["--set", kv]
     assert bench.main([*args, "--json", str(tmp_path / "gpu.json")]) == 0
@@ -351,7 +382,21 @@ def test_bench_gpu_dry_run_on_cpu_fills_every_row_with_flops_and_ratios(tmp_path
     assert all(isinstance(n, int) and n > 0 for n in ops.values()), ops
     assert ops["fewer_launches"] < ops["deferred_check"] and r["ratios"]["fewest_kernel_ops"] in ("fewer_launches", "batch_x2")
     assert r["ratios"]["reference_over_fewest_kernel_ops"] > 1
+    assert r["rows"]["cuda_graph"]["cuda_graph"] and not r["rows"]["cuda_graph"]["captured"]  # no capture on the CPU: its body, eagerly
     assert r["numerics"]["rel_diff_bf16"] < 0.02 and "augmentation" not in r
+
+
+def test_bench_gpu_reports_a_row_that_cannot_be_a_cuda_graph_and_runs_the_others(tmp_path):
+    import json
+
+    from raydino.bench import __main__ as bench
+
+    args = ["gpu", "--device", "cpu", "--config", "smoke", "--steps", "1", "--warmup", "1", "--rows", "deferred_check", "cuda_graph"]
+    args += ["--set", "model.out_dim=64", "--set", "augment.n_local_crops=2", "--set", "train.batch_size=2"]  # smoke's BatchNorm head
+    assert bench.main([*args, "--json", str(tmp_path / "gpu.json")]) == 0
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert rows["deferred_check"]["all_finite"] and not rows["cuda_graph"]["all_finite"]
+    assert "model.head_use_bn=true" in rows["cuda_graph"]["error"]
 
 
 def test_bench_gpu_runs_a_row_at_twice_the_batch_on_its_own(tmp_path):

@@ -3,8 +3,9 @@
 # Every mode writes at most 8 flat files into OUT_DIR (what a borrowed GPU machine hands back):
 #   gpu-check.log       the console of every step
 #   eager.json + .png   `bench gpu`: the eager rows (baseline, + fused AdamW, + deferred check, + fewer
-#                       launches, fp32 head logits, fp32), the official DINO recipe's step, FLOPs / TFLOP/s /
-#                       MFU, kernel ops per step, numerics, GPU vs CPU augmentation          (timeout 130 s)
+#                       launches), the whole step as one CUDA graph, fp32 head logits, fp32, the official DINO
+#                       recipe's step, FLOPs / TFLOP/s / MFU, kernel ops per step, numerics, GPU vs CPU
+#                       augmentation                                                          (timeout 150 s)
 #   compiled.json + .png  torch.compile, and compiled as CUDA graphs, beside the eager deferred row; compile
 #                       times measured                                                      (timeout 200 s)
 #   batch-x2.json + .png  compiled at twice the batch (128 per GPU), the recipe beside it    (timeout 130 s)
@@ -17,7 +18,7 @@
 #       2. `python -m raydino.pretrain` of the paper's ViT-S/16 (224 px, batch 64, bf16, NCCL) under Ray
 #          Train on one GPU, crops made by Ray Data's CPU tasks on the node's other cores, with the fastest
 #          of the eager, compiled and CUDA-graph steps: the GPU's busy share in steady state and the cores it took;
-#       3. tests/test_gpu.py in what is left.
+#       3. tests/test_gpu.py in what is left, the CUDA-graph tests first.
 #   tools/gpu_check.sh OUT_DIR [all]           everything (about 15 minutes): tests/test_gpu.py and
 #       tests/test_streaming.py, pretraining with the crops made on the CPU and on the GPU, then perf.
 # GPU_CHECK_DRY=1 runs the same steps on the CPU with the smoke config (to test this script, not a GPU).
@@ -34,7 +35,7 @@ E2E="$OUT/e2e.txt"
 RUNS=$(mktemp -d)  # checkpoints of ViT-S with a 65536-way head: large, and not brought back
 
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
-  BENCH=(--device cpu --config smoke --steps 1 --warmup 1)
+  BENCH=(--device cpu --config smoke --steps 1 --warmup 1 --set model.head_use_bn=false)  # the paper's head: its cuda_graph row runs
   PRETRAIN=(--config smoke --set train.epochs=1)
   GPU_FLAGS=()
 else
@@ -57,22 +58,25 @@ bench() {  # NAME TIMEOUT ARGS...: one `bench gpu` run into OUT/NAME.json (+ .pn
 }
 
 perf() {  # separate runs, so that a slow compile costs its own rows only: 130 + 200 (+ 130) s at most
-  bench eager 130 --rows baseline fused_adamw deferred_check fewer_launches fp32_head_logits fp32 reference
+  bench eager 150 --rows baseline fused_adamw deferred_check fewer_launches cuda_graph fp32_head_logits fp32 reference
   bench compiled 200 --rows deferred_check compile compile_cudagraphs --no-augment
   # the recipe beside it: batch_x2's ratio to it within one process (the recipe runs eager, at the config's batch)
   [ "${1:-}" = no-x2 ] || bench batch-x2 130 --rows batch_x2 reference --set train.compile=true --no-augment
 }
 
-fastest_step() {  # the --set flags of the fastest finite row of the compiled run (eager if none)
-  python3 - "$OUT/compiled.json" <<'EOF'
+fastest_step() {  # the --set flags of the fastest finite step: the compiled run's rows and the eager run's CUDA graph
+  python3 - "$OUT/compiled.json" "$OUT/eager.json" <<'EOF'
 import json, sys
 flags = {"deferred_check": "train.compile=false", "compile": "train.compile=true",
-         "compile_cudagraphs": "train.compile=true train.compile_mode=reduce-overhead"}
-try:
-    rows = json.load(open(sys.argv[1]))["rows"]
-    best = max((r for r in flags if r in rows and rows[r]["all_finite"]), key=lambda r: rows[r]["images_per_s"])
-except Exception:
-    best = "deferred_check"
+         "compile_cudagraphs": "train.compile=true train.compile_mode=reduce-overhead", "cuda_graph": "train.cuda_graph=true"}
+rows = {}
+for path in sys.argv[1:]:
+    try:
+        rows.update({k: v for k, v in json.load(open(path))["rows"].items() if k in flags and k not in rows})
+    except Exception:
+        pass
+finite = [r for r in rows if rows[r].get("all_finite")]
+best = max(finite, key=lambda r: rows[r]["images_per_s"]) if finite else "deferred_check"
 print(" ".join(f"--set {f}" for f in flags[best].split()))
 EOF
 }
@@ -127,9 +131,15 @@ case "$MODE" in
       # shellcheck disable=SC2086  # $step is a list of flags
       pretrain e2e-cpu-crops "$limit" --set augment.device=cpu $step
     fi
+    # the CUDA tests never run on a GPU yet first (the CUDA graphs), then the rest in what is left
+    first="whole_step or compiled_bf16 or never_waits"
     limit=$(($(left) - 10))
     if [ "$limit" -ge 30 ]; then
-      gpu_tests "$limit" tests/test_gpu.py
+      gpu_tests "$limit" tests/test_gpu.py -k "$first"
+    fi
+    limit=$(($(left) - 10))
+    if [ "$limit" -ge 30 ]; then
+      gpu_tests "$limit" tests/test_gpu.py -k "not ($first)"
     fi
     ;;
   all)

@@ -99,6 +99,7 @@ def _add_gpu_args(p: argparse.ArgumentParser) -> None:
             "fp32_head_logits",
             "compile",
             "compile_cudagraphs",
+            "cuda_graph",
             "batch_x2",
             "fp32",
             "reference",

@@ -87,6 +87,7 @@ ROW_LABELS = {
     "batch_x2": "+ twice the batch per GPU (lr scaled linearly)",
     "fp32_head_logits": "deferred_check with fp32 logits in the head's last layer",
     "compile_cudagraphs": "compiled as CUDA graphs (reduce-overhead)",
+    "cuda_graph": "the whole step as one CUDA graph (core/graphstep.py)",
     "fp32": "fp32 (no autocast; fused, deferred, eager)",
     "reference": "official DINO recipe (fp16 autocast + GradScaler)",
 }
@@ -109,6 +110,8 @@ def row_overrides(rows: list[str]) -> dict[str, tuple[dict[str, Any], bool, int]
         out["fp32_head_logits"] = ({**eager, "train.fp32_head_logits": True}, True, 1)
     if "compile_cudagraphs" in rows:  # for a host-bound step: one replay instead of every kernel's launch
         out["compile_cudagraphs"] = ({**eager, "train.compile": True, "train.compile_mode": "reduce-overhead"}, True, 1)
+    if "cuda_graph" in rows:  # the whole step replayed; it starts after the last-layer freeze (graphstep.py)
+        out["cuda_graph"] = ({**eager, "train.fewer_launches": True, "optim.freeze_last_layer_epochs": 0}, True, 1)
     if "fp32" in rows:
         out["fp32"] = ({**eager, "train.precision": "fp32"}, True, 1)
     return out
@@ -166,8 +169,9 @@ def bench_state(cfg: Any, device: Any, ddp: bool, steps: int) -> Any:
     return state
 
 
-def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, defer: bool, ddp: bool) -> dict[str, Any]:
-    """Median step of raydino's `train_step` for `cfg` on the given crops (already on the device)."""
+def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, defer: bool, ddp: bool, graph: bool = False) -> dict[str, Any]:
+    """Median step of raydino's `train_step` for `cfg` on the given crops (already on the device);
+    with `graph`, of the whole step captured as a CUDA graph (`core.graphstep`; eager off CUDA)."""
     import torch
 
     from raydino.core.step import autocast_dtype, check_finite, train_step
@@ -175,10 +179,24 @@ def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, d
     state = bench_state(cfg, device, ddp, warmup + steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if graph:
+        from raydino.core.graphstep import GraphedStep, graph_step_problems
 
-    def step():
-        out = train_step(state, crops, defer=defer)
-        return out["loss"]
+        problems = graph_step_problems(state)
+        if problems:  # reported as the row's error, the other rows still run
+            nan = float("nan")
+            return {"median_step_s": nan, "images_per_s": nan, "batch_size": cfg.train.batch_size, "all_finite": False,
+                    "error": "cannot run as a CUDA graph: " + "; ".join(problems), "cuda_graph": True, "kernel_ops_per_step": None}  # fmt: skip
+        graphed = GraphedStep(state, crops, capture=device.type == "cuda")  # elsewhere its body runs eagerly
+        warmup = max(warmup, graphed.warmup + 1)  # the eager warm-up calls and the capture are not timed
+
+        def step():
+            return graphed(crops)["loss"]
+    else:
+
+        def step():
+            out = train_step(state, crops, defer=defer)
+            return out["loss"]
 
     result = timed_loop(step, device, warmup, steps)
     if defer and result["error"] is None:
@@ -190,6 +208,8 @@ def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, d
     result["kernel_ops_per_step"] = None if cfg.train.compile or result["error"] else count_kernel_ops(step)
     dtype = autocast_dtype(cfg, device)
     result.update(
+        cuda_graph=graph,
+        captured=bool(graph and graphed.captured),
         precision=cfg.train.precision,
         autocast=str(dtype) if dtype else "none",
         batch_size=cfg.train.batch_size,
@@ -302,7 +322,9 @@ def summarise(result: dict[str, Any], peak: float | None) -> None:
     base = runs.get("baseline", {}).get("images_per_s")
     ref = runs.get("reference", {}).get("images_per_s")
     batch_rows = [
-        n for n in (*ROWS, "fp32_head_logits", "compile_cudagraphs") if n in runs and n != "batch_x2" and math.isfinite(runs[n]["images_per_s"])
+        n
+        for n in (*ROWS, "fp32_head_logits", "compile_cudagraphs", "cuda_graph")
+        if n in runs and n != "batch_x2" and math.isfinite(runs[n]["images_per_s"])
     ]
     best = max(batch_rows, key=lambda n: runs[n]["images_per_s"]) if batch_rows else None
     if best:
@@ -380,7 +402,7 @@ def bench_gpu(args: Any) -> dict[str, Any]:
         )
         raise SystemExit(2)
     cfg = load_config(args.config, list(args.set))
-    rows = list(getattr(args, "rows", None) or [*ROWS, "fp32_head_logits", "compile_cudagraphs", "fp32", "reference"])
+    rows = list(getattr(args, "rows", None) or [*ROWS, "fp32_head_logits", "compile_cudagraphs", "cuda_graph", "fp32", "reference"])
     plan = row_overrides(rows)
     with_aug = on_cuda and not getattr(args, "no_augment", False)
     progress = Progress(unit="runs", stream=sys.stdout, min_interval_s=0, label="bench gpu", total=len(plan) + ("reference" in rows) + 2 + with_aug)
@@ -408,7 +430,9 @@ def bench_gpu(args: Any) -> dict[str, Any]:
             conf = load_config(args.config, [*args.set, *(f"{k}={_yaml(v)}" for k, v in overrides.items())])
             if factor != 1:
                 conf = conf.model_copy(update={"train": conf.train.model_copy(update={"batch_size": cfg.train.batch_size * factor})})
-            r = runs[row] = time_row(conf, crops_by_batch[conf.train.batch_size], device, args.warmup, args.steps, defer, ddp=on_cuda)
+            r = runs[row] = time_row(
+                conf, crops_by_batch[conf.train.batch_size], device, args.warmup, args.steps, defer, ddp=on_cuda, graph=row == "cuda_graph"
+            )
             progress.step(_row_line(row, r))
             if configured is None and defer and _effective(conf, device) == _effective(cfg, device):
                 configured = row
@@ -530,6 +554,7 @@ def print_gpu(r: dict[str, Any]) -> None:
     for name, t in r["rows"].items():
         mfu = f"{100 * t['mfu']:5.1f}%" if t.get("mfu") is not None else "   n/a"
         comp = f"  compile {t['compile_s']:.0f} s" if t.get("compiled") else ""
+        comp += f"  warm-up and capture {t['compile_s']:.1f} s" if t.get("captured") else ""
         be = t.get("compile_break_even_steps")
         comp += f" (pays off after {be:.0f} steps)" if be else ""
         ops = f"{t['kernel_ops_per_step']:5d}" if t.get("kernel_ops_per_step") else "  n/a"

@@ -47,7 +47,7 @@ def state_to_dict(state: TrainState) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "student": state.student_module.state_dict(),
         "teacher": state.teacher.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
+        "optimizer": portable_optimizer_state(state.optimizer),
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "loss": state.loss_fn.state_dict(),  # the centre
         "step": state.step,
@@ -110,3 +110,17 @@ def checkpoint_config(ckpt: dict[str, Any]) -> Config:
 
 def read_config_yaml(directory: str | os.PathLike) -> Config:
     return build_config(yaml.safe_load(Path(directory, "config.yaml").read_text()), source=str(directory))
+
+
+def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with its group settings as a plain step sets them: a CUDA-graph step
+    (core/graphstep.py) keeps the lr in device memory and asks for a capturable AdamW, which a run
+    resumed on another device or without the graph must not inherit (lr and weight decay are set
+    again from the schedules at every step either way)."""
+    sd = optimizer.state_dict()
+    for group in sd["param_groups"]:
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+    return sd

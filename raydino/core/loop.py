@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from raydino.core.graphstep import GraphedStep
 from raydino.core.loss import CollapseStats
 from raydino.core.model import log_uniform_entropy
 from raydino.core.step import TrainState, check_finite, materialize, train_step
@@ -81,6 +82,7 @@ def fit(
     first_loss = None  # a 0-d tensor until the first log step reads it
     state.student.train()
     state.teacher.train()
+    graphed = None  # train.cuda_graph: the step as a CUDA graph, once the last-layer freeze is over
 
     while not state.done:
         end_step = epoch_end_step(state)
@@ -99,7 +101,10 @@ def fit(
                 continue
             crops = [c.to(state.device, non_blocking=True) for c in batch]
             wait = time.perf_counter() - t_wait
-            metrics = train_step(state, crops, defer=True)  # device tensors: no host sync here
+            if graphed is None and cfg.train.cuda_graph and state.step >= state.schedules.freeze_last_layer_steps:
+                graphed = GraphedStep(state, crops, capture=state.device.type == "cuda")  # raises naming what stands in its way
+            # device tensors: no host sync here
+            metrics = graphed(crops) if graphed is not None else train_step(state, crops, defer=True)
             n_images = crops[0].shape[0] * world_size
             window["images"] += n_images
             window["wait"] += wait

@@ -80,14 +80,17 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int, update_center: bool = True) -> torch.Tensor:
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int, update_center: bool = True, temp: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss with the current centre; then the centre moves (unless `update_center` is False: the
-        caller then calls `update_center` itself, e.g. gated on the loss being finite)."""
+        caller then calls `update_center` itself, e.g. gated on the loss being finite).  `temp`: the
+        teacher temperature as a device tensor (a CUDA graph's step), instead of the epoch's float."""
         student_out = student_out.float()
         teacher_out = teacher_out.float()
         batch = len(teacher_out) // 2
         student_logp = F.log_softmax(student_out / self.student_temp, dim=-1).view(self.n_crops, batch, -1)
-        temp = self.teacher_temp(epoch)
+        temp = self.teacher_temp(epoch) if temp is None else temp
         teacher_p = F.softmax((teacher_out - self.center) / temp, dim=-1).detach()
         q = teacher_p.view(2, batch, -1)
 
