@@ -444,6 +444,7 @@ def test_optimizer_is_fused_on_cuda_and_foreach_on_cpu_unless_set():
     assert use_fused_optimizer(cfg, torch.device("cuda")) and not use_fused_optimizer(cfg, torch.device("cpu"))
     assert use_fused_optimizer(tiny_cfg("optim.fused=true"), torch.device("cpu"))
     assert not use_fused_optimizer(tiny_cfg("optim.fused=false"), torch.device("cuda"))
+    assert use_fused_optimizer(tiny_cfg("train.cuda_graph=true", "model.head_use_bn=false"), torch.device("cpu"))  # the graph step needs it
     assert all(g["foreach"] and not g["fused"] for g in build_train_state(cfg, steps_per_epoch=10).optimizer.param_groups)
     state = build_train_state(tiny_cfg("optim.fused=true"), steps_per_epoch=10)
     assert all(g["fused"] for g in state.optimizer.param_groups)

@@ -80,6 +80,15 @@ def test_no_probe_turns_off_the_epoch_end_probe_too(capsys):
     assert build_config(yaml.safe_load(capsys.readouterr().out)).probe.monitor == "off"
 
 
+def test_a_cuda_graph_run_with_batchnorm_stops_before_ray_starts(capsys, tmp_path):
+    flags = ["--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache")]
+    err = fails_before_training(["--config", "smoke", *flags, "--set", "train.cuda_graph=true"], capsys)
+    assert "model.head_use_bn=true" in err  # the config's own check
+    err = fails_before_training(["--config", "smoke", *flags, "--set", "train.cuda_graph=true", "--set", "model.head_use_bn=false",
+                                 "--set", "model.arch=resnet18"], capsys)  # fmt: skip
+    assert "train.cuda_graph=true: model.arch='resnet18' has BatchNorm" in err
+
+
 def test_storage_flags_are_the_data_sections_endpoints(capsys):
     flags = ["--s3-endpoint", "http://127.0.0.1:9000", "--s3-region", "eu-west-2", "--gcs-endpoint", "http://127.0.0.1:9023"]
     assert main(["--config", "smoke", *flags, "--print-config"]) == 0

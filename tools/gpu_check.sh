@@ -36,7 +36,7 @@ RUNS=$(mktemp -d)  # checkpoints of ViT-S with a 65536-way head: large, and not 
 
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   BENCH=(--device cpu --config smoke --steps 1 --warmup 1 --set model.head_use_bn=false)  # the paper's head: its cuda_graph row runs
-  PRETRAIN=(--config smoke --set train.epochs=1)
+  PRETRAIN=(--config smoke --set train.epochs=2 --set model.head_use_bn=false)
   GPU_FLAGS=()
 else
   BENCH=()

@@ -34,8 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raydino.config import Config
 from raydino.core.loss import koleo_loss
-from raydino.core.model import has_batchnorm
+from raydino.core.model import build_backbone, has_batchnorm
 from raydino.core.step import (
     TrainState,
     autocast_dtype,
@@ -49,6 +50,12 @@ from raydino.core.step import (
 
 class GraphedStepError(ValueError):
     """The state cannot be stepped as a graph; the message says which setting and why."""
+
+
+def backbone_has_batchnorm(cfg: Config) -> bool:
+    """Whether `model.arch` has BatchNorm layers (built on the meta device: shapes only, instant)."""
+    with torch.device("meta"):
+        return has_batchnorm(build_backbone(cfg.model, img_size=cfg.augment.global_crop_size))
 
 
 def graph_step_problems(state: TrainState) -> list[str]:
@@ -132,14 +139,18 @@ class GraphedStep:
             return self.body()
         if self.graph is None:
             current = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
+            # One side stream for every warm-up call: waiting for `current` first also orders its memory
+            # reuse after the main stream's reads of the last call's outputs.
+            side = self.side = getattr(self, "side", None) or torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 if self.calls < self.warmup:
                     out = self.body()
                 else:
                     self.graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(self.graph, stream=side):  # records the step without running it
+                    # Records the step without running it.  thread_local: a data-loading thread's CUDA
+                    # calls (pinned copies, allocations) meanwhile must not invalidate the capture.
+                    with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
                         self.outputs = self.body()
             current.wait_stream(side)
             if self.graph is None:

@@ -90,8 +90,9 @@ def teacher_for_forward(state: TrainState, dtype: torch.dtype | None) -> nn.Modu
 
 
 def use_fused_optimizer(cfg: Config, device: torch.device) -> bool:
-    """`optim.fused`, or when unset (None): fused on CUDA, foreach (torch's default) elsewhere."""
-    return cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
+    """`optim.fused`, or when unset (None): fused on CUDA or for a CUDA-graph step (which needs it, on
+    any device), foreach (torch's default) elsewhere."""
+    return cfg.optim.fused if cfg.optim.fused is not None else (device.type == "cuda" or cfg.train.cuda_graph)
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
