@@ -318,15 +318,13 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     Raises ConfigError (bad input, before any training), NonFiniteLossStop, or Ray Train's
     TrainingFailedError when workers failed more than `run.max_failures` times.
     """
+    from raydino.core.graphstep import graph_config_problem
     from raydino.data.loader import pretrain_rows
     from raydino.distributed.streaming import build_pretrain_dataset
 
     # 1. Everything that needs no cluster: the model's fit to the step, storage, run name, data, batch arithmetic.
-    if cfg.train.cuda_graph:
-        from raydino.core.graphstep import backbone_has_batchnorm
-
-        if backbone_has_batchnorm(cfg):
-            raise ConfigError(f"train.cuda_graph=true: model.arch={cfg.model.arch!r} has BatchNorm, whose statistics DDP broadcasts outside the step")
+    if problem := graph_config_problem(cfg):
+        raise ConfigError(problem)
     storage = RunStorage.for_config(cfg.run.storage, cfg)
     name = cfg.run.name
     if resume and not name:

@@ -140,6 +140,9 @@ def test_cli_refuses_bad_input_without_starting_ray(cache, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert tune.main([str(SMOKE), "--set", "budget.epoch=2"]) == 2
     assert "budget.epoch" in capsys.readouterr().err
+    graph_on_batchnorm = ["train.cuda_graph=true", "model.head_use_bn=false", "model.arch=resnet18"]
+    assert tune.main([str(SMOKE), "--storage", str(tmp_path), "--cache", str(cache), *(a for kv in graph_on_batchnorm for a in ("--set", kv))]) == 2
+    assert "model.arch='resnet18' has BatchNorm" in capsys.readouterr().err
     import ray
 
     assert not ray.is_initialized()  # every refusal came before Ray started

@@ -52,10 +52,15 @@ class GraphedStepError(ValueError):
     """The state cannot be stepped as a graph; the message says which setting and why."""
 
 
-def backbone_has_batchnorm(cfg: Config) -> bool:
-    """Whether `model.arch` has BatchNorm layers (built on the meta device: shapes only, instant)."""
+def graph_config_problem(cfg: Config) -> str | None:
+    """What the config cannot check itself and a recipe checks before any work: `train.cuda_graph` with a
+    BatchNorm backbone (built on the meta device: shapes only, instant).  None when nothing is wrong."""
+    if not cfg.train.cuda_graph:
+        return None
     with torch.device("meta"):
-        return has_batchnorm(build_backbone(cfg.model, img_size=cfg.augment.global_crop_size))
+        if has_batchnorm(build_backbone(cfg.model, img_size=cfg.augment.global_crop_size)):
+            return f"train.cuda_graph=true: model.arch={cfg.model.arch!r} has BatchNorm, whose statistics DDP broadcasts outside the step"
+    return None
 
 
 def graph_step_problems(state: TrainState) -> list[str]:
