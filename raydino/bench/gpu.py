@@ -12,11 +12,13 @@ process, one run:
   3. Numerics: the loss of the same weights on the same crops in fp32 and in bf16 (the head's last
      layer in bf16, then in fp32).
   4. The ablation (`ROWS`): each row adds one change to the one before it -- fused AdamW, the deferred
-     finite check, torch.compile (compile time measured), twice the batch -- then fp32 head logits
-     and fp32 on their own, then the official DINO recipe's step (`bench/reference_dino.py`: its own attention, fp16
-     autocast + GradScaler) from the same initial weights on the same crops.  Per row: median step,
-     images/s, achieved TFLOP/s, MFU, peak GPU memory, whether every loss was finite.  Crops are made
-     once and already on the GPU, so only the model is timed.
+     finite check, fewer kernel launches, torch.compile (compile time measured), twice the batch --
+     then on their own: compiled as CUDA graphs, the whole step as one CUDA graph (`core/graphstep.py`),
+     fp32 head logits and fp32, then the official DINO recipe's step (`bench/reference_dino.py`: its own
+     attention, fp16 autocast + GradScaler) from the same initial weights on the same crops.  Per row:
+     median step, images/s, achieved TFLOP/s, MFU, peak GPU memory, whether every loss was finite, and
+     the kernel ops one step dispatches from the host (`core.flops.KernelOpCounter`; eager rows and
+     the recipe).  Crops are made once and already on the GPU, so only the model is timed.
   5. Augmentation: raydino's batched device pipeline on the GPU (images/s) against, per CPU core,
      DINO's reference pipeline and raydino's CPU pipeline; from these, how many CPU cores each CPU
      pipeline needs to keep up with the fastest training row.
@@ -427,7 +429,10 @@ def bench_gpu(args: Any) -> dict[str, Any]:
         crops = crops_by_batch[cfg.train.batch_size]
         numbers = numerics(cfg, crops, device)
         for row, (overrides, defer, factor) in plan.items():
-            conf = load_config(args.config, [*args.set, *(f"{k}={_yaml(v)}" for k, v in overrides.items())])
+            # Only the cuda_graph row steps as a graph: the others run train_step, whatever --set says
+            # (and a compiled row with train.cuda_graph=true would be refused by the config).
+            graph = {} if row == "cuda_graph" else {"train.cuda_graph": False}
+            conf = load_config(args.config, [*args.set, *(f"{k}={_yaml(v)}" for k, v in {**overrides, **graph}.items())])
             if factor != 1:
                 conf = conf.model_copy(update={"train": conf.train.model_copy(update={"batch_size": cfg.train.batch_size * factor})})
             r = runs[row] = time_row(
