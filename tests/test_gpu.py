@@ -431,6 +431,8 @@ def test_gpu_profile_tool_reports_host_and_wall_time_per_step():
     host, wall, ratio = float(m.group(1)), float(m.group(2)), float(m.group(4))
     assert 0 < host <= wall * 1.01 and ratio > 0.9
     assert re.search(r"per step: \d+ kernel launches", out.stdout) and "aten::" in out.stdout  # the profiler's table
+    graph = subprocess.run([*cmd, "--cuda-graph", "--set", "model.head_use_bn=false"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert graph.returncode == 0 and re.search(r"host [\d.]+ ms per step", graph.stdout), graph.stderr[-2000:]  # its body, uncaptured here
     if not torch.cuda.is_available():  # the default device: a clear refusal, not a torch error
         refused = subprocess.run([sys.executable, "tools/gpu_profile.py"], cwd=root, capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and "no CUDA device is visible here" in refused.stderr

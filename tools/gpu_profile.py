@@ -1,6 +1,6 @@
 """Where a training step's time goes on one GPU: the host (Python, launches) or the device (kernels).
 
-    python tools/gpu_profile.py [--config vits16-paper] [--batch 64] [--compile] [--steps 10]
+    python tools/gpu_profile.py [--config vits16-paper] [--batch 64] [--compile | --cuda-graph] [--steps 10]
 
 For `bench gpu`'s step (DDP over a one-rank NCCL group, bf16, fused AdamW, deferred check), prints:
   * host ms per step: how long `train_step` takes to return without waiting for the GPU, against the
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--config", default="vits16-paper")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true", help="the whole step as one CUDA graph (train.cuda_graph, core/graphstep.py)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--set", action="append", default=[])
@@ -43,6 +44,8 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sets = [*args.set, f"train.batch_size={args.batch}", f"train.compile={str(args.compile).lower()}", "optim.fused=true"]
+    if args.cuda_graph:  # the graph starts after the last-layer freeze: none here
+        sets += ["train.cuda_graph=true", "optim.freeze_last_layer_epochs=0"]
     cfg = load_config(args.config, sets)
     if cuda:
         init_nccl_group()
@@ -53,9 +56,21 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    if args.cuda_graph:
+        from raydino.core.graphstep import GraphedStep
+
+        graphed = GraphedStep(state, crops, capture=cuda)  # 3 eager warm-up calls, then the capture
+
+        def one_step() -> None:
+            graphed(crops)
+    else:
+
+        def one_step() -> None:
+            train_step(state, crops, defer=True)
+
     t0 = time.perf_counter()
-    for _ in range(5):  # warm-up: compile, autotuning, allocator
-        train_step(state, crops, defer=True)
+    for _ in range(5):  # warm-up: compile, autotuning, allocator, a graph's capture
+        one_step()
     sync()
     print(f"warm-up (5 steps): {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -63,18 +78,19 @@ def main() -> None:
     for _ in range(args.steps):
         sync()
         t = time.perf_counter()
-        train_step(state, crops, defer=True)
+        one_step()
         host.append(time.perf_counter() - t)
         sync()
         wall.append(time.perf_counter() - t)
     h, w = statistics.median(host) * 1e3, statistics.median(wall) * 1e3
-    label = f"{cfg.model.arch} batch {args.batch} {'compiled' if args.compile else 'eager'} on {device.type}"
+    kind = "as one CUDA graph" if args.cuda_graph and cuda else "compiled" if args.compile else "eager"
+    label = f"{cfg.model.arch} batch {args.batch} {kind} on {device.type}"
     print(f"{label}: host {h:.1f} ms per step, wall {w:.1f} ms ({args.batch / w * 1e3:.0f} images/s); host/wall {h / w:.2f}")
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
-            train_step(state, crops, defer=True)
+            one_step()
         sync()
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
