@@ -609,7 +609,9 @@ def plot_gpu(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     a = r.get("augmentation")
-    fig, axes = plt.subplots(1, 2 if a else 1, figsize=(13 if a else 8, 4), squeeze=False)
+    ops = {n: t["kernel_ops_per_step"] for n, t in r["rows"].items() if t.get("kernel_ops_per_step")}
+    panels = 1 + bool(a) + bool(ops)
+    fig, axes = plt.subplots(1, panels, figsize=(5 + 4 * panels, 4), squeeze=False)
     ax1 = axes[0][0]
     names = list(r["rows"])
     rates = [r["rows"][n]["images_per_s"] for n in names]
@@ -620,7 +622,15 @@ def plot_gpu(r: dict[str, Any], path: Path) -> None:
         label = f" {t['tflops']:.0f} TFLOP/s" + (f", MFU {100 * t['mfu']:.0f}%" if t.get("mfu") is not None else "")
         ax1.text(t["images_per_s"], i, label, va="center", fontsize=8)
     ax1.set_xlabel("training images / s")
-    ax1.set_title(f"{r['model']}, {r['crops']}")
+    dry = "\n(a CPU dry run: its timings are not a measurement)" if r["device"] == "cpu" else ""
+    ax1.set_title(f"{r['model']}, {r['crops']}{dry}")
+    if ops:  # what a host-bound step waits for: one launch (at least) per op
+        ax3 = axes[0][-1]
+        names_ops = list(ops)[::-1]
+        ax3.barh(names_ops, [ops[n] for n in names_ops], color=["#999999" if n == "reference" else "#2ca02c" for n in names_ops])
+        for i, n in enumerate(names_ops):
+            ax3.text(ops[n], i, f" {ops[n]:,}", va="center", fontsize=8)
+        ax3.set_xlabel("kernel ops per step (counted, any device)")
     if a:
         ax2 = axes[0][1]
         cores = r["cpu_count"] or 1
