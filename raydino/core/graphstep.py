@@ -27,7 +27,6 @@ DDP's buffer broadcast.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -35,16 +34,17 @@ import torch
 import torch.distributed as dist
 
 from raydino.config import Config
-from raydino.core.loss import koleo_loss
 from raydino.core.model import build_backbone, has_batchnorm
 from raydino.core.step import (
     TrainState,
     autocast_dtype,
-    batch_views,
     clip_gradients,
     ema_update,
+    finite_flag,
+    multicrop_loss,
+    record_nonfinite,
+    step_unless_skipped,
     supports_deferred_check,
-    teacher_for_forward,
 )
 
 
@@ -194,31 +194,8 @@ class GraphedStep:
     def body(self) -> dict[str, torch.Tensor]:
         """One deferred DINO step on `self.crops`, reading every per-step value from device memory."""
         s, cfg = self.state, self.state.cfg
-        batch = len(self.crops[0])
-        global_views = batch_views(self.crops[:2])
-        views = global_views + batch_views(self.crops[2:])
-        amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
-        teacher = teacher_for_forward(s, self.dtype)
-        with amp:
-            with torch.no_grad():
-                teacher_out = teacher(global_views)
-            if cfg.loss.koleo_weight > 0:
-                student_out, features = self.module(views, return_features=True)
-                koleo = sum(koleo_loss(f) for f in features[: 2 * batch].chunk(2))
-            else:
-                student_out, koleo = self.module(views), None
-            loss = s.loss_fn(student_out, teacher_out, s.epoch, update_center=False, temp=self.teacher_temp)
-            if koleo is not None:
-                loss = loss + cfg.loss.koleo_weight * koleo
-
-        finite = torch.isfinite(loss.detach()).float()
-        if self.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        finite = finite > 0
-        first_bad = (~finite) & (s.nonfinite_step < 0)
-        s.nonfinite_step.copy_(torch.where(first_bad, self.step_number, s.nonfinite_step))
-        s.nonfinite_value.copy_(torch.where(first_bad, loss.detach().float(), s.nonfinite_value))
-        gate = s.nonfinite_step < 0
+        loss, teacher_out, koleo = multicrop_loss(s, self.module, self.crops, self.dtype, temp=self.teacher_temp)
+        gate = record_nonfinite(s, finite_flag(loss), loss, self.step_number)
         s.loss_fn.update_center(teacher_out, gate=gate)
 
         self.flat_grad.zero_()
@@ -231,11 +208,7 @@ class GraphedStep:
         with torch.no_grad():
             keep = 1.0 - self.lr * self.wd * gate.float()
             torch._foreach_mul_(self.decayed, keep.to(self.decayed[0].dtype))
-        s.optimizer.grad_scale, s.optimizer.found_inf = None, (~gate).float()
-        try:
-            s.optimizer.step()
-        finally:
-            del s.optimizer.grad_scale, s.optimizer.found_inf
+        step_unless_skipped(s.optimizer, gate)
         ema_update(s.teacher, self.module, self.momentum, gate=gate)
         self.step_number.add_(1)
 

@@ -251,6 +251,64 @@ def materialize(metrics: dict[str, Any]) -> dict[str, Any]:
     return {**metrics, **dict(zip(keys, values))}
 
 
+def multicrop_loss(
+    state: TrainState, student: nn.Module, crops: list[torch.Tensor], dtype: torch.dtype | None, temp: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward half of a step under autocast to `dtype`: the teacher on the global crops, `student`
+    on every crop, the DINO loss (+ KoLeo).  Returns (loss, teacher output, KoLeo term or None)."""
+    cfg = state.cfg
+    batch = len(crops[0])
+    global_views = batch_views(crops[:2])
+    views = global_views + batch_views(crops[2:])
+    amp = torch.autocast(state.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    teacher = teacher_for_forward(state, dtype)
+    with amp:
+        with torch.no_grad():
+            teacher_out = teacher(global_views)  # the teacher sees only the global crops
+        koleo = None
+        if cfg.loss.koleo_weight > 0:
+            student_out, features = student(views, return_features=True)
+            # per global crop, over this worker's batch (as DINOv2)
+            koleo = sum(koleo_loss(f) for f in features[: 2 * batch].chunk(2))
+        else:
+            student_out = student(views)
+        loss = state.loss_fn(student_out, teacher_out, state.epoch, update_center=False, temp=temp)
+        if koleo is not None:
+            loss = loss + cfg.loss.koleo_weight * koleo
+    return loss, teacher_out, koleo
+
+
+def finite_flag(loss: torch.Tensor) -> torch.Tensor:
+    """Whether the loss is finite on every rank: a 0-d bool on the device, no host sync."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_available() and dist.is_initialized():
+        # All ranks must agree: one rank skipping DDP's all-reduce (or its update) would hang or split the rest.
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite > 0
+
+
+def record_nonfinite(state: TrainState, finite: torch.Tensor, loss: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """Remember the first non-finite step (and its loss) on the device; returns the gate that every
+    update of this step obeys: False from that step on (sticky: nothing more is applied)."""
+    if state.nonfinite_step is None:
+        state.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        state.nonfinite_value = torch.zeros((), dtype=torch.float32, device=loss.device)
+    first_bad = (~finite) & (state.nonfinite_step < 0)
+    state.nonfinite_step.copy_(torch.where(first_bad, step, state.nonfinite_step))
+    state.nonfinite_value.copy_(torch.where(first_bad, loss.detach().float(), state.nonfinite_value))
+    return state.nonfinite_step < 0
+
+
+def step_unless_skipped(optimizer: torch.optim.Optimizer, gate: torch.Tensor) -> None:
+    """The fused optimizer's step, skipped on the device where `gate` is False: the fused kernels' own
+    skip (what GradScaler uses), so parameters, moments and step counts stay as they were."""
+    optimizer.grad_scale, optimizer.found_inf = None, (~gate).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
 def train_step(state: TrainState, crops: list[torch.Tensor], defer: bool = False) -> dict[str, Any]:
     """One optimisation step on a batch of multi-crops (globals first; uint8 or float, on the device).
 
@@ -269,38 +327,11 @@ def train_step(state: TrainState, crops: list[torch.Tensor], defer: bool = False
             group["weight_decay"] = wd
     deferred = defer and supports_deferred_check(state)
 
-    batch = len(crops[0])
-    global_views = batch_views(crops[:2])
-    views = global_views + batch_views(crops[2:])
     dtype = autocast_dtype(cfg, state.device)
-    amp = torch.autocast(state.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    teacher = teacher_for_forward(state, dtype)
-    with amp:
-        with torch.no_grad():
-            teacher_out = teacher(global_views)  # the teacher sees only the global crops
-        koleo = None
-        if cfg.loss.koleo_weight > 0:
-            student_out, features = state.student(views, return_features=True)
-            # per global crop, over this worker's batch (as DINOv2)
-            koleo = sum(koleo_loss(f) for f in features[: 2 * batch].chunk(2))
-            loss = state.loss_fn(student_out, teacher_out, state.epoch, update_center=False) + cfg.loss.koleo_weight * koleo
-        else:
-            student_out = state.student(views)
-            loss = state.loss_fn(student_out, teacher_out, state.epoch, update_center=False)
-
-    finite = torch.isfinite(loss.detach()).float()
-    if dist.is_available() and dist.is_initialized():
-        # All ranks must agree: one rank skipping DDP's all-reduce (or its update) would hang or split the rest.
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    finite = finite > 0
+    loss, teacher_out, koleo = multicrop_loss(state, state.student, crops, dtype)
+    finite = finite_flag(loss)
     if deferred:
-        if state.nonfinite_step is None:
-            state.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            state.nonfinite_value = torch.zeros((), dtype=torch.float32, device=loss.device)
-        first_bad = (~finite) & (state.nonfinite_step < 0)
-        state.nonfinite_step.copy_(torch.where(first_bad, state.step, state.nonfinite_step))
-        state.nonfinite_value.copy_(torch.where(first_bad, loss.detach().float(), state.nonfinite_value))
-        gate = state.nonfinite_step < 0  # sticky: after a non-finite step nothing more is applied
+        gate = record_nonfinite(state, finite, loss, state.step)
     else:
         if not bool(finite):  # the host waits here for the loss
             raise NonFiniteLossError(state.step, float(loss.detach()))
@@ -320,12 +351,7 @@ def train_step(state: TrainState, crops: list[torch.Tensor], defer: bool = False
         state.scaler.step(state.optimizer)
         state.scaler.update()
     elif deferred:
-        # The fused kernels' own skip (what GradScaler uses): parameters, moments and step counts stay as they were.
-        state.optimizer.grad_scale, state.optimizer.found_inf = None, (~gate).float()
-        try:
-            state.optimizer.step()
-        finally:
-            del state.optimizer.grad_scale, state.optimizer.found_inf
+        step_unless_skipped(state.optimizer, gate)
     else:
         state.optimizer.step()
     ema_update(state.teacher, state.student_module, momentum, gate=gate)
