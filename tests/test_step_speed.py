@@ -20,7 +20,7 @@ from raydino.core.model import DINOHead, build_student_teacher
 from raydino.core.schedule import build_schedules
 from raydino.core.step import build_train_state, train_step
 
-from helpers.core import random_crops, tiny_cfg
+from helpers.core import graph_body_vs_ddp_worker, graph_cfg, random_crops, tiny_cfg
 
 # ---------------------------------------------------------------- issue 14: syncs, fused optimizer, compile, FLOPs
 
@@ -430,12 +430,6 @@ def test_fewer_launches_cuts_the_kernels_of_a_bf16_step():
 # ---------------------------------------------------------------- issue 14: the whole step as one CUDA graph
 
 
-def _graph_cfg(*extra: str):
-    return tiny_cfg(
-        "optim.fused=true", "optim.freeze_last_layer_epochs=0", "model.drop_path_rate=0.1", "optim.clip_grad=0.3", "model.head_use_bn=false", *extra
-    )
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_graph_steps_body_trains_as_the_deferred_train_step(precision):
     # The body a CUDA graph captures, run eagerly here: the schedules, the step number and the teacher
@@ -443,7 +437,7 @@ def test_the_graph_steps_body_trains_as_the_deferred_train_step(precision):
     # gradients in one flat buffer.  It must train as train_step(defer=True) does.
     from raydino.core.graphstep import GraphedStep
 
-    cfg = _graph_cfg(f"train.precision={precision}", "optim.weight_decay=0.1", "optim.weight_decay_end=0.3")
+    cfg = graph_cfg(f"train.precision={precision}", "optim.weight_decay=0.1", "optim.weight_decay_end=0.3")
     batches = [random_crops(cfg, 4, seed=i) for i in range(4)]
     plain, graphed = build_train_state(cfg, steps_per_epoch=4), build_train_state(cfg, steps_per_epoch=4)
     step = GraphedStep(graphed, batches[0], capture=False)
@@ -465,11 +459,38 @@ def test_the_graph_steps_body_trains_as_the_deferred_train_step(precision):
     assert all(lo <= p.grad.data_ptr() < lo + size for p in graphed.student.parameters() if p.requires_grad)
 
 
+def test_on_two_ranks_the_graph_steps_body_all_reduces_and_trains_as_a_ddp_step(tmp_path):
+    # What only runs with more than one worker: the body's own gradient all-reduce and averaging (DDP's
+    # hooks must stay idle once it takes over from DDP steps), and the centre's and finite flag's
+    # all-reduces.  Two gloo processes, each on its own crops.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(graph_body_vs_ddp_worker, args=(2, port, str(tmp_path), 4), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r, result in enumerate(ranks):
+        plain, graphed = result["plain"], result["graphed"]
+        assert graphed["loss"] == pytest.approx(plain["loss"], rel=1e-5), r
+        # pre-clip norms: a sum of the ranks' gradients instead of their mean would double them
+        assert graphed["grad_norm_max"] == pytest.approx(plain["grad_norm_max"], rel=1e-4), r
+        for part in ("student", "teacher"):
+            for p, q in zip(plain[part], graphed[part]):
+                torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=f"rank {r} {part}")
+        torch.testing.assert_close(graphed["center"], plain["center"])
+    assert ranks[0]["plain"]["loss"] != ranks[1]["plain"]["loss"]  # the ranks saw different crops
+    for p, q in zip(ranks[0]["graphed"]["student"], ranks[1]["graphed"]["student"]):
+        assert torch.equal(p, q)  # and stayed in step
+
+
 def test_a_non_finite_graph_step_is_skipped_and_reported_like_the_deferred_step():
     from raydino.core.graphstep import GraphedStep
     from raydino.core.step import NonFiniteLossError, check_finite
 
-    cfg = _graph_cfg()
+    cfg = graph_cfg()
     state = build_train_state(cfg, steps_per_epoch=10)
     crops = random_crops(cfg, 4)
     step = GraphedStep(state, crops, capture=False)
@@ -496,14 +517,14 @@ def test_a_graph_step_names_what_stands_in_its_way():
         ("optim.freeze_last_layer_epochs=1",): "last-layer freeze",
     }
     for extra, expected in cases.items():
-        cfg = _graph_cfg(*extra)
+        cfg = graph_cfg(*extra)
         state = build_train_state(cfg, steps_per_epoch=10)
         with pytest.raises(GraphedStepError, match=expected):
             GraphedStep(state, random_crops(cfg, 2), capture=False)
-    state = build_train_state(_graph_cfg(), steps_per_epoch=10)
-    step = GraphedStep(state, random_crops(_graph_cfg(), 2), capture=False)
+    state = build_train_state(graph_cfg(), steps_per_epoch=10)
+    step = GraphedStep(state, random_crops(graph_cfg(), 2), capture=False)
     with pytest.raises(GraphedStepError, match="differ from the captured"):
-        step(random_crops(_graph_cfg(), 3))
+        step(random_crops(graph_cfg(), 3))
 
 
 def test_fit_with_cuda_graph_trains_the_freeze_eagerly_then_the_graphs_step_as_plain_fit_does(monkeypatch):
@@ -515,7 +536,7 @@ def test_fit_with_cuda_graph_trains_the_freeze_eagerly_then_the_graphs_step_as_p
     monkeypatch.setattr(graphstep.GraphedStep, "__init__", _recording(graphstep.GraphedStep.__init__, made))
     runs = {}
     for flag in ("false", "true"):
-        cfg = _graph_cfg("optim.freeze_last_layer_epochs=1", "train.epochs=2", "train.log_every=2", f"train.cuda_graph={flag}")
+        cfg = graph_cfg("optim.freeze_last_layer_epochs=1", "train.epochs=2", "train.log_every=2", f"train.cuda_graph={flag}")
         state = build_train_state(cfg, steps_per_epoch=3)
         logged = []
         hooks = LoopHooks(on_log=lambda s, m: logged.append(m))
@@ -557,7 +578,7 @@ def test_cuda_graph_config_refuses_what_cannot_be_captured_before_any_work():
 def test_a_graph_steps_checkpoint_resumes_as_a_plain_step(tmp_path):
     from raydino.core.graphstep import GraphedStep
 
-    cfg = _graph_cfg()
+    cfg = graph_cfg()
     crops = random_crops(cfg, 2)
     state = build_train_state(cfg, steps_per_epoch=10)
     step = GraphedStep(state, crops, capture=False)
