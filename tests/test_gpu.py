@@ -399,6 +399,37 @@ def test_bench_gpu_reports_a_row_that_cannot_be_a_cuda_graph_and_runs_the_others
     assert "model.head_use_bn=true" in rows["cuda_graph"]["error"]
 
 
+def test_bench_gpu_reports_where_a_row_failed_and_runs_the_others(tmp_path, monkeypatch, capsys):
+    """A step that raises (as a failed CUDA-graph capture would, at the op that broke it) or a row that
+    raises before its steps: each is reported with its error and frames; the rows after it still run."""
+    import json
+
+    import raydino.core.graphstep as graphstep
+    from raydino.bench import __main__ as bench
+
+    def broken_body(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphstep.GraphedStep, "body", broken_body)
+    args = ["gpu", "--device", "cpu", "--config", "smoke", "--steps", "1", "--warmup", "1", "--rows", "deferred_check", "cuda_graph", "fp32"]
+    for kv in ("model.out_dim=64", "augment.n_local_crops=2", "train.batch_size=2", "model.head_use_bn=false"):
+        args += ["--set", kv]
+    assert bench.main([*args, "--json", str(tmp_path / "gpu.json")]) == 0
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert rows["deferred_check"]["all_finite"] and rows["fp32"]["all_finite"]
+    assert rows["cuda_graph"]["error"] == "RuntimeError: operation not permitted when stream is capturing"
+    assert rows["cuda_graph"]["error_where"][-1].endswith("broken_body")
+    assert "at tests/test_gpu.py" in capsys.readouterr().out  # the frames are printed with the row
+
+    def broken_init(self, *a, **k):
+        raise TypeError("a torch that cannot build the graph step")
+
+    monkeypatch.setattr(graphstep.GraphedStep, "__init__", broken_init)
+    assert bench.main([*args, "--json", str(tmp_path / "gpu2.json")]) == 0
+    rows = json.loads((tmp_path / "gpu2.json").read_text())["rows"]
+    assert rows["fp32"]["all_finite"] and rows["cuda_graph"]["error"].startswith("TypeError: a torch that cannot")
+
+
 def test_bench_gpu_runs_a_row_at_twice_the_batch_on_its_own(tmp_path):
     """`tools/gpu_check.sh` times `--rows batch_x2` alone: the numerics still need the config's batch."""
     import json

@@ -34,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def timed_loop(step: Any, device: Any, warmup: int, steps: int) -> dict[str, Any
         try:
             outputs.append(step())
         except Exception as e:  # a non-finite loss (either step's error) ends the row, reported
-            error = f"{type(e).__name__}: {e}"
+            error = e
             break
         _sync(device)
         seconds.append(time.perf_counter() - t0)
@@ -153,8 +154,25 @@ def timed_loop(step: Any, device: Any, warmup: int, steps: int) -> dict[str, Any
         "compile_s": max(0.0, sum(seconds[:warmup]) - warmup * median) if timed else float("nan"),
         "losses": losses,
         "all_finite": error is None and bool(np.all(np.isfinite(losses))),
-        "error": error,
+        **error_fields(error),
     }
+
+
+def error_fields(e: BaseException | None) -> dict[str, Any]:
+    """A row's error and where it was raised (the last frames: a failed CUDA-graph capture names the op
+    that broke it there, and the lease that saw it may be the only one)."""
+    if e is None:
+        return {"error": None, "error_where": None}
+    frames = traceback.extract_tb(e.__traceback__)[-6:]
+    where = [f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}" for f in frames]
+    return {"error": f"{type(e).__name__}: {e}", "error_where": where}
+
+
+def failed_row(cfg: Any, e: BaseException, graph: bool) -> dict[str, Any]:
+    """A row that raised before or after its timed steps: reported with its error; the other rows still run."""
+    nan = float("nan")
+    return {"median_step_s": nan, "images_per_s": nan, "batch_size": cfg.train.batch_size, "all_finite": False,
+            "cuda_graph": graph, "kernel_ops_per_step": None, **error_fields(e)}  # fmt: skip
 
 
 def bench_state(cfg: Any, device: Any, ddp: bool, steps: int) -> Any:
@@ -182,13 +200,11 @@ def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if graph:
-        from raydino.core.graphstep import GraphedStep, graph_step_problems
+        from raydino.core.graphstep import GraphedStep, GraphedStepError, graph_step_problems
 
         problems = graph_step_problems(state)
         if problems:  # reported as the row's error, the other rows still run
-            nan = float("nan")
-            return {"median_step_s": nan, "images_per_s": nan, "batch_size": cfg.train.batch_size, "all_finite": False,
-                    "error": "cannot run as a CUDA graph: " + "; ".join(problems), "cuda_graph": True, "kernel_ops_per_step": None}  # fmt: skip
+            return failed_row(cfg, GraphedStepError("cannot run as a CUDA graph: " + "; ".join(problems)), graph=True)
         graphed = GraphedStep(state, crops, capture=device.type == "cuda")  # elsewhere its body runs eagerly
         warmup = max(warmup, graphed.warmup + 1)  # the eager warm-up calls and the capture are not timed
 
@@ -207,7 +223,12 @@ def time_row(cfg: Any, crops: list[Any], device: Any, warmup: int, steps: int, d
         except Exception as e:
             result.update(all_finite=False, error=str(e))
     # One more step, counted (not timed).  Not for a compiled step: dispatch modes and dynamo's graphs do not mix.
-    result["kernel_ops_per_step"] = None if cfg.train.compile or result["error"] else count_kernel_ops(step)
+    result["kernel_ops_per_step"] = None
+    if not (cfg.train.compile or result["error"]):
+        try:
+            result["kernel_ops_per_step"] = count_kernel_ops(step)
+        except Exception as e:  # the timing stands; the count's failure is reported beside it
+            result["kernel_ops_error"] = error_fields(e)["error"]
     dtype = autocast_dtype(cfg, device)
     result.update(
         cuda_graph=graph,
@@ -435,9 +456,13 @@ def bench_gpu(args: Any) -> dict[str, Any]:
             conf = load_config(args.config, [*args.set, *(f"{k}={_yaml(v)}" for k, v in {**overrides, **graph}.items())])
             if factor != 1:
                 conf = conf.model_copy(update={"train": conf.train.model_copy(update={"batch_size": cfg.train.batch_size * factor})})
-            r = runs[row] = time_row(
-                conf, crops_by_batch[conf.train.batch_size], device, args.warmup, args.steps, defer, ddp=on_cuda, graph=row == "cuda_graph"
-            )
+            try:
+                r = time_row(
+                    conf, crops_by_batch[conf.train.batch_size], device, args.warmup, args.steps, defer, ddp=on_cuda, graph=row == "cuda_graph"
+                )
+            except Exception as e:
+                r = failed_row(conf, e, graph=row == "cuda_graph")
+            runs[row] = r
             progress.step(_row_line(row, r))
             if configured is None and defer and _effective(conf, device) == _effective(cfg, device):
                 configured = row
@@ -569,6 +594,8 @@ def print_gpu(r: dict[str, Any]) -> None:
         )
         if t.get("error"):
             print(f"      {name} stopped: {t['error'][:300]}")
+            for frame in t.get("error_where") or []:
+                print(f"        at {frame}")
     n = r["numerics"]
     print(
         f"  numerics, same weights and crops: loss fp32 {n['fp32']:.4f}, bf16 {n['bf16']:.4f} ({100 * n['rel_diff_bf16']:.2f} %), "
