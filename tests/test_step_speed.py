@@ -427,6 +427,25 @@ def test_fewer_launches_cuts_the_kernels_of_a_bf16_step():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_a_one_rank_group_steps_without_collectives():
+    # One GPU under Ray Train is a one-rank group: the centre's and the finite flag's all-reduces
+    # would each be a launch (and an NCCL call in a CUDA graph) with nothing to reduce.
+    import torch.distributed as dist
+
+    cfg = tiny_cfg("optim.fused=true")
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        state = build_train_state(cfg, steps_per_epoch=10)
+        crops = random_crops(cfg, 2)
+        train_step(state, crops, defer=True)
+        with KernelOpCounter() as ops:
+            out = train_step(state, crops, defer=True)
+    finally:
+        dist.destroy_process_group()
+    assert not [name for name in ops.by_name if "allreduce" in name], ops.by_name
+    assert torch.isfinite(out["loss"]) and state.loss_fn.center.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- issue 14: the whole step as one CUDA graph
 
 
@@ -484,6 +503,7 @@ def test_on_two_ranks_the_graph_steps_body_all_reduces_and_trains_as_a_ddp_step(
     assert ranks[0]["plain"]["loss"] != ranks[1]["plain"]["loss"]  # the ranks saw different crops
     for p, q in zip(ranks[0]["graphed"]["student"], ranks[1]["graphed"]["student"]):
         assert torch.equal(p, q)  # and stayed in step
+    assert torch.equal(ranks[0]["graphed"]["center"], ranks[1]["graphed"]["center"])  # the centre: a mean over both ranks' crops
 
 
 def test_a_non_finite_graph_step_is_skipped_and_reported_like_the_deferred_step():

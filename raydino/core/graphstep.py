@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from raydino.config import Config
+from raydino.core.loss import world_size
 from raydino.core.model import build_backbone, has_batchnorm
 from raydino.core.step import (
     TrainState,
@@ -101,7 +102,7 @@ class GraphedStep:
         self.module = state.student_module  # DDP's hooks stay idle: DDP.forward is never called
         self.device = state.device
         self.dtype = autocast_dtype(state.cfg, state.device)
-        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.world = world_size()
         self.crops = [c.detach().clone() for c in crops]
 
         # One flat gradient buffer; each .grad a view of it, so backward accumulates in place, in memory

@@ -111,14 +111,22 @@ class DINOLoss(nn.Module):
         """centre ← m · centre + (1 − m) · batch mean (over all workers).  With `gate` (a 0-d bool
         tensor), the centre keeps its value where the gate is False, decided on the device."""
         batch_sum = teacher_out.detach().float().sum(dim=0, keepdim=True)
-        # new_full fills on the device; torch.tensor(..., device=cuda) would copy from the host and wait for it
-        count = batch_sum.new_full((), float(len(teacher_out)))
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
-        batch_center = batch_sum / count
+        if world_size() > 1:
+            # the sum and the count in one all-reduce (one launch, not two); new_full fills on the device,
+            # where torch.tensor(..., device=cuda) would copy from the host and wait for it
+            packed = torch.cat([batch_sum, batch_sum.new_full((1, 1), float(len(teacher_out)))], dim=1)
+            dist.all_reduce(packed)
+            batch_center = packed[:, :-1] / packed[:, -1:]
+        else:
+            batch_center = batch_sum / len(teacher_out)
         new = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
         self.center.copy_(new if gate is None else torch.where(gate, new, self.center))
+
+
+def world_size() -> int:
+    """Ranks in the torch.distributed group, 1 without one.  A one-rank group (one GPU under Ray Train)
+    skips its collectives: each is a launch, with nothing to reduce."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from torch import nn
 from raydino.augment.ops import IMAGENET_MEAN, IMAGENET_STD
 from raydino.config import Config
 from raydino.core.castcopy import CastWeightsCopy
-from raydino.core.loss import DINOLoss, koleo_loss
+from raydino.core.loss import DINOLoss, koleo_loss, world_size
 from raydino.core.model import MultiCropNetwork, build_student_teacher, has_batchnorm
 from raydino.core.schedule import Schedules, build_schedules, param_groups
 
@@ -281,7 +281,7 @@ def multicrop_loss(
 def finite_flag(loss: torch.Tensor) -> torch.Tensor:
     """Whether the loss is finite on every rank: a 0-d bool on the device, no host sync."""
     finite = torch.isfinite(loss.detach()).float()
-    if dist.is_available() and dist.is_initialized():
+    if world_size() > 1:
         # All ranks must agree: one rank skipping DDP's all-reduce (or its update) would hang or split the rest.
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return finite > 0
