@@ -210,6 +210,26 @@ def test_the_whole_step_replayed_as_a_cuda_graph_trains_as_its_eager_body_withou
 
 
 @needs_cuda
+def test_an_nccl_all_reduce_replays_inside_a_cuda_graph(nccl_group):
+    # What a graph step does on more than one GPU (its gradient all-reduce), checked on the one-rank
+    # group a single GPU has: NCCL called inside a capture, then replayed on new values.
+    x = torch.zeros(1024, device="cuda")
+    dist.all_reduce(x)  # the communicator is set up before the capture, as a graph step's warm-up does
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+        dist.all_reduce(x)
+        y = x * 2
+    torch.cuda.current_stream().wait_stream(side)
+    for value in (1.0, 3.0):
+        x.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, torch.full_like(x, 2 * value))
+
+
+@needs_cuda
 def test_a_non_finite_deferred_step_is_skipped_on_the_gpu():
     from raydino.core.step import NonFiniteLossError, check_finite
 
