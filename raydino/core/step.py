@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,10 +157,26 @@ def sync_batchnorm_supported(device: torch.device) -> bool:
     return device.type in ("cuda", "xpu", "hpu")
 
 
+# Listing a ViT-S/16 DINO network's parameters walks ~300 modules: ~1 ms of Python each time, and a
+# step did it four times (clipping, the last-layer freeze, both sides of the EMA), host time that a GPU
+# waits for at batch 64 (docs/performance.md).  The networks never gain or lose parameters once built
+# (checkpoints load in place), so each network's list is made once.
+_PARAMS: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
+_LAST_LAYER: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
+
+
+def parameter_list(model: nn.Module) -> list[nn.Parameter]:
+    """`list(model.parameters())`, made once per network (do not add or remove its parameters after)."""
+    params = _PARAMS.get(model)
+    if params is None:
+        params = _PARAMS[model] = list(model.parameters())
+    return params
+
+
 def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
     """DINO clips each parameter tensor separately (not the global norm): grad ×= clip / (‖grad‖ + 1e-6)
     where that is below 1.  On the device, without a host sync; returns the pre-clip norms (1-D tensor)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in parameter_list(model) if p.grad is not None]
     if not grads:
         return torch.zeros(0)
     norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
@@ -170,17 +187,18 @@ def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
 
 def cancel_last_layer_gradients(model: nn.Module) -> None:
     """Freezing the head's last layer during the first epoch(s) avoids an early collapse (DINO)."""
-    for name, p in model.named_parameters():
-        if "last_layer" in name:
-            p.grad = None
+    last = _LAST_LAYER.get(model)
+    if last is None:
+        last = _LAST_LAYER[model] = [p for name, p in model.named_parameters() if "last_layer" in name]
+    for p in last:
+        p.grad = None
 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, gate: torch.Tensor | None = None) -> None:
     """teacher ← m · teacher + (1 − m) · student, parameter by parameter.  With `gate` (a 0-d bool
     tensor on the device) the teacher stays as it is where the gate is False, without a host sync."""
-    t_params = list(teacher.parameters())
-    s_params = [p.detach() for p in student.parameters()]
+    t_params, s_params = parameter_list(teacher), parameter_list(student)  # no_grad: no detach needed
     if gate is None:
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
