@@ -210,6 +210,39 @@ def test_the_whole_step_replayed_as_a_cuda_graph_trains_as_its_eager_body_withou
 
 
 @needs_cuda
+def test_a_failed_capture_hands_the_state_back_to_eager_steps(monkeypatch):
+    # A host read inside the capture (an op a graph cannot hold) must fail as GraphCaptureError, having
+    # run nothing of that step, and leave a state that trains on with train_step.
+    from raydino.core.graphstep import GraphCaptureError, GraphedStep
+    from raydino.core.step import check_finite
+
+    cfg = cfg_for("optim.freeze_last_layer_epochs=0", "model.head_use_bn=false")
+    state = build_train_state(cfg, steps_per_epoch=10, device="cuda")
+    crops = crops_for(cfg)
+    graphed = GraphedStep(state, crops, capture=True, warmup=1)
+    graphed(crops)  # the eager warm-up call
+    body = GraphedStep.body
+
+    def body_with_a_sync(self):
+        out = body(self)
+        float(out["loss"])  # waits for the GPU: not allowed while capturing
+        return out
+
+    monkeypatch.setattr(GraphedStep, "body", body_with_a_sync)
+    torch.cuda.synchronize()
+    before = [p.detach().clone() for p in state.student.parameters()]
+    with pytest.raises(GraphCaptureError, match="CUDA graph failed"):
+        graphed(crops)
+    assert not graphed.captured and state.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, state.student.parameters()))  # nothing of it ran
+    assert all(p.grad is None for p in state.student.parameters()) and isinstance(state.optimizer.param_groups[0]["lr"], float)
+    for i in range(2):
+        train_step(state, crops_for(cfg, seed=i + 1), defer=True)
+    check_finite(state)
+    assert state.step == 3 and not all(torch.equal(a, b) for a, b in zip(before, state.student.parameters()))
+
+
+@needs_cuda
 def test_an_nccl_all_reduce_replays_inside_a_cuda_graph(nccl_group):
     # What a graph step does on more than one GPU (its gradient all-reduce), checked on the one-rank
     # group a single GPU has: NCCL called inside a capture, then replayed on new values.

@@ -5,6 +5,7 @@ graph -- each checked to train as the plain step does.  The CUDA-only checks are
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -575,6 +576,39 @@ def test_fit_with_cuda_graph_trains_the_freeze_eagerly_then_the_graphs_step_as_p
         assert set(a) == set(b) and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     for p, q in zip(plain.student.parameters(), graphed.student.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
+
+
+def test_fit_trains_on_eagerly_after_a_failed_capture(monkeypatch):
+    # A capture can fail on a GPU (an op a graph cannot hold): fit warns and trains every step
+    # eagerly, the step whose capture failed included, as plain fit does.
+    import raydino.core.graphstep as graphstep
+    from raydino.core.loop import fit
+
+    def failing_run(self):
+        self.release()
+        raise graphstep.GraphCaptureError("capturing the training step as a CUDA graph failed: RuntimeError: (test)")
+
+    runs = {}
+    for flag in ("false", "true"):
+        if flag == "true":
+            monkeypatch.setattr(graphstep.GraphedStep, "_run", failing_run)
+        cfg = graph_cfg("optim.freeze_last_layer_epochs=1", "train.epochs=2", "train.log_every=1", f"train.cuda_graph={flag}")
+        state = build_train_state(cfg, steps_per_epoch=3)
+
+        def batches(epoch):
+            for i in range(3):
+                torch.manual_seed(1000 * epoch + i)
+                yield random_crops(cfg, 2, seed=epoch * 3 + i)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[flag] = (state, fit(state, batches))
+        runs[flag] += ([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],)
+    (plain, plain_out, _), (graphed, out, warned) = runs["false"], runs["true"]
+    assert len(warned) == 1 and "goes on with eager steps" in warned[0] and "(test)" in warned[0]
+    assert graphed.step == plain.step == 6
+    assert [h["loss"] for h in out.history] == pytest.approx([h["loss"] for h in plain_out.history], rel=1e-5)
+    assert all(isinstance(g["lr"], float) for g in graphed.optimizer.param_groups)  # handed back to train_step
 
 
 def _recording(init, made):

@@ -132,7 +132,7 @@ case "$MODE" in
       pretrain e2e-cpu-crops "$limit" --set augment.device=cpu $step
     fi
     # the CUDA tests never run on a GPU yet first (the CUDA graphs), then the rest in what is left
-    first="whole_step or inside_a_cuda_graph or compiled_bf16 or never_waits"
+    first="whole_step or inside_a_cuda_graph or failed_capture or compiled_bf16 or never_waits"
     limit=$(($(left) - 10))
     if [ "$limit" -ge 30 ]; then
       gpu_tests "$limit" tests/test_gpu.py -k "$first"

@@ -53,6 +53,11 @@ class GraphedStepError(ValueError):
     """The state cannot be stepped as a graph; the message says which setting and why."""
 
 
+class GraphCaptureError(RuntimeError):
+    """Recording the step failed (an op that a CUDA graph cannot hold).  Nothing of that call ran, the
+    state's gradients and lr are handed back (`GraphedStep.release`), and eager steps can go on."""
+
+
 def graph_config_problem(cfg: Config) -> str | None:
     """What the config cannot check itself and a recipe checks before any work: `train.cuda_graph` with a
     BatchNorm backbone (built on the meta device: shapes only, instant).  None when nothing is wrong."""
@@ -154,16 +159,30 @@ class GraphedStep:
                     out = self.body()
                 else:
                     self.graph = torch.cuda.CUDAGraph()
-                    # Records the step without running it.  thread_local: a data-loading thread's CUDA
-                    # calls (pinned copies, allocations) meanwhile must not invalidate the capture.
-                    with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-                        self.outputs = self.body()
+                    try:
+                        # Records the step without running it.  thread_local: a data-loading thread's CUDA
+                        # calls (pinned copies, allocations) meanwhile must not invalidate the capture.
+                        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                            self.outputs = self.body()
+                    except Exception as e:
+                        self.graph, self.outputs = None, None
+                        self.release()
+                        raise GraphCaptureError(f"capturing the training step as a CUDA graph failed: {type(e).__name__}: {e}") from e
             current.wait_stream(side)
             if self.graph is None:
                 return out
         self.graph.replay()
         assert self.outputs is not None
         return self.outputs
+
+    def release(self) -> None:
+        """Hand the state back to `train_step`: gradients unset (no longer views of the flat buffer) and
+        the lr a float again; the weight decay is set by every train_step."""
+        for p in self.params:
+            p.grad = None
+        lr = float(self.lr)
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = lr
 
     def _set_scalars(self) -> None:
         s = self.state

@@ -13,13 +13,14 @@ step, with the number of the step where it happened; no checkpoint hook runs aft
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from raydino.core.graphstep import GraphedStep
+from raydino.core.graphstep import GraphCaptureError, GraphedStep
 from raydino.core.loss import CollapseStats
 from raydino.core.model import log_uniform_entropy
 from raydino.core.step import TrainState, check_finite, materialize, train_step
@@ -82,7 +83,8 @@ def fit(
     first_loss = None  # a 0-d tensor until the first log step reads it
     state.student.train()
     state.teacher.train()
-    graphed = None  # train.cuda_graph: the step as a CUDA graph, once the last-layer freeze is over
+    # train.cuda_graph: the step as a CUDA graph once the last-layer freeze is over; False after a failed capture
+    graphed: GraphedStep | bool | None = None
 
     while not state.done:
         end_step = epoch_end_step(state)
@@ -104,7 +106,13 @@ def fit(
             if graphed is None and cfg.train.cuda_graph and state.step >= state.schedules.freeze_last_layer_steps:
                 graphed = GraphedStep(state, crops, capture=state.device.type == "cuda")  # raises naming what stands in its way
             # device tensors: no host sync here
-            metrics = graphed(crops) if graphed is not None else train_step(state, crops, defer=True)
+            try:
+                metrics = graphed(crops) if graphed else train_step(state, crops, defer=True)
+            except GraphCaptureError as e:
+                # Nothing of the step ran: train it, and the rest of the run, eagerly rather than stop.
+                warnings.warn(f"{e}; this run goes on with eager steps (train.cuda_graph has no effect)", RuntimeWarning, stacklevel=1)
+                graphed = False
+                metrics = train_step(state, crops, defer=True)
             n_images = crops[0].shape[0] * world_size
             window["images"] += n_images
             window["wait"] += wait
