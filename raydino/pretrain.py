@@ -227,6 +227,7 @@ def train_worker(conf: dict[str, Any]) -> None:
     def probe_teacher(state) -> dict[str, Any]:
         value, seconds = monitor.val_auroc(state.teacher.backbone)
         probe = {"probe_val_auroc": value, "probe_kind": monitor.kind, "probe_n_val": monitor.n_val, "probe_seconds": round(seconds, 2)}
+        probe.update({f"probe_{part}_seconds": round(t, 2) for part, t in monitor.last_seconds.items()})
         tracker.log_probe(state.step, state.epoch, probe)
         return probe
 

@@ -127,6 +127,7 @@ def test_monitor_scores_val_and_never_reads_test(tmp_path):
         m = monitor.ProbeMonitor(data, 32, kind)
         value, seconds = m.val_auroc(vit)
         assert 0 <= value <= 1 and seconds >= 0 and m.n_val == 6
+        assert set(m.last_seconds) == {"features", "fit"} and sum(m.last_seconds.values()) == pytest.approx(seconds, abs=0.01)
     with pytest.raises(ValueError, match="probe.monitor='paper'"):
         monitor.ProbeMonitor(data, 32, "paper")
 
@@ -137,9 +138,22 @@ def test_epoch_probe_is_logged_printed_and_plotted(tmp_path):
     for step in (5, 10):
         tracker.log(step, 0, {"loss": 8.0 - step / 10, "teacher_entropy": 3.0})
     tracker.log_probe(10, 1, {"probe_val_auroc": 0.61, "probe_kind": "fast", "probe_n_val": 9, "probe_seconds": 1.2})
+    tracker.log_probe(
+        20,
+        2,
+        {
+            "probe_val_auroc": 0.62,
+            "probe_kind": "fast",
+            "probe_n_val": 9,
+            "probe_seconds": 42.0,
+            "probe_features_seconds": 40.2,
+            "probe_fit_seconds": 1.8,
+        },
+    )
     tracker.close()
     assert "[raydino] epoch 1/2 done: teacher's val AUROC 0.610 (fast probe, 9 val images, 1s)" in lines
+    assert lines[-1].endswith("(fast probe, 9 val images, 42s: features 40s, fit 2s)"), lines[-1]
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert rows[-1]["probe_val_auroc"] == 0.61 and rows[-1]["epoch"] == 1
+    assert rows[-2]["probe_val_auroc"] == 0.61 and rows[-2]["epoch"] == 1 and rows[-1]["probe_fit_seconds"] == 1.8
     png = plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert png is not None and png.stat().st_size > 1000

@@ -32,6 +32,7 @@ class ProbeMonitor:
         self.knn = {"k": knn_k, "temperature": knn_temperature}
         self.images = {s: decode_split(data.splits[s], image_size) for s in ("train", "val")}
         self.labels = {s: np.asarray(data.splits[s].labels) for s in ("train", "val")}
+        self.last_seconds: dict[str, float] = {}  # the last call's time by part: features, fit
 
     @property
     def n_val(self) -> int:
@@ -41,6 +42,7 @@ class ProbeMonitor:
         """Validation macro AUROC of the probe on `backbone`'s frozen features, and the seconds it took."""
         t0 = time.perf_counter()
         feats = {s: extract_features(backbone, self.images[s], self.size, self.batch_size, progress=None) for s in ("train", "val")}
+        t_fit = time.perf_counter()
         n = self.data.n_classes
         if self.kind == "knn":
             scores = knn_scores(feats["train"], self.labels["train"], feats["val"], n, self.knn["k"], self.knn["temperature"])
@@ -49,7 +51,10 @@ class ProbeMonitor:
             # fast_probe reports a test split too; here it is the val split again, so nothing of test is read.
             run = fast_probe({**feats, "test": feats["val"]}, {**self.labels, "test": self.labels["val"]}, n)
             value = run.val["auroc"]
-        return value, time.perf_counter() - t0
+        done = time.perf_counter()
+        # By part: a GPU node once spent 42 s here, and which part it was is the first thing to know.
+        self.last_seconds = {"features": t_fit - t0, "fit": done - t_fit}
+        return value, done - t0
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "dataset": self.data.name, "image_size": self.size, "n_train": len(self.labels["train"]), "n_val": self.n_val}

@@ -85,7 +85,7 @@ class RunTracker:
         self.printer(
             f"[raydino] epoch {epoch}/{self.total_epochs} {when}: teacher's val AUROC "
             f"{'undefined' if value is None else f'{value:.3f}'} ({metrics.get('probe_kind')} probe, "
-            f"{metrics.get('probe_n_val')} val images, {metrics.get('probe_seconds', 0):.0f}s)"
+            f"{metrics.get('probe_n_val')} val images, {metrics.get('probe_seconds', 0):.0f}s{_parts(metrics)})"
         )
 
     def close(self) -> None:
@@ -135,3 +135,9 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path, title: str = "DINO
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def _parts(metrics: dict[str, Any]) -> str:
+    """": features 40s, fit 2s" when the probe's time came by part."""
+    parts = [(k, metrics[f"probe_{k}_seconds"]) for k in ("features", "fit") if metrics.get(f"probe_{k}_seconds") is not None]
+    return (": " + ", ".join(f"{k} {v:.0f}s" for k, v in parts)) if parts else ""
