@@ -181,6 +181,7 @@ def train_worker(conf: dict[str, Any]) -> None:
     from raydino.core.loop import LoopHooks, checkpoint_follows, fit
     from raydino.core.step import NonFiniteLossError
     from raydino.distributed.streaming import worker_epoch_batches
+    from raydino.eval.monitor import BackgroundProbe
     from raydino.runs.tracking import RunTracker
 
     cfg = build_config(conf["config"])
@@ -201,12 +202,19 @@ def train_worker(conf: dict[str, Any]) -> None:
         cfg, ray.train.get_dataset_shard("train"), device, seed=worker_seed(cfg, rank, state.step), rank=rank, epoch_rows=spe * cfg.train.batch_size
     )
     monitor = build_monitor(cfg, conf["monitor"]) if rank == 0 and conf.get("monitor") else None
+    probes = BackgroundProbe(monitor) if monitor is not None else None
+
+    def log_probes(wait: bool = False) -> None:
+        """The epoch-end probes whose background fit is done, logged in order (all of them with `wait`)."""
+        for step, epoch, probe in probes.finished(wait) if probes is not None else []:
+            tracker.log_probe(step, epoch, probe)
 
     preempted = {"saved": False}
 
     def on_log(state, metrics):
         if rank == 0:
             tracker.log(state.step, state.epoch, metrics)
+            log_probes()
         # A spot node announced its reclaim (Ray's drain with a preemption reason): save a checkpoint now,
         # once, so the restart loses at most the steps since this log line.  A barrier across workers,
         # which is why it runs at log steps only; every rank reaches it at the same steps.  When the
@@ -224,15 +232,8 @@ def train_worker(conf: dict[str, Any]) -> None:
             if not regular:
                 on_checkpoint(state, {"loss": metrics.get("loss"), "step": state.step, "epoch": state.epoch, "preemption": True}, False)
 
-    def probe_teacher(state) -> dict[str, Any]:
-        value, seconds = monitor.val_auroc(state.teacher.backbone)
-        probe = {"probe_val_auroc": value, "probe_kind": monitor.kind, "probe_n_val": monitor.n_val, "probe_seconds": round(seconds, 2)}
-        probe.update({f"probe_{part}_seconds": round(t, 2) for part, t in monitor.last_seconds.items()})
-        tracker.log_probe(state.step, state.epoch, probe)
-        return probe
-
-    if monitor is not None and state.step == 0:
-        probe_teacher(state)  # the starting point: the randomly initialised teacher, the curve's reference
+    if probes is not None and state.step == 0:
+        probes.submit(state.teacher.backbone, 0, 0)  # the starting point: the randomly initialised teacher, the curve's reference
 
     stalls: list[float] = []  # seconds each checkpoint held this worker back from training
 
@@ -242,8 +243,9 @@ def train_worker(conf: dict[str, Any]) -> None:
 
     def on_checkpoint(state, metrics, epoch_end):
         metrics = {**metrics, "epoch_end": epoch_end, "world_size": world}
-        if monitor is not None and epoch_end:  # rank 0 probes while the others wait at the report's barrier
-            metrics.update(probe_teacher(state))
+        if probes is not None and epoch_end:
+            # rank 0 extracts the teacher's features while the others wait at the report's barrier; the fit runs beside training
+            probes.submit(state.teacher.backbone, state.step, state.epoch)
         # Every rank reports equally often (a barrier); only rank 0 hands over a checkpoint.
         stalls.append(report_checkpoint(state, metrics, rank, cfg.train.async_checkpoint, upload_logs))
 
@@ -264,6 +266,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         # Every rank sees the same non-finite step (the step all-reduces the check), so all stop
         # together and report once more (a barrier); no checkpoint is written, the last good one stays.
         ray.train.report({"non_finite_step": e.step, "error": str(e)})
+        log_probes(wait=True)  # the epochs trained before it: their probes stand
         if rank == 0:
             # Result.metrics only carries checkpoint reports, so the driver learns of the stop from this file.
             storage.write_text(cfg.run.name, NON_FINITE_FILE, json.dumps({"step": e.step, "error": str(e)}))
@@ -271,6 +274,10 @@ def train_worker(conf: dict[str, Any]) -> None:
                 storage.upload_logs(cfg.run.name, conf["log_dir"])
         tracker.close()
         return
+    except BaseException:
+        if probes is not None:
+            probes.close()  # a crash: the fits still pending are dropped, not waited for
+        raise
     worker_info.update(
         end_step=summary.steps,
         images=summary.images,
@@ -280,6 +287,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         checkpoint_stall_seconds=round(sum(stalls), 3),  # saving + handing over to Ray Train (+ the upload when SYNC)
     )
     storage.write_text(cfg.run.name, info_file, json.dumps(worker_info))
+    log_probes(wait=True)  # the last epoch's probe: logged before the run's logs are uploaded
     if rank == 0 and summary.first_loss is not None:  # None: resumed a complete run, nothing trained
         if storage.is_remote:
             storage.upload_logs(cfg.run.name, conf["log_dir"])

@@ -132,6 +132,47 @@ def test_monitor_scores_val_and_never_reads_test(tmp_path):
         monitor.ProbeMonitor(data, 32, "paper")
 
 
+def test_background_probe_fits_beside_training_and_hands_back_each_probe_in_order(tmp_path, monkeypatch):
+    import threading
+
+    root = make_tree(tmp_path / "tree", per_split=(6, 3, 3), n_classes=2)
+    data = labelled.load_labelled(root)
+    vit = backbones.new_backbone("vit_tiny_patch16_224", 32).eval()
+    m = monitor.ProbeMonitor(data, 32, "fast")
+    expected, _ = m.val_auroc(vit)
+    before = m.features(vit)["val"]
+    release, fitted_on, fitted_feats = threading.Event(), [], []
+    score = monitor.ProbeMonitor.score
+
+    def held_score(self, feats):
+        fitted_on.append(threading.current_thread() is not threading.main_thread())
+        fitted_feats.append(feats["val"])
+        assert release.wait(30)  # the fit waits until the test lets it go
+        return score(self, feats)
+
+    monkeypatch.setattr(monitor.ProbeMonitor, "score", held_score)
+    probes = monitor.BackgroundProbe(m)
+    try:
+        probes.submit(vit, step=0, epoch=0)  # returns once the features are taken, the fit still held
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in vit.parameters():
+                p.add_(torch.randn_like(p))  # training goes on: the next probe sees other weights, this one keeps its features
+        probes.submit(vit, step=10, epoch=1)
+        assert probes.finished() == []
+        release.set()
+        done = probes.finished(wait=True)
+    finally:
+        probes.close()
+    assert [(step, epoch) for step, epoch, _ in done] == [(0, 0), (10, 1)] and probes.finished() == []
+    assert fitted_on == [True, True]
+    first = done[0][2]
+    assert first["probe_val_auroc"] == pytest.approx(expected) and first["probe_kind"] == "fast" and first["probe_n_val"] == 6
+    assert first["probe_seconds"] == pytest.approx(first["probe_features_seconds"] + first["probe_fit_seconds"], abs=0.02)
+    # each probe fitted the features of the weights it was submitted with
+    assert np.array_equal(fitted_feats[0], before) and not np.allclose(fitted_feats[1], before)
+
+
 def test_epoch_probe_is_logged_printed_and_plotted(tmp_path):
     lines: list[str] = []
     tracker = RunTracker(tmp_path, total_steps=20, total_epochs=2, printer=lines.append)
