@@ -505,6 +505,8 @@ def test_on_two_ranks_the_graph_steps_body_all_reduces_and_trains_as_a_ddp_step(
     for p, q in zip(ranks[0]["graphed"]["student"], ranks[1]["graphed"]["student"]):
         assert torch.equal(p, q)  # and stayed in step
     assert torch.equal(ranks[0]["graphed"]["center"], ranks[1]["graphed"]["center"])  # the centre: a mean over both ranks' crops
+    # a capture that failed on rank 0 only is a failure on both (one eager and one replaying rank would hang)
+    assert [r["capture_failed_anywhere"] for r in ranks] == [[True, False], [True, False]]
 
 
 def test_a_non_finite_graph_step_is_skipped_and_reported_like_the_deferred_step():

@@ -159,21 +159,35 @@ class GraphedStep:
                     out = self.body()
                 else:
                     self.graph = torch.cuda.CUDAGraph()
+                    error: Exception | None = None
                     try:
                         # Records the step without running it.  thread_local: a data-loading thread's CUDA
                         # calls (pinned copies, allocations) meanwhile must not invalidate the capture.
                         with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
                             self.outputs = self.body()
                     except Exception as e:
+                        error = e
+                    if self.capture_failed_anywhere(error is not None) and error is None:
+                        error = RuntimeError("the capture failed on another rank")
+                    if error is not None:
                         self.graph, self.outputs = None, None
                         self.release()
-                        raise GraphCaptureError(f"capturing the training step as a CUDA graph failed: {type(e).__name__}: {e}") from e
+                        raise GraphCaptureError(f"capturing the training step as a CUDA graph failed: {type(error).__name__}: {error}") from error
             current.wait_stream(side)
             if self.graph is None:
                 return out
         self.graph.replay()
         assert self.outputs is not None
         return self.outputs
+
+    def capture_failed_anywhere(self, failed: bool) -> bool:
+        """Whether any rank's capture failed (all ranks must agree: one rank stepping eagerly through DDP
+        while another replays its own all-reduce would hang both).  No collective on one rank."""
+        if self.world == 1:
+            return failed
+        flag = torch.full((), float(failed), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
 
     def release(self) -> None:
         """Hand the state back to `train_step`: gradients unset (no longer views of the flat buffer) and

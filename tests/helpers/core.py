@@ -71,15 +71,19 @@ def graph_body_vs_ddp_worker(rank: int, world: int, port: int, out_dir: str, ste
                 step = GraphedStep(graphed, b, capture=False)
             else:
                 metrics["graphed"].append(step(b))
+        agreed = [step.capture_failed_anywhere(failed) for failed in (rank == 0, False)]
         result = {
-            side: {
-                "loss": [float(m["loss"]) for m in metrics[side]],
-                "grad_norm_max": [float(m["grad_norm_max"]) for m in metrics[side]],
-                "student": [p.detach().clone() for p in state.student_module.parameters()],
-                "teacher": [p.detach().clone() for p in state.teacher.parameters()],
-                "center": state.loss_fn.center.clone(),
-            }
-            for side, state in (("plain", plain), ("graphed", graphed))
+            "capture_failed_anywhere": agreed,
+            **{
+                side: {
+                    "loss": [float(m["loss"]) for m in metrics[side]],
+                    "grad_norm_max": [float(m["grad_norm_max"]) for m in metrics[side]],
+                    "student": [p.detach().clone() for p in state.student_module.parameters()],
+                    "teacher": [p.detach().clone() for p in state.teacher.parameters()],
+                    "center": state.loss_fn.center.clone(),
+                }
+                for side, state in (("plain", plain), ("graphed", graphed))
+            },
         }
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
