@@ -138,6 +138,6 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path, title: str = "DINO
 
 
 def _parts(metrics: dict[str, Any]) -> str:
-    """": features 40s, fit 2s" when the probe's time came by part."""
+    """The progress line's suffix ": features 40s, fit 2s" when the probe's time came by part."""
     parts = [(k, metrics[f"probe_{k}_seconds"]) for k in ("features", "fit") if metrics.get(f"probe_{k}_seconds") is not None]
     return (": " + ", ".join(f"{k} {v:.0f}s" for k, v in parts)) if parts else ""
