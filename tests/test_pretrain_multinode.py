@@ -147,8 +147,11 @@ def test_a_preemption_notice_triggers_a_checkpoint_the_restart_resumes_from(clus
     from helpers.ray_cluster import VENV_BIN
 
     c, data_node_id = cluster
-    steps = 6 * 4  # smoke: 4 steps per epoch on 2 workers
-    thread, out = start_six_epoch_run(shards, tmp_path, "spot")
+    # 16 epochs, not 6: a fast CI run (24 steps in 14 s) took the notice at step 21 of 24 and finished
+    # before the kill, so nothing restarted
+    epochs = 16
+    steps = epochs * 4  # smoke: 4 steps per epoch on 2 workers
+    thread, out = start_smoke_run(shards, tmp_path, "spot", epochs)
     run_dir = tmp_path / "runs" / "spot"
     deadline = time.monotonic() + 240
     while not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
@@ -192,7 +195,7 @@ def test_losing_the_data_node_mid_epoch_reruns_its_tasks_and_the_run_finishes(cl
 
     c, data_node_id = cluster
     steps = 6 * 4  # smoke: 4 steps per epoch on 2 workers
-    thread, out = start_six_epoch_run(shards, tmp_path, "lose-data")
+    thread, out = start_smoke_run(shards, tmp_path, "lose-data")
     run_dir = tmp_path / "runs" / "lose-data"
     deadline = time.monotonic() + 240
     while (registered_step(run_dir) or 0) < 3:
@@ -214,9 +217,9 @@ def test_losing_the_data_node_mid_epoch_reruns_its_tasks_and_the_run_finishes(cl
     assert all(w["start_step"] == 0 or w["start_step"] >= committed for w in workers), (committed, workers)
 
 
-def start_six_epoch_run(shards: str, tmp_path, name: str):
-    """The smoke run of the node-loss tests (6 epochs, a checkpoint every 3 steps, data on the labelled
-    node), trained in a thread of this process; returns the thread and the dict its summary or error lands in."""
+def start_smoke_run(shards: str, tmp_path, name: str, epochs: int = 6):
+    """The smoke run of the node-loss tests (6 epochs unless told, a checkpoint every 3 steps, data on the
+    labelled node), trained in a thread of this process; returns the thread and the dict its summary or error lands in."""
     import threading
 
     cfg = load_config(
@@ -224,7 +227,7 @@ def start_six_epoch_run(shards: str, tmp_path, name: str):
         [
             f"data.uri={shards}", f"run.storage={tmp_path / 'runs'}", f"run.name={name}", "run.shared_fs=true",
             "data.node_labels={raydino/role: cpu-data}", "data.augment_cpus=0.4", "run.cpus_per_worker=0.6",
-            "train.threads=1", "train.epochs=6", "train.log_every=1", "train.checkpoint_every=3", "run.max_failures=1",
+            "train.threads=1", f"train.epochs={epochs}", "train.log_every=1", "train.checkpoint_every=3", "run.max_failures=1",
         ],
     )  # fmt: skip
     out: dict = {}
