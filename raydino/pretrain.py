@@ -145,7 +145,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if value is not None:
             overrides.append(f"{key}={value}")
     if getattr(args, "no_probe", False):
-        overrides.append("probe.monitor=off")  # the epoch-end probe is a probe too (it held a GPU worker 42 s an epoch)
+        overrides.append("probe.monitor=off")  # the epoch-end probe is a probe too (its features hold rank 0 at each epoch's end)
     return load_config(args.config, overrides)
 
 
