@@ -51,6 +51,22 @@ def test_aug_at_several_sizes_gives_a_table_per_size_and_the_planner_reads_each(
     assert "every size must be >= 64 px" in capsys.readouterr().err
 
 
+def test_shardsize_caps_the_camera_images_and_reports_both_ratios(tmp_path, capsys):
+    out = tmp_path / "shardsize.json"
+    argv = ["shardsize", "--images", "2", "--size", "640x480", "--max-side", "128", "--rounds", "1", "--batch", "2", "--json", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    as_found, capped, fov = result["runs"]
+    assert as_found["stored_size"] == "640x480" and max(int(v) for v in capped["stored_size"].split("x")) == 128
+    # 640x480 capped to 128 px stores ~1/25 of the pixels: far fewer bytes, faster augmentation
+    assert capped["bytes_vs_as_found"] < 0.5 and fov["bytes_vs_as_found"] < 0.5 and result["bytes_ratio"] == fov["bytes_vs_as_found"]
+    assert all(_finite(v) for v in result["images_per_s_ratio"].values())
+    assert [m["method"].split(" ")[0] for m in result["resize_methods"]] == ["full", "full", "DCT-scaled"]
+    assert all(m["psnr_vs_full_lanczos_db"] > 25 for m in result["resize_methods"][1:])
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "/ as found: bytes" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_train(tmp_path, capsys, local_ray):
     out = tmp_path / "bench"
