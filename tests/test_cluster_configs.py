@@ -600,6 +600,17 @@ def test_too_many_workers_and_too_many_augmenters_are_caught():
         cc.check_fit("vits16-paper", load_config("vits16-paper", ["run.workers=40"]), aws)
     with pytest.raises(cf.ClusterCheckError, match="data.augment_concurrency=1000"):
         cc.check_fit("vits16-paper", load_config("vits16-paper", ["data.augment_concurrency=1000"]), aws)
+    # vits16-paper pins its data tasks to cpu-data (8 x 32 CPUs): 300 fit the cluster's spare CPUs, not those nodes
+    with pytest.raises(cf.ClusterCheckError, match=r"300 tasks x 1 CPU .* do not fit the 256 CPUs the node types labelled"):
+        cc.check_fit("vits16-paper", load_config("vits16-paper", ["data.augment_concurrency=300"]), aws)
+    cc.check_fit("vits16-paper", load_config("vits16-paper", ["data.augment_concurrency=300", "data.node_labels=null"]), aws)
+    # and its workers never go to a cpu-data node, even where one could hold them
+    cpu_workers = ["run.gpus_per_worker=0", "run.cpus_per_worker=4"]
+    assert {n for n, _, _ in cc.check_fit("cpu", load_config("vits16-paper", cpu_workers), aws).places} == {"gpu-train"}
+    assert {n for n, _, _ in cc.check_fit("cpu", load_config("vits16-paper", [*cpu_workers, "data.node_labels=null"]), aws).places} == {
+        "gpu-train",
+        "cpu-data",
+    }
     fit = cc.check_fit("smoke", load_config("smoke"), aws)  # CPU-only: the CPU nodes and the GPU nodes' CPUs
     assert {name for name, _, _ in fit.places} == {"gpu-train", "cpu-data"}
 

@@ -71,10 +71,20 @@ def _fmt(request: dict[str, float]) -> str:
 
 
 def check_fit(label: str, cfg: Config, cluster: ClusterSpec) -> Fit:
-    """Where the config's Ray Train workers (and its augmentation actors) go; raises if they cannot."""
+    """Where the config's Ray Train workers (and its augmentation tasks) go; raises if they cannot.
+
+    With `data.node_labels` the run keeps its workers off the nodes carrying those labels and its data
+    tasks on them (raydino.distributed.capacity), so each is counted on its own node types."""
     request = {"GPU": cfg.run.gpus_per_worker, "CPU": cfg.run.cpus_per_worker}
     fit = Fit(label, cfg.run.workers, request)
+    data_labels = dict(cfg.data.node_labels or {})
+
+    def for_data(nt: Any) -> bool:
+        return bool(data_labels) and all(nt.labels.get(k) == v for k, v in data_labels.items())
+
     for nt in cluster.node_types:
+        if for_data(nt):
+            continue
         have = {"GPU": nt.gpus, "CPU": nt.cpus}
         per_node = min(int(have[k] / v + 1e-9) for k, v in request.items() if v > 0)
         if per_node > 0 and nt.max_nodes > 0:
@@ -90,13 +100,19 @@ def check_fit(label: str, cfg: Config, cluster: ClusterSpec) -> Fit:
             f"config {label!r} asks {cfg.run.workers} workers x {_fmt(request)}, but {cluster.path} holds at most "
             f"{fit.capacity} ({fit.describe()}); node types: {types}"
         )
-    # Augmentation actors take the CPUs left over at full scale (Ray places them on any node).
-    actors, actor_cpus = cfg.data.augment_concurrency or 1, cfg.data.augment_cpus
-    spare = sum(nt.cpus * nt.max_nodes for nt in cluster.node_types) - cfg.run.workers * cfg.run.cpus_per_worker
-    if actors * actor_cpus > spare + 1e-9 or not any(nt.cpus >= actor_cpus and nt.max_nodes for nt in cluster.node_types):
+    # Augmentation tasks take the labelled nodes' CPUs, or without labels those left over at full scale.
+    tasks, task_cpus = cfg.data.augment_concurrency or 1, cfg.data.augment_cpus
+    hosts = [nt for nt in cluster.node_types if for_data(nt)] if data_labels else list(cluster.node_types)
+    spare = sum(nt.cpus * nt.max_nodes for nt in hosts)
+    if data_labels:
+        where = f"the node types labelled {data_labels} (data.node_labels) hold"
+    else:
+        spare -= cfg.run.workers * cfg.run.cpus_per_worker
+        where = f"{cluster.path} has left beside {cfg.run.workers} training workers:"
+    if tasks * task_cpus > spare + 1e-9 or not any(nt.cpus >= task_cpus and nt.max_nodes for nt in hosts):
         raise ClusterCheckError(
-            f"config {label!r}: data.augment_concurrency={actors} actors x {actor_cpus:g} CPU do not fit the "
-            f"{spare:g} CPUs {cluster.path} has left beside {cfg.run.workers} training workers; node types: {types}"
+            f"config {label!r}: data.augment_concurrency={tasks} tasks x {task_cpus:g} CPU (data.augment_cpus) do not fit "
+            f"the {spare:g} CPUs {where} at most; node types: {types}"
         )
     return fit
 
