@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     from raydino.bench.bootstrap import bench_bootstrap, plot_bootstrap
     from raydino.bench.checkpoint import bench_checkpoint, plot_checkpoint
     from raydino.bench.data import bench_data, plot_data
-    from raydino.bench.gpu import bench_gpu, plot_gpu
+    from raydino.bench.gpu import bench_gpu
+    from raydino.bench.gpu_report import plot_gpu
     from raydino.bench.shardsize import bench_shardsize, plot_shardsize
     from raydino.bench.train import bench_train, plot_train
 
