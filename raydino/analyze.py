@@ -25,7 +25,7 @@ import torch
 from torchvision.transforms import v2
 
 from raydino.augment.ops import normalize
-from raydino.cli import USER_ERRORS, add_storage_arguments, user_error
+from raydino.cli import USER_ERRORS, add_storage_arguments, local_folder, user_error
 from raydino.cli import storage_options as cli_storage_options
 from raydino.config import AUGMENT_PRESETS, AugmentConfig, ConfigError
 from raydino.data.labelled import IMAGE_SUFFIXES, DataError, decode_image, load_labelled
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_arguments(p)
     p.add_argument("--data", required=True, help="RETFound tree, labelled shards, or a folder of images")
     p.add_argument("--preset", help="augmentation preset(s), comma-separated: strong, weak, weak_med (default: the checkpoint's)")
-    p.add_argument("--out", help="output directory (default: analysis/<checkpoint name>)")
+    p.add_argument("--out", type=local_folder, help="output directory (default: analysis/<checkpoint name>)")
     p.add_argument("--n-images", type=int, default=64, help="images to sample (default 64)")
     p.add_argument("--views", type=int, default=4, help="augmented views per image (default 4)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of a labelled set (default test)")

@@ -8,7 +8,9 @@ The recipes catch `USER_ERRORS` around their work and hand them to `user_error`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from raydino.config import check_endpoint
 from raydino.data.storage import StorageError, StorageOptions, redact
@@ -59,3 +61,34 @@ def storage_overrides(args: argparse.Namespace) -> list[str]:
     the commands whose config holds them (pretrain, tune); the config then validates them."""
     keys = {"s3_endpoint": "data.s3_endpoint", "s3_region": "data.s3_region", "gcs_endpoint": "data.gcs_endpoint"}
     return [f"{key}={getattr(args, flag)}" for flag, key in keys.items() if getattr(args, flag, None) is not None]
+
+
+_URI_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")  # s3://, gs://, http://, and s3:/ as Path() leaves it
+
+
+def _local_path(value: str, folder: bool) -> Path:
+    text = str(value)
+    if _URI_PREFIX.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{redact(text)}: a local path is expected (this output is written on this machine; copy it to object storage afterwards)"
+        )
+    path = Path(text).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; a file path is expected")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a folder")
+    return path
+
+
+def local_folder(value: str) -> Path:
+    """argparse `type=` for an output folder written on this machine: refuses a URI (s3://, gs://: these
+    outputs are local files) and a path where a file stands, before any work."""
+    return _local_path(value, folder=True)
+
+
+def local_file(value: str) -> Path:
+    """argparse `type=` for an output file written on this machine (see `local_folder`)."""
+    return _local_path(value, folder=False)

@@ -12,6 +12,8 @@ import difflib
 import json
 import math
 import re
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +26,25 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 
-class _Strict(BaseModel):
+def _takes_number_not_bool(annotation: Any) -> bool:
+    """Whether a field of this type takes an int or float and never a bool."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return bool({int, float} & set(args)) and bool not in args
+
+
+class NoBoolNumbers(BaseModel):
+    """A model whose int and float fields refuse true/false (pydantic alone reads true as 1)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: Any) -> Any:
+        # pydantic reads true as 1 for an int or float field; a YAML `yes` or a misplaced `true` is a mistake.
+        if isinstance(v, bool) and _takes_number_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a number is expected, not a boolean (YAML reads true/false/yes/no/on/off as one)")
+        return v
+
+
+class _Strict(NoBoolNumbers):
     # extra="forbid": an unknown key is an error, never silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -324,8 +344,19 @@ class DataConfig(_Strict):
     shuffle_files: bool = True
 
 
+# A run's or experiment's name: one directory under its storage (no `/`, no `..`, nothing hidden).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def check_name(value: str | None) -> str | None:
+    """A run or experiment name, which becomes one folder under its storage."""
+    if value is not None and not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError("a name is one folder: letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return value
+
+
 class RunConfig(_Strict):
-    name: str | None = None
+    name: str | None = None  # the run's directory under `storage`
     storage: str = "runs"  # a directory, s3://bucket/prefix or gs://bucket/prefix
     workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0, ge=0)
@@ -346,6 +377,11 @@ class RunConfig(_Strict):
     @classmethod
     def _storage_uri(cls, v: str, info: Any) -> str:
         return _check_storage_uri(info.field_name, v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return check_name(v)
 
 
 class ProbeConfig(_Strict):
@@ -455,11 +491,17 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in resources.files("raydino.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str) -> dict[str, Any]:
+def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset or YAML file as a dict, its `base:` chain merged under it (a file's `base` path is read
+    relative to that file, then to the working directory; a chain that comes back to a file is an error)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.exists():
             raise ConfigError(f"config file {name_or_path!r} does not exist")
+        key = str(path.resolve())
+        if key in seen:
+            raise ConfigError(f"config {name_or_path!r}: its base: chain comes back to it ({' -> '.join(seen + (key,))})")
+        seen = (*seen, key)
         text = path.read_text()
     else:
         names = preset_names()
@@ -476,7 +518,12 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"config {name_or_path!r} must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)  # a config may extend another preset or file
     if base:
-        return _deep_merge(_read_yaml(base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"config {name_or_path!r}: base must be a preset name or a YAML path, got {base!r}")
+        beside = path.parent / base
+        if path.is_file() and not Path(base).is_absolute() and beside.is_file():
+            base = str(beside)  # a file's base sits beside it (else: a preset, or a path from the working directory)
+        return _deep_merge(_read_yaml(base, seen), data)
     return data
 
 

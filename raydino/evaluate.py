@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from raydino.cli import USER_ERRORS, add_storage_arguments, user_error
+from raydino.cli import USER_ERRORS, add_storage_arguments, local_folder, user_error
 from raydino.cli import storage_options as cli_storage_options
 from raydino.config import ConfigError, ProbeConfig
 from raydino.data.labelled import CROP_PCT, load_labelled
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seeds", help="probe seeds: 0-4, 0,1,2 or 0-2,7 (default: paper 0-4 as the authors' eval.sh; fast and knn are deterministic and run once)"
     )
     p.add_argument("--probe", default="fast", choices=[*PROBES, "all"], help="which probe(s) (default fast)")
-    p.add_argument("--out", help="output directory (default: eval/<checkpoint name>-<dataset>)")
+    p.add_argument("--out", type=local_folder, help="output directory (default: eval/<checkpoint name>-<dataset>)")
     p.add_argument("--image-size", type=int, help="probe image size (default: probe.image_size, else augment.global_crop_size)")
     p.add_argument("--batch-size", type=int, help="feature-extraction batch (default: probe.batch_size = 64)")
     p.add_argument("--train-batch-size", type=int, help="paper probe training batch (default: probe.train_batch_size = 16)")

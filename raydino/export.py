@@ -28,7 +28,7 @@ from typing import Any
 import timm
 import torch
 
-from raydino.cli import USER_ERRORS, add_storage_arguments, user_error
+from raydino.cli import USER_ERRORS, add_storage_arguments, local_file, user_error
 from raydino.cli import storage_options as cli_storage_options
 from raydino.config import ConfigError
 from raydino.core.model import is_vit
@@ -122,7 +122,7 @@ def export_backbone(source: str, out: str | Path, arch: str | None = None, verif
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raydino.export", description=__doc__.split("\n\n")[0])
     add_backbone_arguments(p, positional=True, device=False)
-    p.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors (a .json sidecar goes beside it)")
+    p.add_argument("--out", type=local_file, required=True, help="output file, e.g. backbone.safetensors (a .json sidecar goes beside it)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading through timm and comparing features")
     add_storage_arguments(p)
     return p

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raydino.cli import USER_ERRORS, user_error
+from raydino.cli import USER_ERRORS, local_file, user_error
 from raydino.config import ConfigError, load_config
 from raydino.runs import planning as P
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prices", type=Path, default=None, help="YAML {date, note, prices: {instance type: USD per node-hour}} replacing the example table"
     )
-    p.add_argument("--json", type=Path, default=None, help="write the plan as JSON here and a PNG (wall time vs GPUs) beside it")
+    p.add_argument("--json", type=local_file, default=None, help="write the plan as JSON here and a PNG (wall time vs GPUs) beside it")
     return p
 
 

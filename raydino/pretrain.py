@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from raydino.cli import EXIT_NON_FINITE, EXIT_TRAINING_FAILED, USER_ERRORS, add_storage_arguments, storage_overrides, user_error
+from raydino.cli import EXIT_NON_FINITE, EXIT_TRAINING_FAILED, USER_ERRORS, add_storage_arguments, local_folder, storage_overrides, user_error
 from raydino.config import Config, ConfigError, build_config, load_config, preset_names, resume_changes
 from raydino.data import storage as st
 from raydino.distributed.capacity import (
@@ -128,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cache",
+        type=local_folder,
         default=str(DEFAULT_CACHE),
         metavar="DIR",
         help="where the synthetic demo data set is generated once and reused (default: ./.raydino)",
@@ -150,7 +152,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def default_run_name(cfg: Config, config_name: str) -> str:
-    stem = Path(config_name).stem.replace("_", "-")
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(config_name).stem).strip("-.") or "config"  # a valid run.name
     return f"dino-{stem}-{cfg.augment.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from raydino.cli import add_storage_arguments, user_error
+from raydino.cli import add_storage_arguments, local_folder, user_error
 from raydino.cli import storage_options as cli_storage_options
 from raydino.data import catalog
 from raydino.data.fov import DEFAULT_QUALITY, MIN_MAX_SIDE
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shallow", action="store_true", help="with --verify: shard checksums only, not every image's")
     p.add_argument("--overlap", action="store_true", help="PRETRAIN LABELLED: count labelled images (per split) that are also in "
                    "the pretraining data, exactly (decoded pixels) or nearly (pHash); hashes are kept in each dataset's hashes.parquet")  # fmt: skip
-    p.add_argument("--out", metavar="DIR", help="with --overlap: also write DIR/overlap.json (the overlapping ids per split)")
+    p.add_argument("--out", type=local_folder, metavar="DIR", help="with --overlap: also write DIR/overlap.json (the overlapping ids per split)")
     p.add_argument("--list-datasets", action="store_true", help="print the catalog of the paper's datasets and exit")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p

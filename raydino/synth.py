@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raydino.cli import user_error
+from raydino.cli import local_folder, user_error
 from raydino.data.fundus import LesionScale
 from raydino.data.synth import TASKS, generate_dataset
 
@@ -27,7 +27,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raydino.synth", description=__doc__.split("\n")[0].strip("`: "))
-    p.add_argument("out", help="output folder (created)")
+    p.add_argument("out", type=local_folder, help="output folder (created; a local path)")
     p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256, minimum 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same images (default 0)")

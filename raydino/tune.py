@@ -29,7 +29,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from raydino.cli import EXIT_TRAINING_FAILED, USER_ERRORS, add_storage_arguments, storage_overrides, user_error
+from raydino.cli import EXIT_TRAINING_FAILED, USER_ERRORS, add_storage_arguments, local_folder, storage_overrides, user_error
 from raydino.config import Config, ConfigError
 from raydino.data import storage as st
 from raydino.data.overlap import run_overlap_warning
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a spec field (num_samples=4, budget.epochs=2, name=x) or a pretraining config key (optim.lr=0.001); repeatable",
     )
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="local cache for the synthetic data set (default .raydino)")
+    p.add_argument("--cache", type=local_folder, default=str(DEFAULT_CACHE), help="local cache for the synthetic data set (default .raydino)")
     p.add_argument("--print-spec", action="store_true", help="print the validated spec and the base trial config, then exit")
     add_storage_arguments(p)  # the same as --set data.s3_endpoint=URL, data.s3_region=R, data.gcs_endpoint=URL
     return p.parse_args(argv)
@@ -217,12 +217,18 @@ def prepare(spec: SearchSpec, cache: Path) -> tuple[Config, dict[str, Any]]:
         probe_uri = str(Path(probe_uri).resolve())
     if "://" not in data_uri:
         data_uri = str(Path(data_uri).resolve())
+    probe_dataset = spec.evaluation.dataset or ("synthetic" if probe_uri == data_uri else None)
+    # Every trial reads the probe's labelled set; read its index once here, so that a set that cannot be
+    # read (a wrong path, a missing class or split) fails now, not in every trial after Ray has started.
+    from raydino.data.labelled import load_labelled
+
+    load_labelled(probe_uri, dataset=probe_dataset, storage_options=st.StorageOptions.from_config(base.data))
     storage = RunStorage.for_config(spec.storage, base)
     ctx = {
         "spec": spec.model_dump(mode="json"),
         "data_uri": data_uri,
         "probe_uri": probe_uri,
-        "probe_dataset": spec.evaluation.dataset or ("synthetic" if probe_uri == data_uri else None),
+        "probe_dataset": probe_dataset,
         "steps_per_epoch": spe,
         "data_variants": variants,
         "storage": storage.to_dict(spec.name),
@@ -453,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         sets = list(args.set) + storage_overrides(args) + ([f"storage={args.storage}"] if args.storage else [])
         spec = load_spec(args.spec, sets)
         if args.print_spec:
+            base = check_space(spec).to_yaml()  # validates every trial's config first: nothing is printed before an error
             print(json.dumps(spec.model_dump(mode="json"), indent=2))
-            print(check_space(spec).to_yaml())
+            print(base)
             return 0
         summary = run_search(spec, resume=args.resume, cache=Path(args.cache))
     except USER_ERRORS as e:

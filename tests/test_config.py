@@ -76,6 +76,14 @@ def test_config_file_can_extend_a_preset(tmp_path):
         ("train.epoch=3", ["train.epoch", "unknown", "train.epochs"]),
         ("optim.optimizer=lamb", ["optim.optimizer", "lamb", "'adamw' or 'sgd'"]),
         ("probe.monitor=on", ["probe.monitor=True", "'fast', 'knn' or 'off'", "quote the word"]),
+        # pydantic alone reads true as 1 and 1.0
+        ("train.batch_size=true", ["train.batch_size=True", "a number is expected, not a boolean"]),
+        ("augment.flip_p=yes", ["augment.flip_p=True", "a number is expected"]),
+        ("run.max_node_wait_s=false", ["run.max_node_wait_s=False", "a number is expected"]),
+        # a run name is one folder under run.storage
+        ("run.name=../elsewhere", ["run.name='../elsewhere'", "a name is one folder"]),
+        ("run.name=a/b", ["run.name='a/b'", "a name is one folder"]),
+        ("run.name=.hidden", ["run.name='.hidden'", "starting with a letter or digit"]),
     ],
 )
 def test_bad_input_names_field_value_and_what_is_allowed(override, expected):
@@ -83,6 +91,24 @@ def test_bad_input_names_field_value_and_what_is_allowed(override, expected):
         load_config("demo", [override])
     for fragment in expected:
         assert fragment in str(err.value), f"{fragment!r} missing from: {err.value}"
+
+
+def test_booleans_and_names_that_are_fine_still_load():
+    c = load_config("smoke", ["train.compile=true", "run.name=dino-smoke_1.2", "model.init=null", "train.max_steps=null"])
+    assert c.train.compile is True and c.run.name == "dino-smoke_1.2" and c.train.max_steps is None
+
+
+def test_a_files_base_is_read_beside_it_and_a_base_loop_is_named(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "parent.yaml").write_text("base: smoke\ntrain: {epochs: 7}\n")
+    (tmp_path / "cfg" / "child.yaml").write_text("base: parent.yaml\ntrain: {batch_size: 4}\n")
+    monkeypatch.chdir(tmp_path)  # parent.yaml is not in the working directory: only beside child.yaml
+    c = load_config("cfg/child.yaml")
+    assert (c.train.epochs, c.train.batch_size, c.model.arch) == (7, 4, load_config("smoke").model.arch)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"config 'a.yaml': its base: chain comes back to it .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config("a.yaml")
 
 
 def test_a_bare_off_turns_the_monitor_off_from_the_command_line_and_a_file(tmp_path):

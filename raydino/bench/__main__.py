@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raydino.cli import USER_ERRORS, local_file, local_folder, user_error
+
 
 def _add_aug_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=300, help="images per pipeline per round (default 300)")
@@ -198,9 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_train_args(parsers["all"], "train-")
     _add_data_args(parsers["all"], "data-")
     for p in parsers.values():
-        p.add_argument("--out", type=Path, default=None, help="write DIR/<bench>.json and .png here")
-        p.add_argument("--json", type=Path, default=None, help="write results to this file and a PNG beside it")
-        p.add_argument("--cache", default=".raydino", help="cache of synthetic datasets (default .raydino)")
+        p.add_argument("--out", type=local_folder, default=None, help="write DIR/<bench>.json and .png here")
+        p.add_argument("--json", type=local_file, default=None, help="write results to this file and a PNG beside it")
+        p.add_argument("--cache", type=local_folder, default=".raydino", help="cache of synthetic datasets (default .raydino)")
     args = parser.parse_args(argv)
     positive = (
         "images",
@@ -266,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     for bench in ["aug", "train", "data"] if args.cmd == "all" else [args.cmd]:
         run, plot = runs[bench]
-        result = run()
+        try:
+            result = run()
+        except USER_ERRORS as e:  # a config, data or storage mistake: one line, exit 2
+            return user_error(f"raydino.bench {bench}", e)
         path = target(bench)
         if path is not None:
             _write(result, path, plot)

@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raydino.config import Config, ConfigError, apply_override, load_config, set_dotted
+from raydino.config import Config, ConfigError, NoBoolNumbers, _check_storage_uri, _safe, apply_override, check_name, load_config, set_dotted
 
 CONFIG_SECTIONS = tuple(Config.model_fields)
 RANGE_ENDS = {"min": 0, "max": 1}
@@ -44,7 +44,7 @@ JITTER_STRENGTH = "augment.jitter_strength"
 SYNTHETIC_DATA_KEYS = ("data.synthetic_lesion_size", "data.synthetic_lesion_count")
 
 
-class _Strict(BaseModel):
+class _Strict(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -125,6 +125,11 @@ class Evaluation(_Strict):
     intermediate: bool = True  # report (and score) every budget.report_every epochs; false: only at the end
     bootstrap: int = Field(200, ge=0)  # test-set resamples for the 95% intervals of the final probe
 
+    @field_validator("data")
+    @classmethod
+    def _data_uri(cls, v: str | None, info: Any) -> str | None:
+        return _check_storage_uri(info.field_name, v)
+
     @model_validator(mode="before")
     @classmethod
     def _old_intermediate(cls, data: Any) -> Any:
@@ -165,7 +170,7 @@ class Resources(_Strict):
 
 
 class SearchSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the experiment directory under storage
+    name: str  # the experiment directory under storage
     description: str = ""
     base: str = "demo"  # pretraining config: preset name or YAML path
     overrides: dict[str, Any] | list[str] = {}  # applied to `base` before any trial parameter
@@ -181,6 +186,16 @@ class SearchSpec(_Strict):
     stop_on_collapse: bool = True
     collapse_patience: int = Field(3, ge=1)  # consecutive log lines flagged collapsed
     storage: str = "runs/tune"
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v: str, info: Any) -> str:
+        return _check_storage_uri(info.field_name, v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
@@ -233,7 +248,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif isinstance(e.get("input"), (dict, list)) or e["type"] == "missing":
             lines.append(f"  {loc or 'spec'}: {msg}")
         else:
-            lines.append(f"  {loc}={e.get('input')!r}: {msg}")
+            value = e.get("input")
+            if isinstance(value, str) and "://" in value:
+                value = _safe(value)  # a URI's credentials are never echoed
+            lines.append(f"  {loc}={value!r}: {msg}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,133 @@
+"""Bad input every command must refuse before any work, with one line and exit status 2.
+
+Outputs that are written on this machine (reports, exports, plans, benches, caches) refuse an
+object-storage URI (which `Path` would have turned into a local folder named after the bucket, with
+any credentials in its name) and a path where a file stands; a search spec's URIs are checked as
+the pretraining config's are, and its probe set is read before Ray starts.  Everything runs in this
+process: none of these may start Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import ray
+
+from raydino.config import ConfigError
+from raydino.search.spec import load_spec
+
+SECRET = "topsecretvalue"
+
+
+@pytest.fixture
+def in_the_way(tmp_path, monkeypatch):
+    """A working directory holding a file named `afile`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    return tmp_path
+
+
+# (module, argv) pairs; OUT is replaced by the output path under test
+OUTPUTS = {
+    "export": ("raydino.export", ["random", "--arch", "vit_tiny_patch16_224", "--out", "OUT"], "file"),
+    "evaluate": ("raydino.evaluate", ["--checkpoint", "random", "--arch", "vit_tiny_patch16_224", "--data", "x", "--out", "OUT"], "folder"),
+    "analyze": ("raydino.analyze", ["--checkpoint", "random", "--arch", "vit_tiny_patch16_224", "--data", "x", "--out", "OUT"], "folder"),
+    "synth": ("raydino.synth", ["OUT", "--n", "3"], "folder"),
+    "plan": ("raydino.plan", ["--images", "10", "--config", "vits16-paper", "--json", "OUT"], "file"),
+    "shard --overlap": ("raydino.shard", ["--overlap", "a", "b", "--out", "OUT"], "folder"),
+    "pretrain --cache": ("raydino.pretrain", ["--cache", "OUT", "--print-config"], "folder"),
+    "tune --cache": ("raydino.tune", ["tuning/smoke.yaml", "--cache", "OUT", "--print-spec"], "folder"),
+    "bench --out": ("raydino.bench.__main__", ["aug", "--out", "OUT"], "folder"),
+    "bench --json": ("raydino.bench.__main__", ["aug", "--json", "OUT"], "file"),
+}
+
+
+def refused(module: str, argv: list[str], capsys) -> str:
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert not ray.is_initialized()
+    return err
+
+
+@pytest.mark.parametrize("command", list(OUTPUTS))
+def test_an_output_written_here_refuses_a_uri_without_echoing_its_credentials(command, in_the_way, capsys):
+    module, argv, kind = OUTPUTS[command]
+    uri = f"s3://AKIAEXAMPLE:{SECRET}@bucket/out" + (".safetensors" if command == "export" else ".json" if kind == "file" else "")
+    err = refused(module, [uri if a == "OUT" else a for a in argv], capsys)
+    assert "a local path is expected" in err and SECRET not in err, err
+    assert not (in_the_way / "s3:").exists()  # nothing written under a folder named after the scheme
+
+
+@pytest.mark.parametrize("command", list(OUTPUTS))
+def test_an_output_refuses_a_file_standing_where_its_folder_goes(command, in_the_way, capsys):
+    module, argv, kind = OUTPUTS[command]
+    out = "afile" if kind == "folder" else "afile/out.safetensors" if command == "export" else "afile/out.json"
+    err = refused(module, [out if a == "OUT" else a for a in argv], capsys)
+    assert ("exists and is not a folder" if kind == "folder" else "afile is a file, not a folder") in err, err
+
+
+def test_a_file_output_refuses_a_folder():
+    from argparse import ArgumentTypeError
+
+    from raydino.cli import local_file, local_folder
+
+    with pytest.raises(ArgumentTypeError, match="is a folder; a file path is expected"):
+        local_file(".")
+    assert str(local_folder("new/dir")) == "new/dir" and str(local_file("new/x.json")) == "new/x.json"
+
+
+def test_a_bench_config_mistake_is_one_line_not_a_traceback(capsys):
+    from raydino.bench.__main__ import main
+
+    assert main(["gpu", "--device", "cpu", "--config", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raydino.bench gpu: error: unknown config 'nosuch'") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (f"storage=s3://AKIAEXAMPLE:{SECRET}@bucket/tune", "credentials in a URI are refused"),
+        ("storage=s3:/bucket/tune", "storage"),
+        ("storage=http://host/tune", "storage"),
+        (f"evaluation.data=gs://user:{SECRET}@bucket/labelled", "credentials in a URI are refused"),
+        ("name=../escape", "a name is one folder"),
+        ("num_samples=true", "a number is expected, not a boolean"),
+    ],
+)
+def test_a_search_specs_uris_names_and_numbers_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_spec("tuning/smoke.yaml", [override])
+    assert message in str(err.value) and SECRET not in str(err.value), err.value
+
+
+def test_print_spec_prints_nothing_of_a_spec_it_refuses(capsys):
+    from raydino.tune import main
+
+    assert main(["tuning/smoke.yaml", "--storage", f"s3://AKIAEXAMPLE:{SECRET}@bucket/tune", "--print-spec"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and SECRET not in err and "credentials in a URI are refused" in err
+
+
+def test_the_probes_labelled_set_is_read_before_ray_starts(tmp_path, capsys):
+    """A probe set that cannot be read used to fail in every trial, after Ray had started, and leave
+    the experiment folder behind so that the corrected command was refused too."""
+    from raydino.tune import main
+
+    argv = [
+        "tuning/smoke.yaml",
+        "--set",
+        f"evaluation.data={tmp_path / 'nowhere'}",
+        "--storage",
+        str(tmp_path / "tune"),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: no such directory" in err and not ray.is_initialized()
+    assert not (tmp_path / "tune").exists()
