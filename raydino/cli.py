@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from raydino.config import check_endpoint
+from raydino.data.shards import ShardError
 from raydino.data.storage import StorageError, StorageOptions, redact
 
 EXIT_OK = 0
@@ -20,8 +21,9 @@ EXIT_TRAINING_FAILED = 1  # the work failed (Ray Train gave up after run.max_fai
 EXIT_BAD_INPUT = 2  # config, data, storage or cluster cannot work: nothing was done
 EXIT_NON_FINITE = 3  # the loss became NaN/inf: stopped, the last good checkpoint is kept
 # ConfigError (config.py) and DataError (data/labelled.py) are ValueErrors; StorageError is an
-# OSError (a URI that cannot be read or written, a missing bucket, a refused permission).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, StorageError)
+# OSError (a URI that cannot be read or written, a missing bucket, a refused permission); ShardError
+# names a shard or manifest that fails its checksum or cannot be read.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, StorageError, ShardError)
 
 
 def user_error(prog: str, error: BaseException | str, code: int = EXIT_BAD_INPUT) -> int:

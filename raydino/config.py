@@ -294,7 +294,7 @@ class TrainConfig(_Strict):
 class DataConfig(_Strict):
     uri: str | None = None  # shards (local dir, file://, s3:// or gs://); None: synthetic default
     synthetic_n: int = Field(600, ge=1)
-    synthetic_size: int = Field(128, ge=16)
+    synthetic_size: int = Field(128, ge=16, le=4096)  # raydino.synth's MAX_SIZE
     synthetic_seed: int = 0
     # The label the synthetic set's class folders (and so the demo's probe) carry: "dr" (ICDR grade,
     # lesions of a few pixels) or "glaucoma" (cup-to-disc class, visible at 64 px).  Pretraining never

@@ -330,12 +330,15 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     TrainingFailedError when workers failed more than `run.max_failures` times.
     """
     from raydino.core.graphstep import graph_config_problem
+    from raydino.core.model import model_config_problems
     from raydino.data.loader import pretrain_rows
     from raydino.distributed.streaming import build_pretrain_dataset
 
     # 1. Everything that needs no cluster: the model's fit to the step, storage, run name, data, batch arithmetic.
     if problem := graph_config_problem(cfg):
         raise ConfigError(problem)
+    if problems := model_config_problems(cfg):
+        raise ConfigError("; ".join(problems))
     storage = RunStorage.for_config(cfg.run.storage, cfg)
     name = cfg.run.name
     if resume and not name:

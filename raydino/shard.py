@@ -21,13 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-from raydino.cli import add_storage_arguments, local_folder, user_error
+from raydino.cli import USER_ERRORS, add_storage_arguments, local_folder, user_error
 from raydino.cli import storage_options as cli_storage_options
 from raydino.data import catalog
 from raydino.data.fov import DEFAULT_QUALITY, MIN_MAX_SIDE
 from raydino.data.overlap import overlap
-from raydino.data.shards import ShardError, open_shards
-from raydino.data.storage import StorageError, StorageOptions
+from raydino.data.shards import open_shards
+from raydino.data.storage import StorageOptions
 from raydino.data.writer import NothingReadableError, ShardingError, ShardJobOptions, shard_dataset
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except NothingReadableError as e:  # before ValueError/OSError: the one failure with its own status
         return user_error("raydino.shard", e, code=1)
-    except (ValueError, ShardingError, StorageError, ShardError) as e:  # bad options, SourceError, storage, shards
+    except (*USER_ERRORS, ShardingError) as e:  # bad options, SourceError, a missing --labels file, storage, shards
         return user_error("raydino.shard", e)
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)

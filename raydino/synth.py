@@ -20,16 +20,19 @@ def _fractions(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--splits {text!r}: expected three numbers like 0.7,0.15,0.15") from None
-    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6:
-        raise argparse.ArgumentTypeError(f"--splits {text!r}: need train,val,test fractions >= 0 summing to 1")
+    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6 or parts[0] == 0:
+        raise argparse.ArgumentTypeError(f"--splits {text!r}: need train,val,test fractions >= 0 summing to 1, with train > 0")
     return parts  # type: ignore[return-value]
+
+
+MAX_SIZE = 4096  # a rendered image is side^2 x 3 bytes several times over while it is drawn
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raydino.synth", description=__doc__.split("\n")[0].strip("`: "))
     p.add_argument("out", type=local_folder, help="output folder (created; a local path)")
     p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256, minimum 16)")
+    p.add_argument("--size", type=int, default=256, help=f"image side in pixels (default 256; 16 to {MAX_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same images (default 0)")
     p.add_argument("--format", choices=("jpeg", "png"), default="jpeg", help="image encoding (default jpeg)")
     p.add_argument("--task", choices=tuple(TASKS), default="dr", help="which label names the class folders (default dr)")
@@ -48,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.n < 1:
         return user_error("raydino.synth", f"--n {args.n}: need at least 1 image")
-    if args.size < 16:
-        return user_error("raydino.synth", f"--size {args.size}: need at least 16 px")
+    if not 16 <= args.size <= MAX_SIZE:
+        return user_error("raydino.synth", f"--size {args.size}: from 16 to {MAX_SIZE} px (a 12 MP camera's longer side is ~4,000)")
     if args.workers is not None and args.workers < 1:
         return user_error("raydino.synth", f"--workers {args.workers}: need at least 1")
     try:

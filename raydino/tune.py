@@ -243,11 +243,14 @@ def run_search(spec: SearchSpec, resume: bool = False, cache: Path = DEFAULT_CAC
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raydino.core.graphstep import graph_config_problem
+    from raydino.core.model import model_config_problems
 
     _ACTIVE.clear()
     base, ctx = prepare(spec, cache)
     if problem := graph_config_problem(base):  # the trials would each fail at their first graph step
         raise ConfigError(problem)
+    if problems := model_config_problems(base):  # ... or at their first step
+        raise ConfigError("; ".join(problems))
     leak = run_overlap_warning({"data": {**base.data.model_dump(), "uri": ctx["data_uri"]}}, ctx["probe_uri"])  # stored hashes only
     if leak:
         print(f"[raydino.tune] {leak}", flush=True)

@@ -131,3 +131,66 @@ def test_the_probes_labelled_set_is_read_before_ray_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere: no such directory" in err and not ray.is_initialized()
     assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lesion-count", "1e9"], "lesion count=1000000000.0: must be a number > 0 and <= 20"),
+        (["--lesion-size", "25"], "lesion size=25.0: must be a number > 0 and <= 20"),
+        (["--size", "20000"], "--size 20000: from 16 to 4096 px"),
+    ],
+)
+def test_synth_refuses_what_it_could_not_draw(args, message, tmp_path, capsys):
+    from raydino.synth import main
+
+    assert main([str(tmp_path / "out"), "--n", "3", "--size", "32", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_needs_training_images(tmp_path, capsys):
+    err = refused("raydino.synth", [str(tmp_path / "out"), "--splits", "0,0.5,0.5"], capsys)
+    assert "with train > 0" in err
+
+
+def test_shard_names_a_missing_labels_file_in_one_line(tmp_path, capsys):
+    from raydino.data.synth import generate_dataset
+    from raydino.shard import main
+
+    generate_dataset(tmp_path / "photos", 4, 32, 0, progress=False, workers=1)
+    assert main([str(tmp_path / "photos"), str(tmp_path / "shards"), "--labels", str(tmp_path / "none.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raydino.shard: error: ") and "none.csv" in err and "Traceback" not in err
+
+
+def test_a_corrupt_checkpoint_or_weights_file_is_named_in_one_line(tmp_path, capsys):
+    import torch
+
+    from raydino.evaluate import main as evaluate
+    from raydino.export import main as export
+
+    run = tmp_path / "run" / "checkpoint_00000001"
+    run.mkdir(parents=True)
+    torch.save({"step": 1}, run / "state.pt")
+    (run / "state.pt").write_bytes((run / "state.pt").read_bytes()[:100])  # truncated
+    (tmp_path / "w.pth").write_text("garbage\n")
+    (tmp_path / "w.safetensors").write_text("garbage\n")
+    cases = [
+        (evaluate, ["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path)], "state.pt: not a readable checkpoint"),
+        (
+            export,
+            [str(tmp_path / "w.pth"), "--arch", "vit_tiny_patch16_224", "--out", str(tmp_path / "o.safetensors")],
+            "w.pth: not a readable checkpoint",
+        ),
+        (
+            export,
+            [str(tmp_path / "w.safetensors"), "--arch", "vit_tiny_patch16_224", "--out", str(tmp_path / "o.safetensors")],
+            "w.safetensors: not a readable safetensors file",
+        ),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.safetensors").exists()

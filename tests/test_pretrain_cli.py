@@ -89,6 +89,21 @@ def test_a_cuda_graph_run_with_batchnorm_stops_before_ray_starts(capsys, tmp_pat
     assert "train.cuda_graph=true: model.arch='resnet18' has BatchNorm" in err
 
 
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["augment.global_crop_size=40"], "augment.global_crop_size=40: not a multiple of vit_tiny_patch16_224's 16 px patches (e.g. 32, 48)"),
+        (["augment.local_crop_size=20"], "augment.local_crop_size=20: not a multiple"),
+        (["probe.image_size=50"], "probe.image_size=50: not a multiple"),
+        (["model.init=/nonexistent/weights.pth"], "model.init='/nonexistent/weights.pth': file does not exist"),
+    ],
+)
+def test_what_the_workers_would_fail_on_stops_before_ray_starts(sets, message, capsys, tmp_path):
+    flags = ["--storage", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), "--no-probe"]
+    err = fails_before_training(["--config", "smoke", *flags, *[a for s in sets for a in ("--set", s)]], capsys)
+    assert message in err, err
+
+
 def test_storage_flags_are_the_data_sections_endpoints(capsys):
     flags = ["--s3-endpoint", "http://127.0.0.1:9000", "--s3-region", "eu-west-2", "--gcs-endpoint", "http://127.0.0.1:9023"]
     assert main(["--config", "smoke", *flags, "--print-config"]) == 0

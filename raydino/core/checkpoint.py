@@ -9,6 +9,7 @@ checkpoint.  Ray Train copies such a directory to the run's storage (local, s3:/
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -79,14 +80,29 @@ def save_checkpoint(state: TrainState, directory: str | os.PathLike) -> Path:
     return directory
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint or weights file that cannot be read (truncated, not a torch/safetensors file)."""
+
+
+def read_weights_file(file: str | os.PathLike, mmap: bool = False) -> Any:
+    """`torch.load` of a checkpoint or weights file onto the CPU; a file it cannot read raises
+    CheckpointReadError naming it, not torch's or pickle's own error."""
+    try:
+        # weights_only=False: raydino's payload holds numpy RNG state and plain python objects it wrote
+        # itself, and official DINO checkpoints hold an argparse Namespace.
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointReadError(f"{file}: not a readable checkpoint or weights file, truncated or of another format ({first})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint directory or its state.pt file onto the CPU."""
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a directory with {STATE_FILE})")
-    # weights_only=False: the payload holds numpy RNG state and plain python objects we wrote ourselves.
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return read_weights_file(file)
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], restore_rng: bool = True) -> None:

@@ -32,6 +32,29 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def model_config_problems(cfg: Config) -> list[str]:
+    """What the workers would fail on, found now (the backbone built on the meta device: shapes only,
+    instant): a crop or probe size a ViT's patches do not tile, and a `model.init` file that is not there."""
+    from pathlib import Path
+
+    problems = []
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.model, img_size=cfg.augment.global_crop_size)
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, Sequence) else patch
+    sizes = {"augment.global_crop_size": cfg.augment.global_crop_size, "augment.local_crop_size": cfg.augment.local_crop_size}
+    if cfg.probe.image_size:
+        sizes["probe.image_size"] = cfg.probe.image_size
+    for field, size in sizes.items():
+        if patch and size % patch:
+            fits = ", ".join(str(patch * k) for k in (size // patch, size // patch + 1) if k > 0)
+            problems.append(f"{field}={size}: not a multiple of {cfg.model.arch}'s {patch} px patches (e.g. {fits})")
+    init = cfg.model.pretrained_init
+    if init and not Path(init).exists():
+        problems.append(f"model.init={init!r}: file does not exist (a local path on every node)")
+    return problems
+
+
 def build_backbone(cfg: ModelConfig, img_size: int | None = None) -> nn.Module:
     """A timm backbone without classifier.  `img_size` sets a ViT's native grid (dynamic size on)."""
     kwargs: dict = {"pretrained": False, "num_classes": 0, "drop_path_rate": cfg.drop_path_rate}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from raydino.config import ConfigError
-from raydino.core.checkpoint import load_checkpoint
+from raydino.core.checkpoint import CheckpointReadError, load_checkpoint, read_weights_file
 
 
 def teacher_backbone_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -38,10 +38,14 @@ def read_backbone_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ConfigError(f"model.init={str(path)!r}: file does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return backbone_keys_only(load_file(str(path)))
-    obj = load_checkpoint(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return backbone_keys_only(load_file(str(path)))
+        except SafetensorError as e:
+            raise CheckpointReadError(f"{path}: not a readable safetensors file ({e})") from None
+    obj = load_checkpoint(path) if path.is_dir() else read_weights_file(path)
     if isinstance(obj, dict) and "teacher" in obj:  # raydino or official DINO (teacher preferred)
         sd = obj["teacher"]
     elif isinstance(obj, dict) and "student" in obj:

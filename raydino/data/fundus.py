@@ -39,6 +39,10 @@ class FundusLabel:
     split: str
 
 
+# Beyond 20x the default a lesion covers the disc (size) or drawing them takes minutes per image (count).
+MAX_LESION_SCALE = 20
+
+
 @dataclass(frozen=True)
 class LesionScale:
     """How big and how many the DR lesions are, relative to the default drawing (1, 1).
@@ -55,8 +59,8 @@ class LesionScale:
     def __post_init__(self) -> None:
         for name in ("size", "count"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"lesion {name}={value!r}: must be a number > 0 (1 = the default drawing)")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_LESION_SCALE):
+                raise ValueError(f"lesion {name}={value!r}: must be a number > 0 and <= {MAX_LESION_SCALE} (1 = the default drawing)")
 
     @property
     def is_default(self) -> bool:

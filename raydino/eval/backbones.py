@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from raydino.config import ConfigError, ModelConfig
-from raydino.core.checkpoint import STATE_FILE, checkpoint_config, load_checkpoint
+from raydino.core.checkpoint import STATE_FILE, checkpoint_config, load_checkpoint, read_weights_file
 from raydino.core.model import build_backbone
 from raydino.core.weights import load_backbone_state, read_backbone_weights, teacher_backbone_state
 
@@ -74,8 +74,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _checkpoint_step(directory: Path) -> int:
     # mmap: reads the pickled scalars without pulling every tensor into memory.
-    state = torch.load(directory / STATE_FILE, map_location="cpu", mmap=True, weights_only=False)
-    return int(state.get("step", -1))
+    state = read_weights_file(directory / STATE_FILE, mmap=True)
+    return int(state.get("step", -1)) if isinstance(state, dict) else -1
 
 
 def find_latest_checkpoint(path: str | os.PathLike) -> Path:
