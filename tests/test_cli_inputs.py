@@ -194,3 +194,18 @@ def test_a_corrupt_checkpoint_or_weights_file_is_named_in_one_line(tmp_path, cap
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_shard_refuses_a_dest_inside_its_source_folder_and_leaves_no_folder(tmp_path, capsys):
+    from raydino.data.synth import generate_dataset
+    from raydino.shard import main
+
+    generate_dataset(tmp_path / "photos", 4, 32, 0, progress=False, workers=1)
+    for dest in (tmp_path / "photos", tmp_path / "photos" / "shards"):
+        assert main([str(tmp_path / "photos"), str(dest), "--quiet"]) == 2
+        assert "is SRC" in capsys.readouterr().err
+    assert not (tmp_path / "photos" / "shards").exists()
+    # a source that cannot be read leaves no empty DEST behind either
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "out"), "--quiet"]) == 2
+    assert not (tmp_path / "out").exists()
+    assert main([str(tmp_path / "photos"), str(tmp_path / "out"), "--quiet"]) == 0

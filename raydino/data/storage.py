@@ -27,6 +27,7 @@ it with a message that says what failed and that rerunning resumes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -35,6 +36,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -489,13 +491,19 @@ def delete_file(loc: Location, path: str) -> None:
 
 
 def check_writable(loc: Location) -> None:
-    """Fail early, with a clear message, when nothing can be written at ``loc``."""
+    """Fail early, with a clear message, when nothing can be written at ``loc``; leaves nothing behind
+    (local folders it had to create are removed again, so a run refused later leaves no empty folder)."""
     probe = loc.join(f".raydino-write-test-{uuid.uuid4().hex[:8]}")
+    created: list[Path] = []
     try:
         if loc.scheme == "file":
+            created = [d for d in [Path(loc.path), *Path(loc.path).parents] if not d.exists()]
             loc.fs.create_dir(loc.path, recursive=True)
         write_bytes(loc, probe, b"ok")
         delete_file(loc, probe)
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
     except TransientStorageError as e:
         spec = REMOTE_SCHEMES.get(loc.scheme)
         hint = f" Check the endpoint ({spec.endpoint_settings}) and the network." if spec else ""

@@ -253,6 +253,10 @@ def shard_dataset(
     except StorageError as e:
         raise ShardingError(str(e)) from None
     listing = list_source(src, labels_csv=labels_csv, label_column=opts.label_column, options=storage_options)
+    src_dir, dest_dir = listing.root.path.rstrip("/"), dest_loc.path.rstrip("/")
+    if listing.kind != "csv" and listing.root.scheme == dest_loc.scheme and (dest_dir + "/").startswith(src_dir + "/"):
+        # a folder source is listed recursively: the next run over it would list these shards as images
+        raise ShardingError(f"DEST {dest} is SRC {src} or inside it: write the shards to a folder outside the photographs")
     if opts.dataset is None:
         name = listing.root.path.rstrip("/").rsplit("/", 1)[-1]  # the folder (of the CSV) names the set
         opts = replace(opts, dataset=name or None)
