@@ -352,7 +352,7 @@ def run(cfg: Config, config_name: str = "demo", resume: bool = False, probe: boo
     storage.check_writable(name)
     changes = resume_check(storage, name, cfg)
     data_uri = cfg.data.uri or ensure_dataset(cfg, cache)
-    shards = open_dataset(data_uri, cfg)
+    shards = open_dataset(data_uri, cfg, check_sizes=True)
     rows = pretrain_rows(shards)
     monitor = monitor_source(cfg, data_uri)
     if monitor and cfg.probe.data:  # a probe.data that cannot be read fails now, not at the first epoch's end

@@ -189,7 +189,7 @@ def prepare(spec: SearchSpec, cache: Path) -> tuple[Config, dict[str, Any]]:
     """Validate everything and build the trial context before Ray starts (bad input fails in seconds)."""
     base = check_space(spec)
     data_uri = base.data.uri or ensure_dataset(base, cache)
-    shards = open_dataset(data_uri, base)
+    shards = open_dataset(data_uri, base, check_sizes=True)
     from raydino.data.loader import pretrain_rows
 
     rows = pretrain_rows(shards)

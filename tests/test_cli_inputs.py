@@ -10,6 +10,7 @@ process: none of these may start Ray.
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import ray
@@ -209,3 +210,25 @@ def test_shard_refuses_a_dest_inside_its_source_folder_and_leaves_no_folder(tmp_
     assert main([str(tmp_path / "nothing"), str(tmp_path / "out"), "--quiet"]) == 2
     assert not (tmp_path / "out").exists()
     assert main([str(tmp_path / "photos"), str(tmp_path / "out"), "--quiet"]) == 0
+
+
+def test_a_truncated_or_missing_shard_stops_pretraining_before_ray(tmp_path, capsys):
+    """Found with one listing of the shard folder, before Ray starts: training used to start and fail,
+    or with a rewritten shard of another size, train on it."""
+    from raydino.data.shards import open_shards
+    from raydino.data.synth import synthetic_shards
+    from raydino.pretrain import main
+
+    data = synthetic_shards(40, 32, seed=3, cache_root=str(tmp_path / "synth"), workers=1, progress=False)
+    first = sorted(open_shards(data).shard_paths("train"))[0]
+    body = open(first, "rb").read()
+    argv = ["--config", "smoke", "--data", data, "--storage", str(tmp_path / "runs"), "--no-probe"]
+    with open(first, "wb") as f:
+        f.write(body[: len(body) // 2])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"size {len(body) // 2} bytes, manifest says {len(body)}" in err and "--verify" in err and not ray.is_initialized()
+    os.remove(first)
+    assert main(argv) == 2
+    assert "listed in the manifest is missing" in capsys.readouterr().err and not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()

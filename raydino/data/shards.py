@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -224,6 +224,23 @@ class ShardSet:
         if verify:
             return check_shard_bytes(entry, data, where)
         return pq.ParquetFile(pa.BufferReader(data))
+
+    def check_sizes(self, splits: Sequence[str] | None = None) -> None:
+        """Every shard of ``splits`` (None: all) present at its manifest size: one listing of the shard
+        folder, no bytes read, so a run can ask it before it starts.  A missing, truncated or rewritten
+        shard raises ShardError naming it (`verify` checks every byte)."""
+        entries = self.manifest.shards if splits is None else [e for s in splits if self.rows(s) for e in self.entries(s)]
+        found = {i.path: i.size for i in storage.list_files(self.location, self.location.join(SHARDS_DIR))}
+        for entry in {e.path: e for e in entries}.values():
+            size = found.get(self.location.join(entry.path))
+            where = self.location.uri_of(entry.path)
+            if size is None:
+                raise ShardError(f"shard {where} listed in the manifest is missing")
+            if size != entry.bytes:
+                raise ShardError(
+                    f"shard {where}: size {size} bytes, manifest says {entry.bytes} (truncated or rewritten; "
+                    f"`python -m raydino.shard --verify {self.uri}` checks every shard)"
+                )
 
     def verify(self, deep: bool = True) -> dict[str, int]:
         """Check every shard; raise ShardError naming the first bad one.

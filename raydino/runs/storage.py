@@ -193,14 +193,22 @@ def ensure_dataset(cfg: Config, cache: Path) -> str:
     )  # fmt: skip
 
 
-def open_dataset(uri: str, cfg: Config) -> Any:
-    """The shard set at `uri` (manifest read and validated), or a ConfigError saying what to do."""
+def open_dataset(uri: str, cfg: Config, check_sizes: bool = False) -> Any:
+    """The shard set at `uri` (manifest read and validated), or a ConfigError saying what to do.
+    `check_sizes`: the pretraining shards must also be there at their manifest sizes (one listing)."""
+    from raydino.data.loader import PRETRAIN_SPLITS
     from raydino.data.shards import ShardError, open_shards
 
     opts = st.StorageOptions.from_config(cfg.data)
     try:
-        return open_shards(uri, opts)
+        shards = open_shards(uri, opts)
     except ShardError as e:
         raise ConfigError(f"data.uri={st.display_uri(uri)!r}: {e}; make shards with `python -m raydino.shard IMAGES DEST`") from None
     except st.StorageError as e:
         raise ConfigError(f"data.uri={st.display_uri(uri)!r}: {e}") from None
+    if check_sizes:
+        try:
+            shards.check_sizes(PRETRAIN_SPLITS)
+        except (ShardError, st.StorageError) as e:
+            raise ConfigError(f"data.uri={st.display_uri(uri)!r}: {e}") from None
+    return shards
