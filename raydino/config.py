@@ -45,8 +45,8 @@ class NoBoolNumbers(BaseModel):
 
 
 class _Strict(NoBoolNumbers):
-    # extra="forbid": an unknown key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": an unknown key is an error, never silently ignored; nan and inf are no setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_scale(name: str, value: tuple[float, float]) -> tuple[float, float]:

@@ -280,6 +280,8 @@ def parse_spec(data: dict[str, Any], source: str = "spec", sets: list[str] | tup
 
 def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> SearchSpec:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"search spec {str(path)!r} is a folder: give a spec file, e.g. tuning/smoke.yaml")
     if not path.is_file():
         shipped = sorted(p.name for p in Path("tuning").glob("*.yaml")) if Path("tuning").is_dir() else []
         hint = f"; shipped specs: {', '.join(f'tuning/{s}' for s in shipped)}" if shipped else ""
