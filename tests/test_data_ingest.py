@@ -100,6 +100,25 @@ def test_labels_csv_not_utf8_is_an_error_naming_the_file_and_the_encoding(tree, 
     assert {it.label for it in list_source(str(tmp_path / "flat"), labels_csv=str(labels)).items} == {"rétinopathie"}
 
 
+def test_a_labels_csv_without_its_label_column_is_an_error_and_unlisted_images_are_said(tree, tmp_path):
+    names = flat_folder(tree, tmp_path / "flat")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,lbl\n" + "".join(f"{n},a\n" for n in names))
+    with pytest.raises(SourceError, match=r"labels CSV .*labels.csv: no 'label' column \(columns: path, lbl\); --label-column names it"):
+        list_source(str(tmp_path / "flat"), labels_csv=str(labels))
+    labels.write_text("path,label\n" + "".join(f"{n},a\n" for n in names[1:]))  # one image left out
+    listing = list_source(str(tmp_path / "flat"), labels_csv=str(labels))
+    [warning] = listing.warnings
+    assert f"1 of {len(names)} images are not in labels CSV" in warning and "stored unlabelled" in warning
+    # a CSV source whose other columns may be labels under another name: stored unlabelled, and said so
+    listed = tmp_path / "list.csv"
+    listed.write_text("path,grade\n" + "".join(f"flat/{n},a\n" for n in names))
+    listing = list_source(str(listed))
+    assert {it.label for it in listing.items} == {None} and "no 'label' column (columns: path, grade)" in listing.warnings[0]
+    listed.write_text("path\n" + "".join(f"flat/{n}\n" for n in names))  # a list of paths: nothing to say
+    assert list_source(str(listed)).warnings == []
+
+
 def test_duplicate_rows_in_a_labels_csv_are_an_error_listing_them(tree, tmp_path):
     names = flat_folder(tree, tmp_path / "flat")
     labels = tmp_path / "labels.csv"

@@ -63,6 +63,7 @@ class SourceListing:
     root: Location
     items: list[SourceItem] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the listing could not tell, said before sharding
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and label (label None shown as "")."""
@@ -234,9 +235,17 @@ def _csv_columns(rows: list[list[str]], label_column: str, where: str) -> tuple[
 
 def _list_csv(csv_loc: Location, label_column: str) -> SourceListing:
     where = f"CSV {csv_loc.uri}"
-    rows, ip, il, isp = _csv_columns(_read_csv_rows(csv_loc, csv_loc.path, where), label_column, where)
+    raw_rows = _read_csv_rows(csv_loc, csv_loc.path, where)
+    rows, ip, il, isp = _csv_columns(raw_rows, label_column, where)
     root = storage.Location(csv_loc.fs, posixpath.dirname(csv_loc.path), csv_loc.scheme, csv_loc.options)
     listing = SourceListing(kind="csv", root=root)
+    other = [c for c in raw_rows[0] if c.strip().lower() not in ("path", "split")]
+    if il is None and other:
+        # A paths-only CSV is a pretraining list; one with other columns may hold labels under another name.
+        listing.warnings.append(
+            f"{where} has no {label_column!r} column (columns: {', '.join(raw_rows[0])}): its images are stored "
+            "unlabelled; name the label column with --label-column"
+        )
     entries: list[tuple[str, str, str | None, str]] = []
     numbered: list[tuple[int, str]] = []
     for lineno, row in rows:
@@ -265,7 +274,10 @@ def _apply_labels(listing: SourceListing, labels_csv: str, label_column: str, op
     """Labels (and splits) for a folder source from a ``path,label[,split]`` CSV relative to it."""
     loc = storage.resolve(labels_csv, options)
     where = f"labels CSV {loc.uri}"
-    rows, ip, il, isp = _csv_columns(_read_csv_rows(loc, loc.path, where), label_column, where)
+    raw_rows = _read_csv_rows(loc, loc.path, where)
+    rows, ip, il, isp = _csv_columns(raw_rows, label_column, where)
+    if il is None:
+        raise SourceError(f"{where}: no {label_column!r} column (columns: {', '.join(raw_rows[0])}); --label-column names it")
     _refuse_duplicates([(lineno, _clean_rel(row[ip]) if ip < len(row) else "") for lineno, row in rows], where)
     table: dict[str, tuple[str | None, str | None]] = {}
     for lineno, row in rows:
@@ -281,5 +293,8 @@ def _apply_labels(listing: SourceListing, labels_csv: str, label_column: str, op
             it = SourceItem(it.id, it.path, label, split or it.split, it.size, it.mtime_ns)
         new_items.append(it)
     listing.items = new_items
+    unlisted = sorted(it.id for it in listing.items if it.id not in table)
+    if unlisted:
+        listing.warnings.append(f"{len(unlisted)} of {len(listing.items)} images are not in {where}: stored unlabelled (e.g. {unlisted[0]})")
     for rel in sorted(set(table) - known):
         listing.skipped.append(Skipped(rel, "missing: listed in the labels CSV but not found", kind="rejected"))

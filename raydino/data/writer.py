@@ -261,14 +261,14 @@ def shard_dataset(
         name = listing.root.path.rstrip("/").rsplit("/", 1)[-1]  # the folder (of the CSV) names the set
         opts = replace(opts, dataset=name or None)
 
-    warnings: list[str] = []
+    warnings: list[str] = list(listing.warnings)
     info = catalog.find(opts.dataset)
     if info is not None:
         opts = replace(opts, dataset=info.name)
-        warnings = catalog.check_counts(info, listing.counts())
-        for w in warnings:
-            if on_warning:
-                on_warning(w)
+        warnings += catalog.check_counts(info, listing.counts())
+    for w in warnings:
+        if on_warning:
+            on_warning(w)
 
     items = order_items(listing.items, opts.shuffle_seed)
     transform = opts.transform()
