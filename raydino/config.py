@@ -355,7 +355,21 @@ def check_name(value: str | None) -> str | None:
     return value
 
 
-class RunConfig(_Strict):
+class NameAndStorage(BaseModel):
+    """The checks of a model with a `name` (one folder) and a `storage` URI: a run, a search."""
+
+    @field_validator("storage", check_fields=False)
+    @classmethod
+    def _storage_uri(cls, v: str, info: Any) -> str:
+        return _check_storage_uri(info.field_name, v)
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return check_name(v)
+
+
+class RunConfig(_Strict, NameAndStorage):
     name: str | None = None  # the run's directory under `storage`
     storage: str = "runs"  # a directory, s3://bucket/prefix or gs://bucket/prefix
     workers: int = Field(2, ge=1)
@@ -372,16 +386,6 @@ class RunConfig(_Strict):
     # Local paths (data.uri, run.storage, probe.data) on a filesystem every node mounts at the same path.
     # False: on a multi-node (or autoscaling) cluster a local path is refused before training.
     shared_fs: bool = False
-
-    @field_validator("storage")
-    @classmethod
-    def _storage_uri(cls, v: str, info: Any) -> str:
-        return _check_storage_uri(info.field_name, v)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return check_name(v)
 
 
 class ProbeConfig(_Strict):

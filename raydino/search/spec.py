@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raydino.config import Config, ConfigError, NoBoolNumbers, _check_storage_uri, _safe, apply_override, check_name, load_config, set_dotted
+from raydino.config import Config, ConfigError, NameAndStorage, NoBoolNumbers, _check_storage_uri, _safe, apply_override, load_config, set_dotted
 
 CONFIG_SECTIONS = tuple(Config.model_fields)
 RANGE_ENDS = {"min": 0, "max": 1}
@@ -169,7 +169,7 @@ class Resources(_Strict):
     max_failures: int = Field(3, ge=0)
 
 
-class SearchSpec(_Strict):
+class SearchSpec(_Strict, NameAndStorage):
     name: str  # the experiment directory under storage
     description: str = ""
     base: str = "demo"  # pretraining config: preset name or YAML path
@@ -186,16 +186,6 @@ class SearchSpec(_Strict):
     stop_on_collapse: bool = True
     collapse_patience: int = Field(3, ge=1)  # consecutive log lines flagged collapsed
     storage: str = "runs/tune"
-
-    @field_validator("storage")
-    @classmethod
-    def _storage_uri(cls, v: str, info: Any) -> str:
-        return _check_storage_uri(info.field_name, v)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
