@@ -115,7 +115,9 @@ def probe_overrides(base: ProbeConfig | None = None, **given: Any) -> ProbeConfi
     try:
         return ProbeConfig.model_validate({**(base or ProbeConfig()).model_dump(), **given})
     except ValidationError as e:
-        raise ConfigError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg']}" for err in e.errors())) from None
+        raise ConfigError(
+            "; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        ) from None
 
 
 def _probe_config(loaded: LoadedBackbone, progress: Callable[[str], Any]) -> ProbeConfig:

@@ -232,3 +232,22 @@ def test_a_truncated_or_missing_shard_stops_pretraining_before_ray(tmp_path, cap
     assert main(argv) == 2
     assert "listed in the manifest is missing" in capsys.readouterr().err and not ray.is_initialized()
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "s3:/bucket/labelled"], "--data s3:/bucket/labelled: s3: needs two slashes (s3://bucket/labelled)"),
+        (["--data", f"gs://user:{SECRET}@bucket/labelled"], "credentials in a URI are refused"),
+        (
+            ["--data", ".", "--train-crop-scale", "0.9,0.1"],
+            "--train-crop-scale (0.9, 0.1): train_crop_scale=[0.9, 0.1]: min 0.9 is greater than max 0.1",
+        ),
+    ],
+)
+def test_evaluate_names_a_malformed_data_uri_and_a_bad_probe_option(argv, message, capsys):
+    from raydino.evaluate import main
+
+    assert main(["--checkpoint", "random", "--arch", "vit_tiny_patch16_224", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and SECRET not in err and "Value error" not in err, err
