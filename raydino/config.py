@@ -39,6 +39,7 @@ class NoBoolNumbers(BaseModel):
     @classmethod
     def _no_bool_as_number(cls, v: Any, info: Any) -> Any:
         # pydantic reads true as 1 for an int or float field; a YAML `yes` or a misplaced `true` is a mistake.
+        # (ConfigDict(strict=True) would refuse bools too, but also the lists YAML gives for tuple fields.)
         if isinstance(v, bool) and _takes_number_not_bool(cls.model_fields[info.field_name].annotation):
             raise ValueError("a number is expected, not a boolean (YAML reads true/false/yes/no/on/off as one)")
         return v
@@ -66,13 +67,13 @@ URI_QUERY_KEYS = {"s3": ("endpoint_override", "scheme", "region"), "gs": ("endpo
 _ALLOWED_URIS = "a local path, file:///abs/path, " + ", ".join(f"{k}://bucket/prefix" for k in URI_SCHEMES)
 
 
-def _safe(value: str) -> str:
+def safe_uri(value: str) -> str:
     """`value` without user info or query string: a credential in a URI or endpoint is never echoed."""
     m = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*://)?(?:[^/@?#]*@)?([^?#]*)", value)
     return (m.group(1) or "") + m.group(2) if m else value
 
 
-def _check_storage_uri(name: str, value: str | None) -> str | None:
+def check_storage_uri(name: str, value: str | None) -> str | None:
     """A local path, file:///path or a known object store's scheme://bucket[/prefix]; refuses gs:/b, gs://,
     http://... (the messages never repeat the value: `_format_errors` shows it, without credentials)."""
     if value is None:
@@ -319,7 +320,7 @@ class DataConfig(_Strict):
     @field_validator("uri")
     @classmethod
     def _data_uri(cls, v: str | None, info: Any) -> str | None:
-        return _check_storage_uri(info.field_name, v)
+        return check_storage_uri(info.field_name, v)
 
     @field_validator("synthetic_splits")
     @classmethod
@@ -361,7 +362,7 @@ class NameAndStorage(BaseModel):
     @field_validator("storage", check_fields=False)
     @classmethod
     def _storage_uri(cls, v: str, info: Any) -> str:
-        return _check_storage_uri(info.field_name, v)
+        return check_storage_uri(info.field_name, v)
 
     @field_validator("name", check_fields=False)
     @classmethod
@@ -417,7 +418,7 @@ class ProbeConfig(_Strict):
     @field_validator("data")
     @classmethod
     def _probe_data_uri(cls, v: str | None, info: Any) -> str | None:
-        return _check_storage_uri(info.field_name, v)
+        return check_storage_uri(info.field_name, v)
 
     @field_validator("monitor", mode="before")
     @classmethod
@@ -587,7 +588,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
         if isinstance(value, str) and ("://" in value or str(e["loc"][-1]).endswith("endpoint")):
-            value = _safe(value)  # a URI's or endpoint's credentials are never echoed
+            value = safe_uri(value)  # a URI's or endpoint's credentials are never echoed
         if e["type"] == "extra_forbidden":
             section = e["loc"][:-1]
             model: type[BaseModel] = Config

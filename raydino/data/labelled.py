@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from raydino.augment.decode import as_rgb
-from raydino.config import _check_storage_uri, _safe
+from raydino.config import check_storage_uri, safe_uri
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -189,9 +189,9 @@ def load_labelled(
     """
     src = str(uri_or_dir)
     try:  # a malformed URI (s3:/b, gs://, http://...) says what is wrong with it, not "no such directory"
-        _check_storage_uri("--data", src)
+        check_storage_uri("--data", src)
     except ValueError as e:
-        raise DataError(f"--data {_safe(src)}: {e}") from None
+        raise DataError(f"--data {safe_uri(src)}: {e}") from None
     if "://" not in src or src.startswith("file://"):
         root = Path(src.removeprefix("file://"))
         if dataset and (root / dataset).is_dir():

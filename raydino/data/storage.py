@@ -501,9 +501,6 @@ def check_writable(loc: Location) -> None:
             loc.fs.create_dir(loc.path, recursive=True)
         write_bytes(loc, probe, b"ok")
         delete_file(loc, probe)
-        for d in created:  # deepest first
-            with contextlib.suppress(OSError):
-                d.rmdir()
     except TransientStorageError as e:
         spec = REMOTE_SCHEMES.get(loc.scheme)
         hint = f" Check the endpoint ({spec.endpoint_settings}) and the network." if spec else ""
@@ -518,6 +515,10 @@ def check_writable(loc: Location) -> None:
         else:
             hint = f"{reason}; does the bucket exist, and may these credentials write to it? {spec.label} credentials come from {spec.credentials}"
         raise StorageError(f"destination {loc.uri} is not writable: {hint}") from None
+    finally:
+        for d in created:  # deepest first; a folder holding anything stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def _show(loc: Location, path: str) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raydino.config import Config, ConfigError, NameAndStorage, NoBoolNumbers, _check_storage_uri, _safe, apply_override, load_config, set_dotted
+from raydino.config import Config, ConfigError, NameAndStorage, NoBoolNumbers, apply_override, check_storage_uri, load_config, safe_uri, set_dotted
 
 CONFIG_SECTIONS = tuple(Config.model_fields)
 RANGE_ENDS = {"min": 0, "max": 1}
@@ -128,7 +128,7 @@ class Evaluation(_Strict):
     @field_validator("data")
     @classmethod
     def _data_uri(cls, v: str | None, info: Any) -> str | None:
-        return _check_storage_uri(info.field_name, v)
+        return check_storage_uri(info.field_name, v)
 
     @model_validator(mode="before")
     @classmethod
@@ -240,7 +240,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             value = e.get("input")
             if isinstance(value, str) and "://" in value:
-                value = _safe(value)  # a URI's credentials are never echoed
+                value = safe_uri(value)  # a URI's credentials are never echoed
             lines.append(f"  {loc}={value!r}: {msg}")
     return "\n".join(lines)
 
